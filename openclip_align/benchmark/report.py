@@ -117,7 +117,11 @@ def markdown(results: dict) -> str:
         lines.append(f"| {label} | not run: {reason} | | | |")
     lines += ["", f"Modality-gap report on 100k pairs of 768-d: {results['metric_seconds_100k_pairs_768d']:.2f} s.",
               f"Total training time: {results['train_seconds'] / 60:.1f} min.", "", "## Regressions against the previous run", ""]
-    lines += [f"- ⚠ {flag}" for flag in results["flags"]] or ["None flagged."]
+    if results.get("compared_with") is None:
+        lines.append(f"No earlier `{results.get('variant', '?')}` run to compare with.")
+    else:
+        lines.append(f"Compared with the `{results['variant']}` run of {results['compared_with']}:")
+        lines += [f"- ⚠ {flag}" for flag in results["flags"]] or ["None flagged."]
     lines += ["", "Figures: `figures/quality.png` and one `figures/pca_<model>.png` per model.", ""]
     return "\n".join(lines)
 

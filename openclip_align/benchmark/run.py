@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,12 +120,16 @@ def run_benchmark(data_dir: Path, out_dir: Path, quick: bool = False, gpu: bool 
         "train_seconds": train_seconds,
         "skipped": skipped,
     }
-    previous_path = out_dir / "results.json"
-    previous = json.loads(previous_path.read_text()) if previous_path.exists() else None
+    # The regression baseline is the last run of the same variant (a 1-epoch run says nothing about a 3-epoch one).
+    variant = ("gpu" if gpu else "cpu") + ("-quick" if quick else "")
+    results["variant"] = variant
+    baseline_path = out_dir / "baselines" / f"{variant}.json"
+    previous = json.loads(baseline_path.read_text()) if baseline_path.exists() else None
+    results["compared_with"] = previous["created"] if previous else None
     results["flags"] = report.regressions(results, previous)
-    if previous_path.exists():
-        shutil.copyfile(previous_path, out_dir / "results.previous.json")
-    report.write_json_atomic(previous_path, results)
+    baseline_path.parent.mkdir(exist_ok=True)
+    report.write_json_atomic(out_dir / "results.json", results)
+    report.write_json_atomic(baseline_path, results)
     (out_dir / "results.md").write_text(report.markdown(results))
     report.plot_quality(results, figures / "quality.png")
     return results
