@@ -118,6 +118,20 @@ def test_rafa_reference_is_kept_across_gradient_accumulation_calls():
     assert not torch.allclose(z[0], z[2])
 
 
+def test_rafa_draw_sequence_continues_after_a_state_round_trip():
+    """What --resume does: a fresh loss loaded with the saved state draws the next Z of the original run."""
+    f = torch.zeros(6, 4, dtype=torch.float64)
+    straight = CLIPRefineLoss(seed=3)
+    rafa = straight.rafa
+    for _ in range(3):
+        reference_seen_by(rafa, f)
+    resumed = CLIPRefineLoss(seed=3)
+    resumed.load_state_dict(straight.state_dict())
+    torch.testing.assert_close(reference_seen_by(resumed.rafa, f), reference_seen_by(rafa, f))
+    fresh = CLIPRefineLoss(seed=3)                            # without the state: the first draw again
+    assert not torch.allclose(reference_seen_by(fresh.rafa, f), reference_seen_by(rafa, f))
+
+
 def test_clip_refine_combines_weighted_terms():
     f, g = random_raw(seed=5)
     tf, tg = random_raw(seed=6)

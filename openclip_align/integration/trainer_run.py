@@ -318,6 +318,9 @@ def _restore_from_checkpoint(run: TrainerRun, path: str) -> None:
             raise RuntimeError(f"--resume {path}: checkpoint was trained with --loss {record.get('loss')}, "
                                f"not {loss}; the per-sample state of {loss} cannot be restored")
     if run.spec is not None and run.spec.stateful:
+        if "state" not in record:
+            raise RuntimeError(f"--resume {path}: the checkpoint's openclip-align record has no state for --loss "
+                               f"{loss} (written by an older openclip-align); start a new run instead of resuming")
         run.loss_module.loss.load_state_dict(record["state"])
         logging.info("openclip-align: restored --loss %s state from %s", loss, path)
     if run.needs_teacher and record.get("teacher_sha256") and record["teacher_sha256"] != run.teacher_sha256:

@@ -25,7 +25,8 @@ Across ranks: student and teacher features are gathered in rank order (teacher w
 rows are the rank's own pairs against gathered columns (targets at ``rank * B + i``); RaFA over its own rows.
 The reference Z is drawn for the whole global batch from a generator seeded identically on every rank, so
 pair ``k`` of the global batch gets the same reference whichever rank holds it, and a single process on the
-concatenated batch draws the same Z. With ``--accum-freq N`` the trainer calls the loss N times per
+concatenated batch draws the same Z. The k-th Z comes from a generator seeded with (seed, k); the draw count
+is loss state, saved in checkpoints, so a resumed run continues the sequence. With ``--accum-freq N`` the trainer calls the loss N times per
 optimizer step on the same batch: Z is redrawn every N calls.
 """
 from __future__ import annotations
@@ -103,8 +104,12 @@ class RaFALoss(AlignLoss):
             raise ValueError(f"--rafa-scale (std of the Gaussian prior) must be positive, got {scale}")
         self.scale = float(scale)
         self.accum_freq = max(1, int(accum_freq))
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(int(seed))
+        self.seed = int(seed)
+        # draws made so far: the k-th reference comes from a generator seeded with (seed, k), so the count
+        # (saved in checkpoints as loss state) is all a resumed run needs to continue the same sequence
+        self.register_buffer("draws", torch.zeros((), dtype=torch.int64))
+        self._draw_count: Optional[int] = None     # host copy of `draws` (no device sync per step)
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_draw_count", None))
         self._calls = 0
         self._reference: Optional[torch.Tensor] = None
 
@@ -113,7 +118,12 @@ class RaFALoss(AlignLoss):
         fresh = self._calls % self.accum_freq == 0 or self._reference is None \
             or self._reference.shape != (global_batch, dim)
         if fresh:
-            self._reference = torch.randn(global_batch, dim, generator=self.generator) * self.scale
+            if self._draw_count is None:
+                self._draw_count = int(self.draws)
+            generator = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self._draw_count)
+            self._reference = torch.randn(global_batch, dim, generator=generator) * self.scale
+            self._draw_count += 1
+            self.draws.fill_(self._draw_count)
         self._calls += 1
         return self._reference
 
@@ -145,6 +155,7 @@ def _check_teacher(name, batch, teacher_image_features, teacher_text_features):
     help="CLIP-Refine post-pre-training: HyCD (distillation to a mix of identity and the frozen starting "
          "model's similarities) + --rafa-weight x RaFA (align raw features to a shared Gaussian reference)",
     raw_features=True,
+    stateful=True,
 )
 class CLIPRefineLoss(AlignLoss):
     loss_name = "refine"
