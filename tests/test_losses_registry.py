@@ -18,7 +18,7 @@ DEFAULTS = {
     "onlineclr": {"onlineclr_tau_n": 0.01, "onlineclr_tau_p": 0.1, "onlineclr_gamma": 0.8},
 }
 SPEC_FLAGS = {  # name -> (needs, stateful, raw_features)
-    "imsep": ({"semantic"}, False, False), "refine": (set(), False, True), "sogclr": ({"index"}, True, False),
+    "imsep": ({"semantic"}, False, False), "refine": (set(), True, True), "sogclr": ({"index"}, True, False),
     "cyclip": (set(), False, False), "vicreg": (set(), False, True), "onlineclr": (set(), True, False),
 }
 CLASSES = {"imsep": "IMSepLoss", "refine": "CLIPRefineLoss", "sogclr": "SogCLRLoss", "cyclip": "CyCLIPLoss",
