@@ -31,6 +31,30 @@ def write_digits_csv(directory: Path, n: int = 48, size: int = 32, start: int = 
     return csv
 
 
+def write_digits_corpus(directory: Path, n_train: int, n_heldout: int = 64, size: int = 32) -> Path:
+    """A corpus laid out like the embedded default, from disjoint digit scans: train.csv, heldout.csv and
+    a zero-shot set (zeroshot/digits.csv + .json with the class names "zero".."nine")."""
+    import json
+    import shutil
+
+    from sklearn.datasets import load_digits
+
+    directory.mkdir(parents=True, exist_ok=True)
+    write_digits_csv(directory / "t", n=n_train, size=size)
+    write_digits_csv(directory / "h", n=n_heldout, size=size, start=n_train)
+    shutil.move(directory / "t" / "train.csv", directory / "train.csv")
+    shutil.move(directory / "h" / "train.csv", directory / "heldout.csv")
+    labels = load_digits().target
+    zeroshot = directory / "zeroshot"
+    zeroshot.mkdir()
+    rows = ["filepath\tlabel"] + [f"{directory / 'h' / 'images' / f'digit_{i:05d}.png'}\t{labels[i]}"
+                                  for i in range(n_train, n_train + n_heldout)]
+    (zeroshot / "digits.csv").write_text("\n".join(rows) + "\n")
+    (zeroshot / "digits.json").write_text(json.dumps(
+        {"classnames": DIGIT_NAMES, "templates": ["a handwritten digit {}", "the numeral {}"]}))
+    return directory
+
+
 @pytest.fixture(scope="session")
 def digits_csv(tmp_path_factory) -> Path:
     return write_digits_csv(tmp_path_factory.mktemp("digits"), n=48)   # 3 steps of batch 16

@@ -1,0 +1,200 @@
+"""The course study, rerun on your data: a grid of losses x optimizers through the upstream trainer.
+
+Every cell is one ``python -m open_clip_train.main --loss L --opt O`` run with the same model, data,
+steps, batch, schedule and seed; only the learning rate follows the optimizer (SGD needs a much larger
+one than the Adam family). Each trained model is scored on the held-out pairs (R@1 both ways, centroid
+gap) and the zero-shot sets (top-1, averaged over sets); the "average" column is the mean of the two
+R@1 and the zero-shot top-1, as in the study's summary number. A run whose loss became non-finite, or
+whose final weights are, is reported as diverged rather than as an error.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from .evaluate import evaluate_model
+from .report import write_json_atomic
+from .training import Budget, TrainSpec, train
+
+STUDY_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
+STUDY_OPTIMIZERS = ("adamw", "sgd", "adam")
+# Learning rates per optimizer for the Tiny configs on the embedded default; --lr OPT=VALUE overrides.
+DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 5e-2}
+SCORE_KEYS = ("image_to_text_R@1", "text_to_image_R@1", "zeroshot_top1", "average", "centroid_gap")
+_DIVERGED_MARK = "became non-finite"      # the trainer's message when a loss turns NaN/inf
+
+
+@dataclass
+class StudyPlan:
+    losses: List[str] = field(default_factory=lambda: list(STUDY_LOSSES))
+    optimizers: List[str] = field(default_factory=lambda: list(STUDY_OPTIMIZERS))
+    model: str = "DualCLIP-Tiny"
+    seeds: List[int] = field(default_factory=lambda: [0])
+    lr: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LR))
+    budget: Budget = field(default_factory=lambda: Budget(epochs=2, warmup=20))
+    extra: List[str] = field(default_factory=list)       # passed to every trainer run
+
+
+def weights_are_finite(checkpoint: Path) -> bool:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    weights = state.get("state_dict", state)
+    return all(torch.isfinite(t).all() for t in weights.values() if torch.is_tensor(t) and t.is_floating_point())
+
+
+def score(metrics: Dict[str, float]) -> Dict[str, float]:
+    """The study's columns from one evaluation (zero-shot top-1 averaged over the sets present)."""
+    zero_shot = [v for k, v in metrics.items() if k.startswith("zeroshot_") and k.endswith("_top1")]
+    out = {"image_to_text_R@1": metrics["image_to_text_R@1"], "text_to_image_R@1": metrics["text_to_image_R@1"],
+           "zeroshot_top1": statistics.fmean(zero_shot) if zero_shot else float("nan"),
+           "centroid_gap": metrics["centroid_gap"]}
+    parts = [out["image_to_text_R@1"], out["text_to_image_R@1"]] + ([out["zeroshot_top1"]] if zero_shot else [])
+    out["average"] = statistics.fmean(parts)
+    return out
+
+
+def run_cell(plan: StudyPlan, loss: str, optimizer: str, seed: int, data_dir: Path, runs_dir: Path) -> dict:
+    """Train and score one (loss, optimizer, seed); never raises for a diverged run."""
+    if optimizer not in plan.lr:
+        raise ValueError(f"no learning rate for --opt {optimizer}: pass --lr {optimizer}=VALUE")
+    spec = TrainSpec(f"{loss}-{optimizer}", plan.model, loss=loss, extra=["--opt", optimizer, *plan.extra],
+                     budget_override={"lr": plan.lr[optimizer]})
+    cell = {"loss": loss, "optimizer": optimizer, "seed": seed, "lr": plan.lr[optimizer]}
+    try:
+        result = train(spec, str(data_dir / "train.csv"), plan.budget, seed, runs_dir)
+    except RuntimeError as err:
+        if _DIVERGED_MARK in str(err):
+            return {**cell, "status": "diverged"}
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        return {**cell, "status": "failed", "reason": lines[-1][:300] if lines else str(err)[:300]}
+    cell.update(samples_per_second=result.samples_per_second, wall_seconds=result.wall_seconds)
+    if not weights_are_finite(result.checkpoint):
+        return {**cell, "status": "diverged"}
+    metrics = evaluate_model(plan.model, result.checkpoint, data_dir, device=plan.budget.device)
+    scores = score(metrics)
+    if not all(v == v for v in scores.values()):      # NaN anywhere: the embeddings collapsed to NaN
+        return {**cell, "status": "diverged"}
+    return {**cell, "status": "ok", **scores}
+
+
+def summarise(cells: List[dict]) -> Dict[str, Dict[str, dict]]:
+    """table[loss][optimizer] = {status, KEY: {mean, std}} over the seeds that finished."""
+    table: Dict[str, Dict[str, dict]] = {}
+    for cell in cells:
+        table.setdefault(cell["loss"], {}).setdefault(cell["optimizer"], []).append(cell)
+    out: Dict[str, Dict[str, dict]] = {}
+    for loss, by_opt in table.items():
+        out[loss] = {}
+        for opt, runs in by_opt.items():
+            done = [r for r in runs if r["status"] == "ok"]
+            entry = {"runs": len(runs), "finished": len(done),
+                     "status": "ok" if done else ("diverged" if any(r["status"] == "diverged" for r in runs)
+                                                  else "failed")}
+            for key in SCORE_KEYS if done else ():
+                values = [r[key] for r in done]
+                entry[key] = {"mean": statistics.fmean(values),
+                              "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+            out[loss][opt] = entry
+    return out
+
+
+def markdown(results: dict) -> str:
+    plan = results["plan"]
+    lines = [f"# Loss x optimizer study ({plan['model']}, {plan['budget']['epochs']} epochs, "
+             f"batch {plan['budget']['batch_size']}, seeds {plan['seeds']})", "",
+             f"Command: `{results['command']}`  ", f"Learning rates: {plan['lr']}; "
+             "R@1 on the held-out pairs, zero-shot top-1 averaged over the zero-shot sets, in %; "
+             "average = mean of the three (the study's summary number).", "",
+             "| loss | optimizer | I→T R@1 | T→I R@1 | zero-shot top-1 | average | centroid gap |",
+             "|---|---|---|---|---|---|---|"]
+    for loss, by_opt in results["table"].items():
+        for opt, entry in by_opt.items():
+            if entry["status"] != "ok":
+                lines.append(f"| {loss} | {opt} | {entry['status']} | | | | |")
+                continue
+            cells = [_fmt(entry[key], 100, 1) for key in SCORE_KEYS[:4]] + [_fmt(entry["centroid_gap"], 1, 3)]
+            if entry["finished"] < entry["runs"]:
+                cells[-1] += f" ({entry['runs'] - entry['finished']} of {entry['runs']} seeds diverged)"
+            lines.append(f"| {loss} | {opt} | " + " | ".join(cells) + " |")
+    failed = [c for c in results["cells"] if c["status"] == "failed"]
+    if failed:
+        lines += ["", "Failed runs (not divergence):"] + [
+            f"- {c['loss']} / {c['optimizer']} seed {c['seed']}: {c['reason']}" for c in failed]
+    lines += ["", f"Total time: {results['seconds'] / 60:.1f} min. Figure: `study.png`.", ""]
+    return "\n".join(lines)
+
+
+def _fmt(stat: dict, scale: float, digits: int) -> str:
+    text = f"{stat['mean'] * scale:.{digits}f}"
+    return text + (f" ± {stat['std'] * scale:.{digits}f}" if stat["std"] else "")
+
+
+def plot(results: dict, path: Path) -> Path:
+    """Two heat maps, losses x optimizers: the average score and the centroid gap; diverged cells marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    table, losses, optimizers = results["table"], results["plan"]["losses"], results["plan"]["optimizers"]
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(optimizers), 1.2 + 0.55 * len(losses)), squeeze=False)
+    for ax, (key, title, scale, cmap) in zip(axes[0], [("average", "average score (%)", 100, "viridis"),
+                                                       ("centroid_gap", "centroid gap", 1, "magma_r")]):
+        grid = np.full((len(losses), len(optimizers)), np.nan)
+        for i, loss in enumerate(losses):
+            for j, opt in enumerate(optimizers):
+                entry = table.get(loss, {}).get(opt)
+                if entry and entry["status"] == "ok":
+                    grid[i, j] = entry[key]["mean"] * scale
+        colours = plt.get_cmap(cmap).with_extremes(bad="#dddddd")     # grey: diverged or failed cells
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=colours, aspect="auto")
+        for i, loss in enumerate(losses):
+            for j, opt in enumerate(optimizers):
+                entry = table.get(loss, {}).get(opt)
+                text = f"{grid[i, j]:.{1 if scale == 100 else 3}f}" if np.isfinite(grid[i, j]) else \
+                    (entry["status"] if entry else "–")
+                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                        color="black" if not np.isfinite(grid[i, j]) else "white")
+        ax.set_xticks(range(len(optimizers)), optimizers)
+        ax.set_yticks(range(len(losses)), losses)
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_study(data_dir: Path, out_dir: Path, plan: Optional[StudyPlan] = None, command: str = "") -> dict:
+    plan = plan or StudyPlan()
+    if not (data_dir / "train.csv").exists():
+        raise FileNotFoundError(f"{data_dir / 'train.csv'} not found: build the embedded default first (`make data`)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir = out_dir / "runs"
+    started = time.time()
+    cells = []
+    for loss in plan.losses:
+        for optimizer in plan.optimizers:
+            for seed in plan.seeds:
+                logging.info("study: --loss %s --opt %s (seed %d)", loss, optimizer, seed)
+                cells.append(run_cell(plan, loss, optimizer, seed, data_dir, runs_dir))
+                logging.info("study: %s", cells[-1]["status"])
+    results = {
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": command or f"openclip-align study --data {data_dir}",
+        "plan": {"model": plan.model, "losses": plan.losses, "optimizers": plan.optimizers, "seeds": plan.seeds,
+                 "lr": plan.lr, "budget": plan.budget.__dict__, "extra": plan.extra, "data": str(data_dir)},
+        "cells": cells,
+        "table": summarise(cells),
+        "seconds": time.time() - started,
+    }
+    write_json_atomic(out_dir / "results.json", results)
+    (out_dir / "results.md").write_text(markdown(results))
+    plot(results, out_dir / "study.png")
+    return results
