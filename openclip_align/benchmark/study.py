@@ -159,8 +159,7 @@ def plot(results: dict, path: Path) -> Path:
                 entry = table.get(loss, {}).get(opt)
                 text = f"{grid[i, j]:.{1 if scale == 100 else 3}f}" if np.isfinite(grid[i, j]) else \
                     (entry["status"] if entry else "–")
-                ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                        color="black" if not np.isfinite(grid[i, j]) else "white")
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color=_ink(image, grid[i, j]))
         ax.set_xticks(range(len(optimizers)), optimizers)
         ax.set_yticks(range(len(losses)), losses)
         ax.set_title(title, fontsize=10)
@@ -198,3 +197,11 @@ def run_study(data_dir: Path, out_dir: Path, plan: Optional[StudyPlan] = None, c
     (out_dir / "results.md").write_text(markdown(results))
     plot(results, out_dir / "study.png")
     return results
+
+
+def _ink(image, value: float) -> str:
+    """Black on light cells (and on grey, missing ones), white on dark ones."""
+    if value != value:              # NaN: a diverged or failed cell
+        return "black"
+    r, g, b, _ = image.cmap(image.norm(value))
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
