@@ -111,3 +111,8 @@ def _finish(parser: argparse.ArgumentParser, args) -> None:
                      "(those select their own upstream loss)")
     if getattr(args, "horovod", False):
         parser.error(f"--loss {args.loss} supports torch.distributed (torchrun / SLURM), not horovod")
+    model = str(args.model)
+    if args.loss == "refine" and not args.pretrained and not model.startswith(("hf-hub:", "local-dir:")):
+        # the frozen teacher is the starting model: without weights it would be a random network
+        parser.error("--loss refine post-trains an already trained model: pass --pretrained PATH_OR_TAG "
+                     "(a checkpoint file or a pretrained tag of --model)")
