@@ -80,6 +80,6 @@ def test_bad_arguments_are_clear(corpus, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["study", "--data", str(corpus), "--out", str(tmp_path), "--lr", "sgd"])
     assert "expected OPTIMIZER=LR" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match="make data"):
+    with pytest.raises(SystemExit, match="has no train.csv or heldout.csv.*make data"):
         main(["study", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
 

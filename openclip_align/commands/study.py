@@ -52,6 +52,10 @@ def run(args) -> int:
                          "print(open_clip.list_models())\"` lists them")
     if args.epochs < 1 or args.batch_size < 2:
         raise SystemExit("--epochs must be >= 1 and --batch-size >= 2")
+    missing = [name for name in ("train.csv", "heldout.csv") if not (args.data / name).exists()]
+    if missing:
+        raise SystemExit(f"{args.data} has no {' or '.join(missing)}: build the embedded default first "
+                         "(`make data`) or pass --data with a corpus laid out like it")
     unknown = sorted(set(dict(args.lr)) - set(DEFAULT_LR))
     if unknown:
         raise SystemExit(f"--lr names optimizers {unknown}; the study knows {sorted(DEFAULT_LR)}")
@@ -67,7 +71,7 @@ def run(args) -> int:
 def _argv(args) -> list:
     parts = [f"--data {args.data}", f"--out {args.out}", "--losses " + " ".join(args.losses),
              "--optimizers " + " ".join(args.optimizers), f"--model {args.model}", f"--epochs {args.epochs}",
-             f"--seeds {' '.join(map(str, args.seeds))}"]
+             f"--batch-size {args.batch_size}", f"--seeds {' '.join(map(str, args.seeds))}"]
     if args.lr:
         parts.append("--lr " + " ".join(f"{k}={v}" for k, v in args.lr))
     return parts
