@@ -33,6 +33,10 @@ def record(checkpoint):
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["optimizer"]["openclip_align"]
 
 
+def digests(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
+
+
 def fingerprint_of(checkpoint):
     from openclip_align.integration.trainer_run import state_fingerprint
 
@@ -90,14 +94,13 @@ def test_resume_rebuilds_the_original_teacher(refined):
 def test_resume_with_another_teacher_is_refused(refined, tmp_path):
     corpus, start, run = refined
     checkpoints = run / "checkpoints"
-    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in checkpoints.iterdir()}
+    before = digests(checkpoints)
     partly_refined = checkpoints / "epoch_1.pt"
     out = train([*refine_argv(corpus, partly_refined), "--epochs", "3", "--resume", str(checkpoints / "epoch_2.pt")],
                 tmp_path, "other", check=False)
     assert out.returncode != 0
     assert "the teacher (the model before refinement) differs" in out.stdout + out.stderr
-    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in checkpoints.iterdir()}
-    assert after == before                                  # nothing written, nothing overwritten
+    assert digests(checkpoints) == before                                  # nothing written, nothing overwritten
 
 
 def test_accum_freq_gives_the_same_refinement(pretrained, tmp_path):

@@ -170,10 +170,17 @@ def plot(results: dict, path: Path) -> Path:
     return path
 
 
+def check_corpus(data_dir: Path) -> None:
+    """Every cell trains on train.csv and is scored on heldout.csv: fail before the first run, not after it."""
+    missing = [name for name in ("train.csv", "heldout.csv") if not (data_dir / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"{data_dir} has no {' or '.join(missing)}: build the embedded default first "
+                                "(`make data`) or pass --data with a corpus laid out like it")
+
+
 def run_study(data_dir: Path, out_dir: Path, plan: Optional[StudyPlan] = None, command: str = "") -> dict:
     plan = plan or StudyPlan()
-    if not (data_dir / "train.csv").exists():
-        raise FileNotFoundError(f"{data_dir / 'train.csv'} not found: build the embedded default first (`make data`)")
+    check_corpus(data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs_dir = out_dir / "runs"
     started = time.time()

@@ -43,7 +43,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import open_clip
 
-    from openclip_align.benchmark.study import DEFAULT_LR, StudyPlan, run_study
+    from openclip_align.benchmark.study import DEFAULT_LR, StudyPlan, check_corpus, run_study
     from openclip_align.benchmark.training import Budget
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -52,10 +52,10 @@ def run(args) -> int:
                          "print(open_clip.list_models())\"` lists them")
     if args.epochs < 1 or args.batch_size < 2:
         raise SystemExit("--epochs must be >= 1 and --batch-size >= 2")
-    missing = [name for name in ("train.csv", "heldout.csv") if not (args.data / name).exists()]
-    if missing:
-        raise SystemExit(f"{args.data} has no {' or '.join(missing)}: build the embedded default first "
-                         "(`make data`) or pass --data with a corpus laid out like it")
+    try:
+        check_corpus(args.data)
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
     unknown = sorted(set(dict(args.lr)) - set(DEFAULT_LR))
     if unknown:
         raise SystemExit(f"--lr names optimizers {unknown}; the study knows {sorted(DEFAULT_LR)}")
