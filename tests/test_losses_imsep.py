@@ -23,8 +23,29 @@ IMSEP_BY_HAND = (sp(0.48 - 1.2) + sp(0.48 - 1.6)) / 2           # rows [1.2, 0.4
 IMSEP_TEXT_BY_HAND = (sp(0.64 - 1.2) + sp(0.64 - 1.6)) / 2           # rows [1.2, 0.64], [0.64, 1.6]
 
 
+def test_default_is_the_authors_objective_on_the_hand_worked_case():
+    """Authors' script: CE(tC) + CE(tC^T) + 0.5 (IMSep_img + IMSep_txt); on ClipLoss's scale (halved) that is
+    ClipLoss + 0.25 IMSep_img + 0.25 IMSep_txt."""
+    loss = IMSepLoss()
+    out = loss(X, Y, torch.tensor(T), semantic_features=E, output_dict=True)
+    assert set(out) == {"contrastive_loss", "imsep_loss", "imsep_text_loss"}
+    assert out["contrastive_loss"].item() == pytest.approx(CLIP_BY_HAND, abs=1e-6)
+    assert out["imsep_loss"].item() == pytest.approx(0.25 * IMSEP_BY_HAND, abs=1e-6)
+    assert out["imsep_text_loss"].item() == pytest.approx(0.25 * IMSEP_TEXT_BY_HAND, abs=1e-6)
+    ce_rows = (sp(-1.2) + sp(0.4)) / 2                      # CE(tC): rows [1.2, 0], [2.0, 1.6]
+    ce_cols = (sp(0.8) + sp(-1.6)) / 2                      # CE(tC^T): rows [1.2, 2.0], [0, 1.6]
+    authors = ce_rows + ce_cols + 0.5 * (IMSEP_BY_HAND + IMSEP_TEXT_BY_HAND)
+    assert loss(X, Y, T, semantic_features=E).item() == pytest.approx(authors / 2, abs=1e-6)
+
+
+def test_image_only_variant_of_the_paper_text():
+    out = IMSepLoss(text_term=False)(X, Y, T, semantic_features=E, output_dict=True)
+    assert set(out) == {"contrastive_loss", "imsep_loss"}
+    assert sum(out.values()).item() == pytest.approx(CLIP_BY_HAND + 0.25 * IMSEP_BY_HAND, abs=1e-6)
+
+
 def test_hand_worked_case():
-    out = IMSepLoss(weight=0.5)(X, Y, torch.tensor(T), semantic_features=E, output_dict=True)
+    out = IMSepLoss(weight=0.5, text_term=False)(X, Y, torch.tensor(T), semantic_features=E, output_dict=True)
     assert set(out) == {"contrastive_loss", "imsep_loss"}
     assert out["contrastive_loss"].item() == pytest.approx(CLIP_BY_HAND, abs=1e-6)
     assert out["imsep_loss"].item() == pytest.approx(0.5 * IMSEP_BY_HAND, abs=1e-6)

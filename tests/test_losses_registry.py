@@ -10,7 +10,7 @@ from openclip_align.losses import get_loss_spec, loss_names
 SIX = ("imsep", "refine", "sogclr", "cyclip", "vicreg", "onlineclr")
 # flag -> reference default (REFERENCE.md sections 1, 2 and 4)
 DEFAULTS = {
-    "imsep": {"imsep_weight": 0.5, "imsep_text": False},
+    "imsep": {"imsep_weight": 0.25, "imsep_text": True},   # the authors' released script
     "refine": {"hycd_alpha": 0.5, "rafa_weight": 1.0, "rafa_scale": 1.0},
     "sogclr": {"sogclr_gamma": 0.8, "sogclr_tau": 0.01},
     "cyclip": {"cyclip_inmodal_weight": 0.25, "cyclip_crossmodal_weight": 0.25},
@@ -51,8 +51,8 @@ def test_spec_defaults_and_from_args(name):
 
 
 def test_flags_reach_the_loss():
-    loss = get_loss_spec("imsep").cls.from_args(own_namespace("imsep", ["--imsep-weight", "0.2", "--imsep-text"]))
-    assert loss.weight == 0.2 and loss.text_term
+    loss = get_loss_spec("imsep").cls.from_args(own_namespace("imsep", ["--imsep-weight", "0.2", "--no-imsep-text"]))
+    assert loss.weight == 0.2 and not loss.text_term
     loss = get_loss_spec("sogclr").cls.from_args(own_namespace("sogclr", ["--sogclr-tau", "0.05"]), num_samples=3)
     assert loss.tau == 0.05 and loss.gamma == 0.8
 

@@ -60,10 +60,12 @@ def test_imsep_trains_logs_both_terms_checkpoints_and_resumes(embedded_csv, tmp_
     assert 0 <= results[-1]["gap/centroid_gap"] <= 2 and "image_to_text_R@1" in results[-1]   # gap metrics live
     assert len(logged(run / "out.log", "Contrastive_loss")) == 3        # 48 pairs / batch 16 = 3 steps
     assert len(logged(run / "out.log", "Imsep_loss")) == 3
+    assert len(logged(run / "out.log", "Imsep_text_loss")) == 3         # the authors' text side, on by default
     assert "loss: imsep" in (run / "params.txt").read_text()
     checkpoint = torch.load(run / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)
     assert checkpoint["optimizer"]["openclip_align"]["loss"] == "imsep"
-    assert checkpoint["optimizer"]["openclip_align"]["options"]["imsep_weight"] == 0.5
+    assert checkpoint["optimizer"]["openclip_align"]["options"]["imsep_weight"] == 0.25
+    assert checkpoint["optimizer"]["openclip_align"]["options"]["imsep_text"] is True
 
     resumed = train([*argv, "--epochs", "2", "--resume", str(run / "checkpoints" / "epoch_1.pt")], tmp_path, "resumed")
     text = (tmp_path / "resumed" / "out.log").read_text()

@@ -1,20 +1,34 @@
-"""AlignCLIP's IMSep loss: the CLIP loss plus a semantically regularised image-image separation term.
+"""AlignCLIP's IMSep loss: the CLIP loss plus semantically regularised intra-modality separation terms.
 
 Eslami & de Melo, "Mitigate the Gap: Investigating Approaches for Improving Cross-Modal Alignment in CLIP",
-ICLR 2025 (arXiv 2406.17639).
+ICLR 2025 (arXiv 2406.17639); defaults follow the authors' released training script.
 
 Formula (x_i, y_i: L2-normalised image / caption embeddings of pair i; t: the exponentiated logit scale)::
 
     C_ij = x_i . y_j          V_ij = x_i . x_j          U_ij = y_i . y_j
     S_ij = cos(e_i, e_j)      e_i: sentence-transformer embedding of caption i (no gradient)
     D_ij = 1 - S_ij           semantic distance of the two captions
-    V'_ij = V_ij * D_ij for j != i,   V'_ii = C_ii
-    IMSep = CE(t V')          CE(M) = mean_i [ -log softmax(M_i)_i ]
-    loss  = (CE(t C) + CE(t C^T)) / 2  +  w * IMSep          (w = --imsep-weight, 0.5)
+    V'_ij = V_ij * D_ij for j != i,   V'_ii = C_ii        (U' from U the same way)
+    IMSep_img = CE(t V')      IMSep_txt = CE(t U')       CE(M) = mean_i [ -log softmax(M_i)_i ]
+    loss  = (CE(t C) + CE(t C^T)) / 2  +  w * IMSep_img  +  w * IMSep_txt
 
-So an image is pushed away from the other images in proportion to how different their captions are, while
-its own caption stays the positive. ``--imsep-text`` adds ``w * CE(t U')`` with ``U'`` built from U in the
-same way (off by default, as in the paper).
+with ``w = --imsep-weight`` (default 0.25) and the text term on unless ``--no-imsep-text``.
+
+What each setting reproduces:
+
+* defaults (``w = 0.25``, text term on): the authors' script, ``CE(tC) + CE(tC^T) + 0.5 (IMSep_img +
+  IMSep_txt)`` (``--alpha 1 --beta 0.5 --separate_image --separate_text``). Its CLIP term is the SUM of the
+  two directions; divided by 2 to put it on OpenCLIP's ClipLoss scale (the mean) this is exactly the loss
+  above. The overall factor 2 does not change AdamW's updates (Adam is invariant to a constant loss scale,
+  up to eps).
+* ``--no-imsep-text``: image side only, as the paper's text describes the method.
+* ``--imsep-weight 0.5 --no-imsep-text``: this project's earlier default (twice the authors' relative
+  weight on the image side, no text side), kept for comparison with older runs.
+
+So an image is pushed away from the other images (and a caption from the other captions) in proportion
+to how different their captions are, while the paired image-caption cosine stays the positive.
+
+Terms are reported as ``contrastive_loss``, ``imsep_loss`` (image side) and ``imsep_text_loss``.
 
 Across ranks (see :mod:`openclip_align.losses.distributed`): x, y and the semantic embeddings are gathered
 in rank order. ``local_loss=False``: every rank computes the loss over the whole gathered batch.
@@ -23,6 +37,7 @@ in rank order. ``local_loss=False``: every rank computes the loss over the whole
 """
 from __future__ import annotations
 
+import argparse
 from typing import Optional
 
 import torch
@@ -32,6 +47,9 @@ from ._common import AlignLoss, as_scale, check_pair, check_rows, contrastive, f
 from .distributed import DistributedConfig, compute_dtype
 from .registry import NEEDS_SEMANTIC, register_loss
 
+# Weight of each IMSep term relative to OpenCLIP's ClipLoss: the authors' beta 0.5 against their summed
+# (not averaged) CLIP term.
+DEFAULT_WEIGHT = 0.25
 SEMANTIC_HINT = ("precompute them with `openclip-align embed` or let the trainer embed captions on the fly "
                  "(--semantic-source)")
 
@@ -49,28 +67,33 @@ def separation_term(anchor_rows, anchor_all, paired_diag, distance, scale, offse
 
 @register_loss(
     "imsep",
-    help="AlignCLIP: CLIP loss + --imsep-weight x IMSep, an image-image separation term scaled by the "
-         "semantic distance of the captions (needs sentence embeddings of the captions)",
+    help="AlignCLIP: CLIP loss + --imsep-weight x (IMSep_img + IMSep_txt), image-image and caption-caption "
+         "separation terms scaled by the semantic distance of the captions; defaults = the authors' released "
+         "script (needs sentence embeddings of the captions)",
     needs={NEEDS_SEMANTIC},
 )
 class IMSepLoss(AlignLoss):
     loss_name = "imsep"
 
-    def __init__(self, weight: float = 0.5, text_term: bool = False, dist: Optional[DistributedConfig] = None):
+    def __init__(self, weight: float = DEFAULT_WEIGHT, text_term: bool = True, dist: Optional[DistributedConfig] = None):
         super().__init__(dist)
         self.weight = float(weight)
         self.text_term = bool(text_term)
 
     @staticmethod
     def add_args(group) -> None:
-        float_flag(group, "--imsep-weight", 0.5, "weight of the IMSep term added to the CLIP loss")
-        group.add_argument("--imsep-text", action="store_true", default=False,
-                           help="also add the text-side term (caption-caption logits rescaled the same way; "
-                                "used by the authors' script, not in the paper)")
+        float_flag(group, "--imsep-weight", DEFAULT_WEIGHT,
+                   "weight of each IMSep term relative to OpenCLIP's CLIP loss (the mean of its two directions); "
+                   "0.25 with the text term = the authors' script (CE(tC) + CE(tC^T) + 0.5 (IMSep_img + IMSep_txt)); "
+                   "0.5 with --no-imsep-text = this project's pre-2026-11-24 default")
+        group.add_argument("--imsep-text", action=argparse.BooleanOptionalAction, default=True,
+                           help="the text-side term (caption-caption logits rescaled the same way), as the authors' "
+                                "script runs it; --no-imsep-text keeps the image side only, as the paper's text "
+                                "describes the method (default: on)")
 
     @classmethod
     def from_args(cls, args, **context) -> "IMSepLoss":
-        return cls(weight=getattr(args, "imsep_weight", 0.5), text_term=getattr(args, "imsep_text", False),
+        return cls(weight=getattr(args, "imsep_weight", DEFAULT_WEIGHT), text_term=getattr(args, "imsep_text", True),
                    dist=DistributedConfig.from_args(args, cls.loss_name))
 
     def forward(self, image_features, text_features, logit_scale, semantic_features=None, output_dict=False,
