@@ -12,15 +12,20 @@ from openclip_align.metrics import (
     centroid_gap,
     instance_gap,
     joint_uniformity,
+    centred_spectrum,
+    effective_rank,
+    feature_norm_stats,
     mean_intra_cosine,
     modality_gap_report,
     rmg,
     separability,
+    top_variance_share,
     uniformity,
 )
 from openclip_align.metrics import gap as gap_module
 
-KEYS = {"centroid_gap", "instance_gap", "alignment_score", "alignment", "uniformity_image", "uniformity_text",
+KEYS = {"centroid_gap", "centroid_gap_sq_per_dim", "effective_rank_image", "effective_rank_text",
+        "top2_variance_share_image", "top2_variance_share_text", "instance_gap", "alignment_score", "alignment", "uniformity_image", "uniformity_text",
         "uniformity_joint", "rmg", "separability", "cone_image", "cone_text", "n_pairs", "n_subsampled"}
 
 
@@ -296,6 +301,90 @@ def test_zero_row_rejected(rng):
     x[3] = 0
     with pytest.raises(ValueError, match="all-zero row"):
         modality_gap_report(x, rng.standard_normal((10, 4)))
+
+
+# --- dimensional collapse: effective rank, top-2 variance share ------------------------------------
+def test_effective_rank_hand_worked_cases():
+    # e1, e2, e3: centred rows are an equilateral triangle in a plane -> two equal singular values -> 2.
+    assert effective_rank(np.eye(3)) == pytest.approx(2.0, abs=1e-12)
+    # +-e1, +-e2, +-e3 (already centred): three equal singular values -> 3, top two hold 2/3 of the variance.
+    six = np.vstack([np.eye(3), -np.eye(3)])
+    assert effective_rank(six) == pytest.approx(3.0, abs=1e-12)
+    assert top_variance_share(centred_spectrum(six), 2) == pytest.approx(2 / 3, abs=1e-12)
+    # +-e1 (x2), +-e2: scatter diag(4, 2) -> sigma (2, sqrt 2) -> p = (2, sqrt 2) / (2 + sqrt 2)
+    rows = np.array([[1, 0], [-1, 0], [1, 0], [-1, 0], [0, 1], [0, -1]], dtype=float)
+    p = np.array([2.0, math.sqrt(2)]) / (2 + math.sqrt(2))
+    assert effective_rank(rows) == pytest.approx(math.exp(-(p * np.log(p)).sum()), abs=1e-12)
+    assert top_variance_share(centred_spectrum(rows), 1) == pytest.approx(4 / 6, abs=1e-12)
+
+
+def test_effective_rank_ignores_row_scale_and_a_constant_direction():
+    """Rows are L2-normalised first: rescaling rows changes nothing; one repeated row leaves nothing (0)."""
+    rows = np.vstack([np.eye(3), -np.eye(3)])
+    scaled = rows * np.array([[0.1], [3.0], [7.0], [2.0], [0.5], [9.0]])
+    assert effective_rank(scaled) == pytest.approx(3.0, abs=1e-12)
+    assert effective_rank(np.tile([[0.6, 0.8]], (5, 1))) == 0.0
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_rank_k_data_has_effective_rank_about_k(rng, k):
+    basis = np.linalg.qr(rng.standard_normal((48, k)))[0]           # a k-dim subspace of R^48
+    data = rng.standard_normal((6000, k)) @ basis.T
+    rank = effective_rank(data)
+    if k == 1:        # +-u after normalisation: one direction, exactly rank 1
+        assert rank == pytest.approx(1.0, abs=1e-9)
+    else:
+        assert k - 0.05 * k < rank <= k + 1e-9
+    assert top_variance_share(centred_spectrum(data), 2) == pytest.approx(min(1.0, 2 / k), abs=0.03)
+
+
+def test_isotropic_data_has_effective_rank_about_dim(rng):
+    rank = effective_rank(rng.standard_normal((20000, 32)))
+    assert 31.5 < rank <= 32.0
+
+
+def test_effective_rank_rotation_invariant_and_torch_equal(rng):
+    data = rng.standard_normal((500, 12)) * np.linspace(0.2, 3.0, 12)    # anisotropic
+    rotation = np.linalg.qr(rng.standard_normal((12, 12)))[0]
+    assert effective_rank(data @ rotation) == pytest.approx(effective_rank(data), rel=1e-10)
+    share = top_variance_share(centred_spectrum(data), 2)
+    assert top_variance_share(centred_spectrum(data @ rotation), 2) == pytest.approx(share, rel=1e-10)
+    assert effective_rank(torch.from_numpy(data)) == pytest.approx(effective_rank(data), rel=1e-12)
+
+
+def test_effective_rank_matches_svd_of_the_centred_matrix(rng):
+    data = rng.standard_normal((300, 10)) @ rng.standard_normal((10, 10))
+    unit = data / np.linalg.norm(data, axis=1, keepdims=True)
+    sigma = np.linalg.svd(unit - unit.mean(axis=0), compute_uv=False)
+    p = sigma / sigma.sum()
+    assert effective_rank(data) == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-9)
+    report = modality_gap_report(data, rng.standard_normal((300, 10)))
+    assert report["effective_rank_image"] == pytest.approx(effective_rank(data), rel=1e-12)
+    assert report["top2_variance_share_image"] == pytest.approx((sigma[:2] ** 2).sum() / (sigma ** 2).sum(),
+                                                                rel=1e-9)
+
+
+# --- the gap in CLIP-Refine's convention, raw feature norms ---------------------------------------
+def test_centroid_gap_sq_per_dim_is_torch_mse_of_the_normalised_means(rng):
+    x = torch.from_numpy(rng.standard_normal((200, 16)) + 0.3)
+    y = torch.from_numpy(rng.standard_normal((200, 16)) - 0.2)
+    xn, yn = torch.nn.functional.normalize(x, dim=-1), torch.nn.functional.normalize(y, dim=-1)
+    expected = torch.nn.functional.mse_loss(xn.mean(0), yn.mean(0)).item()      # the authors' test-time formula
+    report = modality_gap_report(x, y)
+    assert report["centroid_gap_sq_per_dim"] == pytest.approx(expected, rel=1e-10)
+    assert report["centroid_gap_sq_per_dim"] == pytest.approx(report["centroid_gap"] ** 2 / 16, rel=1e-10)
+
+
+def test_feature_norm_stats_of_raw_features(rng):
+    x = torch.from_numpy(rng.standard_normal((300, 8)) * 5.0)
+    y = torch.from_numpy(rng.standard_normal((300, 8)) * 2.0 + 1.0)
+    stats = feature_norm_stats(x, y)
+    assert stats["mean_norm_image"] == pytest.approx(x.norm(dim=1).mean().item(), rel=1e-12)
+    assert stats["mean_norm_text"] == pytest.approx(y.norm(dim=1).mean().item(), rel=1e-12)
+    raw_mse = torch.nn.functional.mse_loss(x.mean(0), y.mean(0)).item()          # the authors' training-log formula
+    assert stats["centroid_gap_sq_per_dim_raw"] == pytest.approx(raw_mse, rel=1e-10)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        feature_norm_stats(x, torch.full_like(y, float("nan")))
 
 
 # --- scale ---------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ from .gap import (
     alignment_score,
     centroid_gap,
     centroid_vector,
+    centred_spectrum,
+    effective_rank,
+    feature_norm_stats,
     instance_gap,
     joint_uniformity,
     mean_intra_cosine,
@@ -16,6 +19,7 @@ from .gap import (
     paired_stats,
     rmg,
     separability,
+    top_variance_share,
     uniformity,
 )
 from .retrieval import classification_accuracy, retrieval_recall
@@ -23,6 +27,7 @@ from .shift import lambda_sweep, shift_embeddings
 
 __all__ = [
     "DEFAULT_MAX_PAIRS", "PairedStats", "alignment", "alignment_score", "centroid_gap", "centroid_vector",
+    "centred_spectrum", "effective_rank", "feature_norm_stats", "top_variance_share",
     "classification_accuracy", "instance_gap", "joint_uniformity", "lambda_sweep", "mean_intra_cosine",
     "modality_gap_report", "paired_stats", "retrieval_recall", "rmg", "separability", "shift_embeddings",
     "uniformity",

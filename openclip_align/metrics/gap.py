@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._arrays import check_pair, check_single, iter_normalized_blocks, normalize_rows, subsample_indices
+from ._arrays import (BLOCK_ROWS, check_pair, check_single, iter_normalized_blocks, normalize_rows,
+                      subsample_indices)
 
 DEFAULT_MAX_PAIRS = 5000
 # Above this many multiply-adds a Gram block is formed in float32 (twice as fast; cosines to ~1e-7);
@@ -23,7 +24,9 @@ DEFAULT_MAX_PAIRS = 5000
 _FLOAT64_GRAM_LIMIT = 2e8
 # Elements per Gram block (float64): 4M elements = 32 MB.
 _BLOCK_ELEMENTS = 1 << 22
-RMG_MIN_PAIRED_DISTANCE = 1e-3  # the floor on m in Schrodi et al.'s RMG
+RMG_MIN_PAIRED_DISTANCE = 1e-3
+# Squared singular values below this fraction of the largest are rounding noise (singular values 1e-6 below).
+_SPECTRUM_RELATIVE_FLOOR = 1e-12  # the floor on m in Schrodi et al.'s RMG
 
 
 # --- exact O(N d) statistics -------------------------------------------------------------------
@@ -48,6 +51,11 @@ class PairedStats:
     @property
     def centroid_gap(self) -> float:
         return float(np.linalg.norm(self.delta))
+
+    @property
+    def centroid_gap_sq_per_dim(self) -> float:
+        """||delta||^2 / d: what CLIP-Refine's code logs as the gap (``mse_loss(mean_img, mean_txt)``)."""
+        return float(self.delta @ self.delta) / self.dim
 
     @property
     def instance_gap(self) -> float:
@@ -140,6 +148,79 @@ def mean_intra_cosine(features) -> float:
 def rmg(image_features, text_features) -> float:
     """Relative modality gap (Schrodi et al.), exact on all pairs via the closed-form intra means."""
     return paired_stats(image_features, text_features).rmg
+
+
+# --- dimensional collapse: effective rank of each modality ----------------------------------------
+def centred_spectrum(features, name: str = "features") -> np.ndarray:
+    """Squared singular values (descending) of the mean-centred, L2-normalised rows, exact on all N rows.
+
+    Two streaming passes in float64: the mean, then the d x d scatter sum_i (u_i - mu)(u_i - mu)^T, whose
+    eigenvalues are the squared singular values of the centred N x d matrix. O(N d^2) time, O(d^2 + block x d)
+    memory, never an N x N matrix.
+    """
+    u = check_single(features, name)
+    d = u.shape[1]
+    total = np.zeros(d)
+    for _, block in iter_normalized_blocks(u, name):
+        total += block.sum(axis=0)
+    mean = total / u.shape[0]
+    scatter = np.zeros((d, d))
+    for _, block in iter_normalized_blocks(u, name):
+        centred = block - mean
+        scatter += centred.T @ centred
+    eigenvalues = np.linalg.eigvalsh(scatter)[::-1]
+    # Rounding leaves eigenvalues of order eps * largest (even negative ones) where the data has none;
+    # they would count as directions after the square root, so below that floor they are zero.
+    floor = _SPECTRUM_RELATIVE_FLOOR * max(float(eigenvalues[0]), 0.0)
+    return np.where(eigenvalues > floor, eigenvalues, 0.0)
+
+
+def effective_rank_from_spectrum(squared_singular_values: np.ndarray) -> float:
+    """Roy & Vetterli (2007): exp of the entropy of the singular values normalised to sum 1.
+
+    0.0 when nothing is left after centring (every row the same direction).
+    """
+    sigma = np.sqrt(np.asarray(squared_singular_values, dtype=np.float64))
+    total = sigma.sum()
+    if total <= 0:
+        return 0.0
+    p = sigma[sigma > 0] / total
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def top_variance_share(squared_singular_values: np.ndarray, k: int = 2) -> float:
+    """Share of the centred variance in the top ``k`` principal components (1.0 when nothing is left)."""
+    lam = np.sort(np.asarray(squared_singular_values, dtype=np.float64))[::-1]
+    total = lam.sum()
+    return float(lam[:k].sum() / total) if total > 0 else 1.0
+
+
+def effective_rank(features) -> float:
+    """Effective rank of the mean-centred, L2-normalised embeddings (1 .. dim; about k for rank-k data)."""
+    return effective_rank_from_spectrum(centred_spectrum(features))
+
+
+def feature_norm_stats(image_features, text_features) -> dict:
+    """Statistics of UNnormalised features, for callers that have them (training evaluation, ``gap``).
+
+    ``mean_norm_image`` / ``mean_norm_text``: mean L2 norm of the raw rows (HyCD's effective inverse
+    temperature is their product); ``centroid_gap_sq_per_dim_raw``: ||mean(raw X) - mean(raw Y)||^2 / d,
+    the gap as CLIP-Refine's training log reports it.
+    """
+    x, y = check_pair(image_features, text_features)
+    n, d = x.shape
+    sums = {"x": np.zeros(d), "y": np.zeros(d)}
+    norms = {"x": 0.0, "y": 0.0}
+    for start in range(0, n, BLOCK_ROWS):
+        for key, matrix in (("x", x), ("y", y)):
+            block = np.asarray(matrix[start:start + BLOCK_ROWS], dtype=np.float64)
+            if not np.isfinite(block).all():
+                raise ValueError(f"{'image' if key == 'x' else 'text'}_features contains NaN or inf")
+            sums[key] += block.sum(axis=0)
+            norms[key] += float(np.linalg.norm(block, axis=1).sum())
+    delta = (sums["x"] - sums["y"]) / n
+    return {"mean_norm_image": norms["x"] / n, "mean_norm_text": norms["y"] / n,
+            "centroid_gap_sq_per_dim_raw": float(delta @ delta) / d}
 
 
 # --- subsampled O(N^2) terms ---------------------------------------------------------------------
@@ -247,8 +328,9 @@ def modality_gap_report(image_features, text_features, seed: int = 0, max_pairs=
                         with_separability: bool = True) -> dict:
     """All section-3 metrics of paired embeddings as a flat dict of floats/ints.
 
-    Exact on all N pairs: centroid_gap, instance_gap, alignment_score, alignment, cone_image,
-    cone_text, rmg. On a seeded subsample of ``n_subsampled = min(N, max_pairs)`` pairs:
+    Exact on all N pairs: centroid_gap (||delta||), centroid_gap_sq_per_dim (||delta||^2 / d, CLIP-Refine's
+    convention), instance_gap, alignment_score, alignment, cone_image, cone_text, rmg, and per modality
+    effective_rank_* and top2_variance_share_* (dimensional collapse). On a seeded subsample of ``n_subsampled = min(N, max_pairs)`` pairs:
     uniformity_image/text/joint and separability (``max_pairs=None``: all pairs).
     """
     stats = paired_stats(image_features, text_features)
@@ -257,8 +339,10 @@ def modality_gap_report(image_features, text_features, seed: int = 0, max_pairs=
     xs = normalize_rows(x[idx], "image_features")
     ys = normalize_rows(y[idx], "text_features")
     upper_x, upper_y = _kernel_sum_upper(xs), _kernel_sum_upper(ys)
+    spectrum_x, spectrum_y = centred_spectrum(x, "image_features"), centred_spectrum(y, "text_features")
     report = {
         "centroid_gap": stats.centroid_gap,
+        "centroid_gap_sq_per_dim": stats.centroid_gap_sq_per_dim,
         "instance_gap": stats.instance_gap,
         "alignment_score": stats.alignment_score,
         "alignment": stats.alignment,
@@ -269,6 +353,10 @@ def modality_gap_report(image_features, text_features, seed: int = 0, max_pairs=
         "separability": _separability_normalized(xs, ys, seed) if with_separability else float("nan"),
         "cone_image": stats.cone_image,
         "cone_text": stats.cone_text,
+        "effective_rank_image": effective_rank_from_spectrum(spectrum_x),
+        "effective_rank_text": effective_rank_from_spectrum(spectrum_y),
+        "top2_variance_share_image": top_variance_share(spectrum_x, 2),
+        "top2_variance_share_text": top_variance_share(spectrum_y, 2),
         "n_pairs": stats.n,
         "n_subsampled": int(len(idx)),
         "dim": stats.dim,
