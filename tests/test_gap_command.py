@@ -86,6 +86,12 @@ def test_gap_command_subprocess_with_zero_shot(digits, tmp_path):
     assert 0 < gap["rmg"] <= 1 and 0 <= gap["separability"] <= 1
     assert gap["uniformity_joint"] <= 0 and gap["uniformity_image"] <= 0
     assert gap["n_pairs"] == gap["n_subsampled"] == 16
+    # dimensional collapse and the CLIP-Refine convention: 16 centred rows span at most 15 directions
+    for side in ("image", "text"):
+        assert 1 <= gap[f"effective_rank_{side}"] <= 15 and 0 < gap[f"top2_variance_share_{side}"] <= 1
+        assert gap[f"mean_norm_{side}"] > 0          # raw features: ViT-S-32's projection is not unit-norm
+    assert gap["centroid_gap_sq_per_dim"] == pytest.approx(gap["centroid_gap"] ** 2 / gap["dim"], rel=1e-9)
+    assert gap["centroid_gap_sq_per_dim_raw"] >= 0
     assert set(result["retrieval"]) == {"image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1",
                                         "text_to_image_R@5"}
     zs = result["zero_shot"]

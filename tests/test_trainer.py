@@ -58,6 +58,19 @@ def test_imsep_trains_logs_both_terms_checkpoints_and_resumes(embedded_csv, tmp_
     run = tmp_path / "run"
     results = [json.loads(line) for line in (run / "checkpoints" / "results.jsonl").read_text().splitlines()]
     assert 0 <= results[-1]["gap/centroid_gap"] <= 2 and "image_to_text_R@1" in results[-1]   # gap metrics live
+    assert 1 <= results[-1]["gap/effective_rank_image"] <= 128 and 1 <= results[-1]["gap/effective_rank_text"] <= 128
+    # raw-feature statistics of the evaluation pass, against the saved model re-embedding the same pairs
+    from openclip_align.evaluation import embed_pairs
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        "AlignCLIP-Tiny", pretrained=str(run / "checkpoints" / "epoch_1.pt"))
+    raw_x, raw_y = embed_pairs(model, preprocess, open_clip.get_tokenizer("AlignCLIP-Tiny"), str(embedded_csv),
+                               progress=False, normalize=False)
+    assert results[-1]["gap/mean_norm_image"] == pytest.approx(raw_x.norm(dim=1).mean().item(), rel=1e-4)
+    assert results[-1]["gap/mean_norm_text"] == pytest.approx(raw_y.norm(dim=1).mean().item(), rel=1e-4)
+    raw_gap = torch.nn.functional.mse_loss(raw_x.mean(0), raw_y.mean(0)).item()
+    assert results[-1]["gap/centroid_gap_sq_per_dim_raw"] == pytest.approx(raw_gap, rel=1e-3, abs=1e-7)
     assert len(logged(run / "out.log", "Contrastive_loss")) == 3        # 48 pairs / batch 16 = 3 steps
     assert len(logged(run / "out.log", "Imsep_loss")) == 3
     assert len(logged(run / "out.log", "Imsep_text_loss")) == 3         # the authors' text side, on by default

@@ -134,7 +134,7 @@ def compute(args) -> dict:
     """Everything the command does except printing; returns the JSON-ready result."""
     from ..evaluation import (CsvImages, embed_images, embed_pairs, load_classnames, open_pairs, retrieval_recall,
                               zero_shot_accuracy, zero_shot_classifier)
-    from ..metrics import lambda_sweep, modality_gap_report
+    from ..metrics import feature_norm_stats, lambda_sweep, modality_gap_report
     from ..metrics.plots import plot_cosine_histograms, plot_gap_pca, plot_lambda_sweep
 
     _check_args(args)
@@ -159,12 +159,15 @@ def compute(args) -> dict:
     progress = not args.no_progress
     t0 = time.perf_counter()
     try:
-        image_features, text_features = embed_pairs(model, preprocess, tokenizer, pairs, batch_size=args.batch_size,
-                                                    device=device, limit=args.limit, progress=progress)
+        raw_image, raw_text = embed_pairs(model, preprocess, tokenizer, pairs, batch_size=args.batch_size,
+                                          device=device, limit=args.limit, progress=progress, normalize=False)
     except (OSError, ValueError) as err:  # unreadable image or malformed shard sample
         raise CommandError(f"reading {args.data}: {err}") from None
-    if len(image_features) < 2:
-        raise CommandError(f"{args.data}: need at least 2 pairs, got {len(image_features)}")
+    if len(raw_image) < 2:
+        raise CommandError(f"{args.data}: need at least 2 pairs, got {len(raw_image)}")
+    import torch.nn.functional as F
+
+    image_features, text_features = F.normalize(raw_image, dim=-1), F.normalize(raw_text, dim=-1)
     zero_shot = classifier = class_feats = labels = None
     if class_images is not None:
         classifier = zero_shot_classifier(model, tokenizer, classnames, templates, device=device, progress=progress)
@@ -176,6 +179,7 @@ def compute(args) -> dict:
 
     t0 = time.perf_counter()
     report = modality_gap_report(image_features, text_features, seed=args.seed, max_pairs=args.max_pairs)
+    report.update(feature_norm_stats(raw_image, raw_text))      # raw norms, the gap on raw features
     retrieval = retrieval_recall(image_features, text_features, ks=(1, 5))
     sweep = lambda_sweep(image_features, text_features, args.lambdas,
                          class_text_features=None if classifier is None else classifier.T,

@@ -59,8 +59,10 @@ def _total_batches(data, limit, batch_size):
 
 @torch.inference_mode()
 def embed_pairs(model, preprocess, tokenizer, data, batch_size: int = 64, device="cpu",
-                limit: Optional[int] = None, progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(image_features, text_features) of the pairs in ``data``, each N x D, float32, on CPU.
+                limit: Optional[int] = None, progress: bool = True,
+                normalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(image_features, text_features) of the pairs in ``data``, each N x D, float32, on CPU;
+    L2-normalised unless ``normalize=False`` (raw features, e.g. for their norms).
 
     ``data`` is a CSV path or shard pattern (see :func:`open_pairs`), or any iterable of
     :class:`Pair` / ``(PIL image, caption)``; ``limit`` keeps the first N pairs.
@@ -76,8 +78,11 @@ def embed_pairs(model, preprocess, tokenizer, data, batch_size: int = 64, device
                            "embedding pairs", progress):
         pixels = torch.stack([preprocess(p.image) for p in batch]).to(device=device, dtype=dtype)
         tokens = tokenizer([p.caption for p in batch]).to(device)
-        images_out.append(F.normalize(model.encode_image(pixels).float(), dim=-1).cpu())
-        texts_out.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+        image_features, text_features = model.encode_image(pixels).float(), model.encode_text(tokens).float()
+        if normalize:
+            image_features, text_features = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
+        images_out.append(image_features.cpu())
+        texts_out.append(text_features.cpu())
     if not images_out:
         raise ValueError("no pairs to embed: the data is empty")
     return torch.cat(images_out), torch.cat(texts_out)

@@ -15,6 +15,7 @@ import math
 from typing import Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from openclip_align.losses.registry import NEEDS_INDEX, NEEDS_SEMANTIC, get_loss_spec
@@ -36,6 +37,7 @@ class TrainerRun:
         self.teacher_sha256: Optional[str] = None
         self.num_train_samples: Optional[int] = None
         self.loss_module = None
+        self.raw_tally = RawFeatureTally()
         self._attached = False
 
     @property
@@ -256,6 +258,64 @@ def _raw_feature_forward(model: nn.Module, upstream_forward):
     return forward
 
 
+# --- raw (unnormalised) feature statistics of the evaluation pass -------------------------------------
+class RawFeatureTally:
+    """Count, sum of norms and sum of the raw features that evaluation's forward passes produce.
+
+    Upstream's evaluation only sees L2-normalised features; the mean raw norms (HyCD's effective inverse
+    temperature is their product) and the gap on raw features (CLIP-Refine's training-log convention)
+    need the unnormalised ones. Sums stay on the device and are read once, when the metrics are made.
+    """
+
+    def __init__(self):
+        self.sums: Dict[str, list] = {}
+
+    def add(self, modality: str, raw: torch.Tensor) -> None:
+        raw = raw.detach().float()
+        count, norms, total = self.sums.get(modality, (0, 0.0, 0.0))
+        self.sums[modality] = (count + raw.shape[0], norms + raw.norm(dim=-1).sum(), total + raw.sum(dim=0))
+
+    def pop_stats(self, n_pairs: int) -> Dict[str, float]:
+        """``mean_norm_image``, ``mean_norm_text``, ``centroid_gap_sq_per_dim_raw``; empty unless both
+        modalities saw exactly ``n_pairs`` rows (another forward path, or a partial pass)."""
+        sums, self.sums = self.sums, {}
+        if set(sums) != {"image", "text"} or any(sums[m][0] != n_pairs for m in sums):
+            return {}
+        (n, norm_x, sum_x), (_, norm_y, sum_y) = sums["image"], sums["text"]
+        delta = (sum_x.double() - sum_y.double()) / n
+        return {"mean_norm_image": float(norm_x) / n, "mean_norm_text": float(norm_y) / n,
+                "centroid_gap_sq_per_dim_raw": float(delta @ delta) / delta.numel()}
+
+
+def _tallying_eval_forward(model: nn.Module, upstream_forward, tally: RawFeatureTally):
+    """In evaluation, let the forward's own encode_image/encode_text calls also record raw statistics;
+    training is untouched. The features returned are exactly upstream's."""
+    encoders = {"image": model.encode_image, "text": model.encode_text}
+
+    def tallying(modality):
+        def encode(x, normalize: bool = False):
+            raw = encoders[modality](x, normalize=False)
+            tally.add(modality, raw)
+            return F.normalize(raw, dim=-1) if normalize else raw
+        return encode
+
+    def forward(*args, **kwargs):
+        if model.training:
+            return upstream_forward(*args, **kwargs)
+        own = {name: model.__dict__.get(name) for name in ("encode_image", "encode_text")}
+        model.encode_image, model.encode_text = tallying("image"), tallying("text")
+        try:
+            return upstream_forward(*args, **kwargs)
+        finally:
+            for name, previous in own.items():
+                if previous is None:
+                    del model.__dict__[name]
+                else:
+                    setattr(model, name, previous)
+
+    return forward
+
+
 # --- the epoch loop: first-call setup, checkpoint record, resume -----------------------------------
 def wrap_train_one_epoch(upstream):
     def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
@@ -283,6 +343,9 @@ def _attach(run: TrainerRun, model, data, optimizer, args) -> None:
             if not hasattr(inner, "encode_image"):
                 raise TypeError(f"--loss {args.loss} needs a model with encode_image/encode_text")
             inner.forward = _raw_feature_forward(inner, inner.forward)
+    inner = _unwrap(model)
+    if args.gap_metrics and hasattr(inner, "encode_image") and hasattr(inner, "encode_text"):
+        inner.forward = _tallying_eval_forward(inner, inner.forward, run.raw_tally)
     if optimizer is not None:
         optimizer.register_state_dict_post_hook(lambda opt, state: _record_in_checkpoint(run, state))
     if args.resume:
@@ -343,6 +406,7 @@ def wrap_get_clip_metrics(upstream):
             except Exception:  # evaluation runs before the epoch's checkpoint is saved: never lose it
                 logging.exception("openclip-align: modality-gap metrics failed; continuing without them")
                 return metrics
+            report.update(run.raw_tally.pop_stats(len(image_features)))
             for key, value in report.items():
                 if isinstance(value, (int, float)) and math.isfinite(float(value)):
                     metrics[f"gap/{key}"] = float(value)
