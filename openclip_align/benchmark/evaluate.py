@@ -10,9 +10,10 @@ import torch
 
 from openclip_align.evaluation import CsvImages, embed_images, embed_pairs, load_classnames
 from openclip_align.evaluation import zero_shot_accuracy, zero_shot_classifier
-from openclip_align.metrics import modality_gap_report, retrieval_recall
+from openclip_align.metrics import feature_norm_stats, modality_gap_report, retrieval_recall
 
-GAP_KEYS = ("alignment_score", "centroid_gap", "rmg", "uniformity_joint", "separability")
+GAP_KEYS = ("alignment_score", "centroid_gap", "centroid_gap_sq_per_dim", "rmg", "uniformity_joint", "separability",
+            "effective_rank_image", "effective_rank_text", "top2_variance_share_image", "top2_variance_share_text")
 
 
 def load_model(model_name: str, checkpoint: Path, device: str):
@@ -28,8 +29,10 @@ def evaluate_model(model_name: str, checkpoint: Path, data_dir: Path, device: st
     model, preprocess, tokenizer = load_model(model_name, checkpoint, device)
     out: Dict[str, float] = {}
     with torch.inference_mode():
-        image, text = embed_pairs(model, preprocess, tokenizer, str(data_dir / "heldout.csv"),
-                                  batch_size=batch_size, device=device, progress=False)
+        raw_image, raw_text = embed_pairs(model, preprocess, tokenizer, str(data_dir / "heldout.csv"),
+                                          batch_size=batch_size, device=device, progress=False, normalize=False)
+        out.update(feature_norm_stats(raw_image, raw_text))
+        image, text = torch.nn.functional.normalize(raw_image, dim=-1), torch.nn.functional.normalize(raw_text, dim=-1)
         report = modality_gap_report(image, text, seed=0)
         out.update({key: float(report[key]) for key in GAP_KEYS})
         out.update(retrieval_recall(image, text, ks=(1, 5)))

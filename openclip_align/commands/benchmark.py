@@ -15,11 +15,15 @@ def register(subparsers) -> None:
     parser.add_argument("--quick", action="store_true", help="1 epoch per run (about 5 minutes on 2 CPU cores)")
     parser.add_argument("--gpu", action="store_true", help="ViT-B-16 configs, batch 256, bf16 autocast on CUDA")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds (default 0 1 2)")
+    parser.add_argument("--tracks", nargs="+", default=None, choices=("scratch", "pretrained"),
+                        help="which tracks to run (default: both; --gpu runs the scratch track's ViT-B-16 only)")
+    parser.add_argument("--update-readme", type=Path, default=None, metavar="README",
+                        help="after the run, rewrite the benchmark tables between the markers in this README")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from openclip_align.benchmark.run import run_benchmark
+    from openclip_align.benchmark.run import TRACKS, run_benchmark
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.gpu:
@@ -32,8 +36,13 @@ def run(args) -> int:
 
         logging.info("benchmark: %s has no corpus yet; building the full embedded default", args.data)
         build_corpus(args.data, size="full")
-    results = run_benchmark(args.data, args.out, quick=args.quick, gpu=args.gpu, seeds=args.seeds)
+    results = run_benchmark(args.data, args.out, quick=args.quick, gpu=args.gpu, seeds=args.seeds,
+                            tracks=args.tracks or TRACKS)
     print((args.out / "results.md").read_text())
+    if args.update_readme:
+        from openclip_align.benchmark.readme import update_readme
+
+        update_readme(args.update_readme, args.out / "results.json")
     if results["flags"]:
         print(f"{len(results['flags'])} regression(s) flagged against the previous run")
     return 0
