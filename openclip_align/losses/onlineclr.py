@@ -3,8 +3,8 @@ normalisers.
 
 Source: the OnlineCLR baseline of the stochastic compositional-optimisation line of CLIP training work from
 Tianbao Yang's group (SogCLR, Yuan et al. ICML 2022; iSogCLR, Qiu et al. ICML 2023; TempNet, Qiu et al.
-ICML 2024), as specified in section 4 of this project's REFERENCE.md (the published paper trail for this
-baseline is thin; the formula below is the definition this package implements).
+ICML 2024), as the course study that compared it defines it (docs/methods.md; the published paper trail for
+this baseline is thin: the formula below is the definition this package implements).
 
 With x_i, y_i the L2-normalised image / caption features of the B pairs, C = X Y^T, temperatures tau_n
 (negatives) and tau_p (positives) and moving-average rate gamma::

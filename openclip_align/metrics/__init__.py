@@ -1,4 +1,4 @@
-"""Modality-gap metrics (REFERENCE.md section 3).
+"""Modality-gap metrics (definitions and sources: docs/methods.md).
 
 Plots live in :mod:`openclip_align.metrics.plots` (imported on demand: it needs matplotlib).
 """

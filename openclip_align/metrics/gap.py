@@ -1,4 +1,4 @@
-"""Modality-gap metrics on paired image/text embeddings (REFERENCE.md section 3).
+"""Modality-gap metrics on paired image/text embeddings (definitions and sources: docs/methods.md).
 
 Inputs are torch tensors or numpy arrays, rows L2-normalised here. Everything that is linear in N
 (centroid gap, instance gap, alignment, cones, RMG) is computed exactly on all rows in one streaming
