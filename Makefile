@@ -31,5 +31,5 @@ benchmark:          ## the main job: plugin vs upstream OpenCLIP on the embedded
 benchmark-quick:
 	$(PYTHON) -m openclip_align.cli benchmark --data $(DATA) --out benchmark --quick
 
-study:              ## losses x optimizers grid of the course study
+study:              ## losses x optimizers grid of the course study (pretrained towers; --regime scratch for Tiny models)
 	$(PYTHON) -m openclip_align.cli study --data $(DATA) --out study

@@ -18,7 +18,7 @@ def corpus(tmp_path_factory):
 def study(corpus, tmp_path_factory):
     """2 x 2 grid; SGD gets an infinite learning rate so its runs must come out as diverged."""
     out = tmp_path_factory.mktemp("study_out")
-    code = main(["study", "--data", str(corpus), "--out", str(out), "--losses", "clip", "sogclr",
+    code = main(["study", "--regime", "scratch", "--data", str(corpus), "--out", str(out), "--losses", "clip", "sogclr",
                  "--optimizers", "adamw", "sgd", "--epochs", "1", "--batch-size", "16", "--lr", "sgd=inf"])
     return code, out, json.loads((out / "results.json").read_text())
 
@@ -26,6 +26,7 @@ def study(corpus, tmp_path_factory):
 def test_grid_has_every_cell_and_diverged_runs_are_reported(study):
     code, out, results = study
     assert code == 0
+    assert results["plan"]["regime"] == "scratch" and results["plan"]["model"] == "DualCLIP-Tiny"
     status = {(c["loss"], c["optimizer"]): c["status"] for c in results["cells"]}
     assert status == {("clip", "adamw"): "ok", ("sogclr", "adamw"): "ok",
                       ("clip", "sgd"): "diverged", ("sogclr", "sgd"): "diverged"}
@@ -72,14 +73,25 @@ def test_columns_match_a_direct_computation(study, corpus):
     assert cell["centroid_gap"] == pytest.approx(gap, rel=1e-3)
 
 
+def test_the_default_regime_is_the_pretrained_towers_with_locks():
+    from openclip_align.benchmark.regimes import PRETRAINED_LOCKS, REGIMES
+    from openclip_align.benchmark.study import StudyPlan
+    from openclip_align.cli import build_parser
+
+    assert build_parser().parse_args(["study"]).regime == "pretrained"
+    plan = StudyPlan()
+    assert plan.model == REGIMES["pretrained"].model == "DualCLIP-Lite0-MiniLM"
+    assert plan.extra == PRETRAINED_LOCKS and "--lock-image" in plan.extra and "--lock-text" in plan.extra
+
+
 def test_bad_arguments_are_clear(corpus, tmp_path, capsys):
     with pytest.raises(SystemExit, match="--lr names optimizers"):
-        main(["study", "--data", str(corpus), "--out", str(tmp_path), "--lr", "lamb=0.1"])
+        main(["study", "--regime", "scratch", "--data", str(corpus), "--out", str(tmp_path), "--lr", "lamb=0.1"])
     with pytest.raises(SystemExit, match="unknown model"):
-        main(["study", "--data", str(corpus), "--out", str(tmp_path), "--model", "NoSuchCLIP"])
+        main(["study", "--regime", "scratch", "--data", str(corpus), "--out", str(tmp_path), "--model", "NoSuchCLIP"])
     with pytest.raises(SystemExit):
-        main(["study", "--data", str(corpus), "--out", str(tmp_path), "--lr", "sgd"])
+        main(["study", "--regime", "scratch", "--data", str(corpus), "--out", str(tmp_path), "--lr", "sgd"])
     assert "expected OPTIMIZER=LR" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="has no train.csv or heldout.csv.*make data"):
-        main(["study", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+        main(["study", "--regime", "scratch", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
 

@@ -27,6 +27,7 @@ import open_clip
 
 from . import report
 from .evaluate import evaluate_model, metric_time_100k
+from .regimes import PRETRAINED_LOCKS, PRETRAINED_MODEL, REGIMES
 from .training import Budget, TrainResult, TrainSpec, train, write_local_dir_config
 
 # CLIP-Refine as the authors' released code runs it: AdamW lr 1e-6 constant, weight decay 0.1, one epoch,
@@ -37,11 +38,6 @@ REFINE_RECIPE = {"epochs": 1, "lr": 1e-6, "warmup": 0, "wd": 0.1, "batch_size": 
 # torch's AdamW defaults, which the authors keep (open_clip_train would pick 0.98 / 1e-6 for ViTs)
 REFINE_EXTRA = ["--lr-scheduler", "const", "--beta1", "0.9", "--beta2", "0.999", "--eps", "1e-8"]
 
-PRETRAINED_MODEL = "DualCLIP-Lite0-MiniLM"
-# What the pretrained track trains of the towers (the rest stays as ImageNet / MiniLM made it); chosen for
-# the time budget on 2 CPU cores, measured on training throughput only (see README).
-PRETRAINED_LOCKS = ["--lock-image", "--lock-image-unlocked-groups", "2",
-                    "--lock-text", "--lock-text-unlocked-layers", "2"]
 
 
 @dataclass
@@ -88,7 +84,7 @@ def scratch_track(runs_dir: Path, quick: bool, gpu: bool) -> Track:
 
 
 def pretrained_track(quick: bool) -> Track:
-    budget = Budget(epochs=1 if quick else 2, batch_size=64, lr=1e-3, warmup=20)
+    budget = Budget(epochs=1 if quick else REGIMES["pretrained"].epochs, batch_size=64, lr=1e-3, warmup=20)
     specs = {
         "CLIP": TrainSpec("CLIP", PRETRAINED_MODEL, loss="clip", extra=list(PRETRAINED_LOCKS)),
         "AlignCLIP loss": TrainSpec("AlignCLIP loss", PRETRAINED_MODEL, loss="imsep",

@@ -19,13 +19,14 @@ from typing import Dict, List, Optional
 import torch
 
 from .evaluate import evaluate_model
+from .regimes import REGIMES
 from .report import write_json_atomic
 from .training import Budget, TrainSpec, train
 
 STUDY_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
 STUDY_OPTIMIZERS = ("adamw", "sgd", "adam")
-# Learning rates per optimizer for the Tiny configs on the embedded default; --lr OPT=VALUE overrides.
-DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 5e-2}
+# Learning rates per optimizer on the embedded default (the same in both regimes); --lr OPT=VALUE overrides.
+DEFAULT_LR = dict(REGIMES["pretrained"].lr)
 SCORE_KEYS = ("image_to_text_R@1", "text_to_image_R@1", "zeroshot_top1", "average", "centroid_gap")
 _DIVERGED_MARK = "became non-finite"      # the trainer's message when a loss turns NaN/inf
 
@@ -34,11 +35,12 @@ _DIVERGED_MARK = "became non-finite"      # the trainer's message when a loss tu
 class StudyPlan:
     losses: List[str] = field(default_factory=lambda: list(STUDY_LOSSES))
     optimizers: List[str] = field(default_factory=lambda: list(STUDY_OPTIMIZERS))
-    model: str = "DualCLIP-Tiny"
+    model: str = REGIMES["pretrained"].model
     seeds: List[int] = field(default_factory=lambda: [0])
     lr: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LR))
-    budget: Budget = field(default_factory=lambda: Budget(epochs=2, warmup=20))
-    extra: List[str] = field(default_factory=list)       # passed to every trainer run
+    budget: Budget = field(default_factory=lambda: Budget(epochs=REGIMES["pretrained"].epochs, warmup=20))
+    extra: List[str] = field(default_factory=lambda: list(REGIMES["pretrained"].extra))   # every trainer run
+    regime: str = "pretrained"
 
 
 def weights_are_finite(checkpoint: Path) -> bool:
@@ -105,7 +107,8 @@ def summarise(cells: List[dict]) -> Dict[str, Dict[str, dict]]:
 
 def markdown(results: dict) -> str:
     plan = results["plan"]
-    lines = [f"# Loss x optimizer study ({plan['model']}, {plan['budget']['epochs']} epochs, "
+    lines = [f"# Loss x optimizer study ({plan.get('regime', 'scratch')} regime: {plan['model']}"
+             f"{' ' + ' '.join(plan['extra']) if plan.get('extra') else ''}, {plan['budget']['epochs']} epochs, "
              f"batch {plan['budget']['batch_size']}, seeds {plan['seeds']})", "",
              f"Command: `{results['command']}`  ", f"Learning rates: {plan['lr']}; "
              "R@1 on the held-out pairs, zero-shot top-1 averaged over the zero-shot sets, in %; "
@@ -194,7 +197,7 @@ def run_study(data_dir: Path, out_dir: Path, plan: Optional[StudyPlan] = None, c
     results = {
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": command or f"openclip-align study --data {data_dir}",
-        "plan": {"model": plan.model, "losses": plan.losses, "optimizers": plan.optimizers, "seeds": plan.seeds,
+        "plan": {"regime": plan.regime, "model": plan.model, "losses": plan.losses, "optimizers": plan.optimizers, "seeds": plan.seeds,
                  "lr": plan.lr, "budget": plan.budget.__dict__, "extra": plan.extra, "data": str(data_dir)},
         "cells": cells,
         "table": summarise(cells),

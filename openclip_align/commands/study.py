@@ -17,6 +17,7 @@ def _lr_pair(text: str):
 
 
 def register(subparsers) -> None:
+    from openclip_align.benchmark.regimes import REGIMES
     from openclip_align.benchmark.study import DEFAULT_LR, STUDY_LOSSES, STUDY_OPTIMIZERS
     from openclip_align.losses import loss_names
 
@@ -29,8 +30,12 @@ def register(subparsers) -> None:
     parser.add_argument("--losses", nargs="+", default=list(STUDY_LOSSES), choices=loss_names(), metavar="LOSS")
     parser.add_argument("--optimizers", nargs="+", default=list(STUDY_OPTIMIZERS), choices=sorted(DEFAULT_LR),
                         metavar="OPT", help="any of %(choices)s")
-    parser.add_argument("--model", default="DualCLIP-Tiny", help="OpenCLIP model name (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--regime", choices=sorted(REGIMES), default="pretrained",
+                        help="pretrained: DualCLIP-Lite0-MiniLM with most of its packaged towers locked, as the course "
+                             "started from pretrained encoders; scratch: DualCLIP-Tiny from random weights "
+                             "(default: %(default)s)")
+    parser.add_argument("--model", default=None, help="OpenCLIP model name (default: the regime's)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the regime's (2)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--lr", type=_lr_pair, nargs="+", default=[], metavar="OPT=LR",
@@ -43,9 +48,13 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import open_clip
 
+    from openclip_align.benchmark.regimes import REGIMES
     from openclip_align.benchmark.study import DEFAULT_LR, StudyPlan, check_corpus, run_study
     from openclip_align.benchmark.training import Budget
 
+    regime = REGIMES[args.regime]
+    args.model = args.model or regime.model
+    args.epochs = args.epochs or regime.epochs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.model not in open_clip.list_models():
         raise SystemExit(f"unknown model {args.model!r}; `python -c \"import open_clip; "
@@ -60,7 +69,7 @@ def run(args) -> int:
     if unknown:
         raise SystemExit(f"--lr names optimizers {unknown}; the study knows {sorted(DEFAULT_LR)}")
     plan = StudyPlan(losses=args.losses, optimizers=args.optimizers, model=args.model, seeds=args.seeds,
-                     lr={**DEFAULT_LR, **dict(args.lr)},
+                     lr={**regime.lr, **dict(args.lr)}, extra=list(regime.extra), regime=regime.name,
                      budget=Budget(epochs=args.epochs, batch_size=args.batch_size, device=args.device,
                                    precision=args.precision))
     results = run_study(args.data, args.out, plan, command="openclip-align study " + " ".join(_argv(args)))
@@ -69,7 +78,7 @@ def run(args) -> int:
 
 
 def _argv(args) -> list:
-    parts = [f"--data {args.data}", f"--out {args.out}", "--losses " + " ".join(args.losses),
+    parts = [f"--regime {args.regime}", f"--data {args.data}", f"--out {args.out}", "--losses " + " ".join(args.losses),
              "--optimizers " + " ".join(args.optimizers), f"--model {args.model}", f"--epochs {args.epochs}",
              f"--batch-size {args.batch_size}", f"--seeds {' '.join(map(str, args.seeds))}"]
     if args.lr:
