@@ -1,6 +1,8 @@
 """Pieces shared by the losses of this package: argument checks, the CLIP term, the output convention."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Dict, Optional
 
@@ -23,9 +25,36 @@ def check_pair(loss_name: str, image_features: torch.Tensor, text_features: torc
     return image_features.shape[0]
 
 
+# Set by the trainer while it calls a loss with per-pair inputs it validated on the host before step 1.
+_INPUTS_VALIDATED = contextvars.ContextVar("openclip_align_inputs_validated", default=False)
+
+
+@contextlib.contextmanager
+def inputs_validated():
+    """Inside this block the losses skip their per-call value checks (finite values, index ranges).
+
+    The trainer validates every per-pair input once on the host (the whole ``.emb.npy`` when it is loaded,
+    index ranges against the dataset size, each shard sample as it is decoded), so checking again per step
+    would only add a device-to-host synchronisation. Shape checks are free and always run.
+    """
+    token = _INPUTS_VALIDATED.set(True)
+    try:
+        yield
+    finally:
+        _INPUTS_VALIDATED.reset(token)
+
+
+def check_values(tensor: torch.Tensor) -> bool:
+    """Whether a value check of ``tensor`` is wanted and free of a device sync: a CPU tensor, outside
+    :func:`inputs_validated`. On an accelerator reading a value back would stall the host every step,
+    so there only shapes are checked (a non-finite input then shows up as a non-finite loss)."""
+    return tensor.device.type == "cpu" and not _INPUTS_VALIDATED.get()
+
+
 def check_rows(loss_name: str, what: str, tensor: Optional[torch.Tensor], batch: int, hint: str,
                dim: Optional[int] = 2) -> torch.Tensor:
-    """A per-pair input: present, ``batch`` rows, finite when floating point."""
+    """A per-pair input: present, ``batch`` rows, finite when floating point (checked where
+    :func:`check_values` says it is free)."""
     if tensor is None:
         raise ValueError(f"--loss {loss_name} needs {what} (one row per pair) but none was given; {hint}")
     if not isinstance(tensor, torch.Tensor):
@@ -37,7 +66,7 @@ def check_rows(loss_name: str, what: str, tensor: Optional[torch.Tensor], batch:
     if tensor.dim() == 0 or tensor.shape[0] != batch:
         raise ValueError(f"--loss {loss_name}: {what} has shape {tuple(tensor.shape)} but the batch has {batch} "
                          f"pairs; expected {expected}")
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if tensor.is_floating_point() and check_values(tensor) and not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"--loss {loss_name}: {what} contains non-finite values (NaN or inf)")
     return tensor
 

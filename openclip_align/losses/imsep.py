@@ -101,7 +101,7 @@ class IMSepLoss(AlignLoss):
         batch = check_pair(self.loss_name, image_features, text_features)
         semantic_features = check_rows(self.loss_name, "semantic_features (sentence embeddings of the captions)",
                                        semantic_features, batch, SEMANTIC_HINT)
-        semantic_features = semantic_features.to(device=image_features.device)
+        semantic_features = semantic_features.to(device=image_features.device, non_blocking=True)
         d = self.dist
         x_all, y_all = d.gather(image_features, text_features)
         (e_all,) = d.gather_no_grad(semantic_features)

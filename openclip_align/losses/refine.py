@@ -84,7 +84,8 @@ class HyCDLoss(AlignLoss):
                        batch: int) -> torch.Tensor:
         tf, tg = _check_teacher(self.loss_name, batch, teacher_image_features, teacher_text_features)
         d, dtype = self.dist, compute_dtype(f_local)
-        tf_all, tg_all = d.gather_no_grad(tf.to(f_local.device), tg.to(f_local.device))
+        tf_all, tg_all = d.gather_no_grad(tf.to(f_local.device, non_blocking=True),
+                                          tg.to(f_local.device, non_blocking=True))
         f, g = d.anchors(f_local, f_all), d.anchors(g_local, g_all)
         tf_rows, tg_rows = d.anchors(tf, tf_all), d.anchors(tg, tg_all)
         return hycd_terms(*(t.to(device=f.device, dtype=dtype)
@@ -108,8 +109,10 @@ class RaFALoss(AlignLoss):
         # draws made so far: the k-th reference comes from a generator seeded with (seed, k), so the count
         # (saved in checkpoints as loss state) is all a resumed run needs to continue the same sequence
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64))
-        self._draw_count: Optional[int] = None     # host copy of `draws` (no device sync per step)
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_draw_count", None))
+        # host copy of `draws`, so that no step reads the buffer back from the device; a loaded state sets
+        # it from the incoming (checkpoint, hence CPU) tensor, once, before any step
+        self._draw_count = 0
+        self.register_load_state_dict_pre_hook(_read_draw_count)
         self._calls = 0
         self._reference: Optional[torch.Tensor] = None
 
@@ -118,8 +121,6 @@ class RaFALoss(AlignLoss):
         fresh = self._calls % self.accum_freq == 0 or self._reference is None \
             or self._reference.shape != (global_batch, dim)
         if fresh:
-            if self._draw_count is None:
-                self._draw_count = int(self.draws)
             generator = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self._draw_count)
             self._reference = torch.randn(global_batch, dim, generator=generator) * self.scale
             self._draw_count += 1
@@ -137,8 +138,14 @@ class RaFALoss(AlignLoss):
         f, g = d.anchors(f_local, f_all), d.anchors(g_local, g_all)
         z = self.reference(f_all.shape[0], f_all.shape[1])
         offset = d.row_offset(batch)
-        z = z[offset:offset + f.shape[0]].to(device=f.device, dtype=dtype)
+        z = z[offset:offset + f.shape[0]].to(device=f.device, dtype=dtype, non_blocking=True)
         return F.mse_loss(f.to(dtype), z) + F.mse_loss(g.to(dtype), z)
+
+
+def _read_draw_count(module, state_dict, prefix, *args) -> None:
+    draws = state_dict.get(prefix + "draws")
+    if draws is not None:
+        module._draw_count = int(draws)
 
 
 def _check_teacher(name, batch, teacher_image_features, teacher_text_features):

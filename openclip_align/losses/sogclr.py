@@ -36,8 +36,8 @@ from typing import Optional
 
 import torch
 
-from ._common import (AlignLoss, check_pair, check_positive, check_rate, float_flag, log_moving_average,
-                      targets)
+from ._common import (AlignLoss, check_pair, check_positive, check_rate, check_values, float_flag,
+                      log_moving_average, targets)
 from .distributed import DistributedConfig, compute_dtype, no_autocast, touch
 from .registry import NEEDS_INDEX, register_loss
 
@@ -47,30 +47,37 @@ INDEX_HINT = ("--loss {name} needs a per-sample dataset index (a stable integer 
 
 
 def check_index(name: str, index, batch: int, num_samples: int, device) -> torch.Tensor:
-    """The dataset index of each pair: (B,) integers in [0, num_samples)."""
+    """The dataset index of each pair: (B,) integers in [0, num_samples), returned on ``device``.
+
+    The range is checked while the index is on the CPU (before it is moved), and not inside
+    :func:`~openclip_align.losses._common.inputs_validated`, where the trainer has checked it on the host
+    already: on an accelerator the check would stall the host every step.
+    """
     if index is None:
         raise ValueError(INDEX_HINT.format(name=name) + "; none was given")
-    index = torch.as_tensor(index, device=device)
+    index = torch.as_tensor(index)
     if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
         raise ValueError(f"--loss {name}: the dataset index must hold integers, got dtype {index.dtype}")
     if index.numel() != batch or (index.dim() > 1 and index.shape[0] != batch):
         raise ValueError(f"--loss {name}: got {index.numel()} dataset indices (shape {tuple(index.shape)}) for a "
                          f"batch of {batch} pairs; expected one per pair")
     index = index.reshape(batch).long()
-    outside = (index < 0) | (index >= num_samples)
-    if bool(outside.any()):
-        bad = int(index[outside][0])
-        raise ValueError(f"--loss {name}: dataset index {bad} is outside the per-sample state of size "
-                         f"{num_samples} (num_samples, the training set size); indices must lie in "
-                         f"[0, {num_samples}); the state does not grow")
-    return index
+    if check_values(index):
+        outside = (index < 0) | (index >= num_samples)
+        if bool(outside.any()):
+            raise ValueError(index_error(name, int(index[outside][0]), num_samples))
+    return index.to(device, non_blocking=True)
+
+
+def index_error(name: str, bad: int, num_samples: int) -> str:
+    return (f"--loss {name}: dataset index {bad} is outside the per-sample state of size {num_samples} "
+            f"(num_samples, the training set size); indices must lie in [0, {num_samples}); the state does not grow")
 
 
 def negatives_mask(rows: int, cols: int, offset: int, device) -> torch.Tensor:
-    """True everywhere except the positive (row i, column offset + i)."""
-    mask = torch.ones(rows, cols, dtype=torch.bool, device=device)
-    mask[torch.arange(rows, device=device), targets(rows, offset, device)] = False
-    return mask
+    """True everywhere except the positive (row i, column offset + i). Built by a comparison: an indexed
+    assignment of a Python scalar (``mask[i, j] = False``) copies the scalar to the device synchronously."""
+    return torch.arange(cols, device=device)[None, :] != targets(rows, offset, device)[:, None]
 
 
 @register_loss(
@@ -139,7 +146,7 @@ class SogCLRLoss(AlignLoss):
                 log_s_image = self._normaliser(diff_image, negatives, self.log_s_image, rows_index, index_all, update)
                 log_s_text = self._normaliser(diff_text, negatives, self.log_s_text, rows_index, index_all, update)
                 if update:
-                    self.visited[index_all] = True
+                    self.visited.index_fill_(0, index_all, True)      # no host-to-device copy of the value
 
             terms = {
                 "sogclr_image_loss": self._surrogate(diff_image, negatives, log_s_image, cols),
