@@ -15,6 +15,10 @@ the model outputs only. So the extras take a side road:
 
 Extras formats: csv: an ``index`` column (else the row number) and a row-aligned
 ``<csv stem>.emb.npy`` file; webdataset: ``KEY.json`` with ``"index"`` and a ``KEY.emb.npy`` member.
+
+Values are validated on the host, never per step on the training device: the whole csv ``.emb.npy``
+(shape, finite) when the dataset is built, the csv index range against the dataset size before step 1
+(``trainer_run``), and each shard sample's embedding and index as the sample is decoded.
 """
 from __future__ import annotations
 
@@ -95,6 +99,7 @@ def make_csv_dataset_class(upstream_cls):
                         raise MissingExtrasError(
                             f"{path}: expected one embedding row per csv row ({len(self.captions)}), "
                             f"got shape {self.embeddings.shape}; recompute it with `openclip-align embed`")
+                    check_embedding_file(path, self.embeddings)
                 elif not _options.get("semantic_on_the_fly", False):
                     raise MissingExtrasError(
                         f"--loss needs semantic caption embeddings but {path} does not exist; run "
@@ -114,6 +119,34 @@ def make_csv_dataset_class(upstream_cls):
 
     CsvDatasetWithExtras.__name__ = CsvDatasetWithExtras.__qualname__ = "CsvDatasetWithExtras"
     return CsvDatasetWithExtras
+
+
+def check_embedding_file(path: str, embeddings: np.ndarray, chunk_values: int = 1 << 24) -> None:
+    """Floating point and finite everywhere, read once in chunks (the file may be memory-mapped and large)."""
+    if not np.issubdtype(embeddings.dtype, np.floating):
+        raise MissingExtrasError(f"{path}: embeddings must be floating point, got dtype {embeddings.dtype}; "
+                                 "recompute it with `openclip-align embed`")
+    rows = max(1, chunk_values // max(1, embeddings.shape[1]))
+    for start in range(0, len(embeddings), rows):
+        finite = np.isfinite(np.asarray(embeddings[start:start + rows])).all(axis=1)
+        if not finite.all():
+            raise MissingExtrasError(
+                f"{path}: row {start + int(np.argmin(finite))} holds non-finite values (NaN or inf); "
+                "recompute it with `openclip-align embed`")
+
+
+def check_index_range(where: str, indices, num_samples: int) -> None:
+    """Dataset indices address per-sample loss state of ``num_samples`` slots: they must lie in [0, N)."""
+    indices = np.asarray(indices)
+    if indices.size == 0:
+        return
+    low, high = int(indices.min()), int(indices.max())
+    if low < 0 or high >= num_samples:
+        bad = low if low < 0 else high
+        raise MissingExtrasError(
+            f"{where}: dataset index {bad} is outside [0, {num_samples}); a loss that keeps per-sample state "
+            f"has one slot per training pair ({num_samples}), addressed by this index. Number the pairs "
+            "0..N-1 (or drop the index column of a csv to use the row numbers)")
 
 
 # --- webdataset -----------------------------------------------------------------------------
@@ -141,7 +174,7 @@ class WebdatasetWithExtras:
     def to_tuple(self, *keys, **kwargs):
         if not _requested or keys != ("image", "text"):
             return self._wds.to_tuple(*keys, **kwargs)
-        return self._wds.map(_SampleToTupleWithExtras(_requested))
+        return self._wds.map(_SampleToTupleWithExtras(_requested, _options.get("index_limit")))
 
 
 def _remember_caption(sample):
@@ -160,10 +193,15 @@ class _Chained:
 
 
 class _SampleToTupleWithExtras:
-    """(image, tokens, extras) from a decoded sample; picklable for dataloader workers."""
+    """(image, tokens, extras) from a decoded sample; picklable for dataloader workers.
 
-    def __init__(self, requested):
+    Checks each sample's extras on the host as it is decoded (the training step then checks nothing):
+    the embedding finite, the index in [0, ``index_limit``) when the dataset size is known.
+    """
+
+    def __init__(self, requested, index_limit: Optional[int] = None):
         self.requested = frozenset(requested)
+        self.index_limit = index_limit
 
     def __call__(self, sample):
         extras = {}
@@ -173,15 +211,22 @@ class _SampleToTupleWithExtras:
         meta = sample.get("json")
         if isinstance(meta, (bytes, str)):
             meta = json.loads(meta)
+        where = f"{sample.get('__url__', 'shard')} sample {sample.get('__key__', '?')}"
         if INDEX in self.requested and isinstance(meta, dict) and "index" in meta:
             extras[INDEX] = int(meta["index"])
+            if self.index_limit is not None:
+                check_index_range(where, [extras[INDEX]], self.index_limit)
         if SEMANTIC in self.requested and EMB_MEMBER in sample:
             value = sample[EMB_MEMBER]
             if isinstance(value, bytes):
                 import io
 
                 value = np.load(io.BytesIO(value))
-            extras[SEMANTIC] = torch.as_tensor(np.asarray(value, dtype=np.float32))
+            value = np.asarray(value, dtype=np.float32)
+            if not np.isfinite(value).all():
+                raise MissingExtrasError(f"{where}: KEY.{EMB_MEMBER} holds non-finite values (NaN or inf); "
+                                         "recompute the shards' embeddings with `openclip-align embed`")
+            extras[SEMANTIC] = torch.from_numpy(value)
         return sample["image"], sample["text"], extras
 
 
@@ -220,6 +265,16 @@ class BatchStash:
         self._items.append({"images": images, "texts": texts, "extras": extras})
         self.pushes += 1
 
+    def record_model_inputs(self, images, texts) -> None:
+        """The newest batch as the model received it (on the training device, in the input dtype), so that
+        a teacher can run on it without a second host-to-device copy. The first call after a push wins:
+        with gradient accumulation upstream runs the model twice on each batch."""
+        if not self._items:
+            return
+        item = self._items[-1]
+        if "model_images" not in item and len(texts) == len(item["texts"]):
+            item["model_images"], item["model_texts"] = images, texts
+
     def clear(self) -> None:
         self._items.clear()
 
@@ -237,18 +292,26 @@ class BatchStash:
                 f"the loss got features for {n_rows} pairs but the stashed batches hold {total}; the "
                 "extras side channel only works with the dataloader built by open_clip_train's get_data")
         chosen.reverse()
+        # the model's own inputs (already on the device) when every chosen batch has them
+        on_device = all("model_images" in c for c in chosen)
+        image_key, text_key = ("model_images", "model_texts") if on_device else ("images", "texts")
         out: Dict[str, object] = {
             "generation": (self.pushes, n_rows),
-            "images": torch.cat([c["images"] for c in chosen]) if len(chosen) > 1 else chosen[0]["images"],
-            "texts": torch.cat([c["texts"] for c in chosen]) if len(chosen) > 1 else chosen[0]["texts"],
+            "images": _cat([c[image_key] for c in chosen]),
+            "texts": _cat([c[text_key] for c in chosen]),
         }
         keys = set(chosen[0]["extras"])
         for c in chosen[1:]:
             keys &= set(c["extras"])
         for key in keys:
             parts = [c["extras"][key] for c in chosen]
-            out[key] = sum(parts, []) if key == CAPTION else torch.cat(parts)
+            out[key] = sum(parts, []) if key == CAPTION else _cat(parts)
         return out
+
+
+def _cat(parts):
+    """One batch as it is (a pinned tensor stays pinned), several concatenated."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 STASH = BatchStash()
