@@ -10,14 +10,17 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import itertools
 import logging
 import math
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openclip_align.losses._common import inputs_validated
 from openclip_align.losses.registry import NEEDS_INDEX, NEEDS_SEMANTIC, get_loss_spec
 
 from . import batch_extras
@@ -35,6 +38,7 @@ class TrainerRun:
         self.spec = None if args.loss == "clip" else get_loss_spec(args.loss)
         self.teacher: Optional[nn.Module] = None
         self.teacher_sha256: Optional[str] = None
+        self.teacher_encoder: Optional[nn.Module] = None     # the teacher as the loss runs it (maybe compiled)
         self.num_train_samples: Optional[int] = None
         self.loss_module = None
         self.raw_tally = RawFeatureTally()
@@ -115,10 +119,15 @@ def wrap_get_data(upstream_get_data, data_module):
         dataset_fn = data_module.get_dataset_fn(args.train_data, args.dataset_type)
         if dataset_fn is data_module.get_wds_dataset:
             batch_extras.check_webdataset_extras(args.train_data, run.needs, options["semantic_on_the_fly"])
+            if NEEDS_INDEX in run.needs:        # each sample's index is checked as it is decoded
+                options["index_limit"] = _shards_size(args.train_data, data_module)
         with batch_extras.requesting(run.data_extras(), **options):
             train = dataset_fn(args, preprocess_fns[0], is_train=True, epoch=epoch, tokenizer=tokenizer)
         train.dataloader = ExtrasLoader(train.dataloader)
         run.num_train_samples = _dataset_size(args, train, data_module)
+        indices = getattr(getattr(train.dataloader, "dataset", None), "indices", None)
+        if NEEDS_INDEX in run.needs and indices is not None and run.num_train_samples:
+            batch_extras.check_index_range(f"--loss {args.loss}: {args.train_data}", indices, run.num_train_samples)
         saved = args.train_data
         args.train_data = None          # upstream builds val / imagenet exactly as before
         try:
@@ -136,8 +145,12 @@ def _dataset_size(args, train, data_module) -> Optional[int]:
     dataset = getattr(train.dataloader, "dataset", None)
     if dataset is not None and not isinstance(dataset, torch.utils.data.IterableDataset):
         return len(dataset)                                  # csv: one row per pair
+    return _shards_size(args.train_data, data_module)
+
+
+def _shards_size(shards: str, data_module) -> Optional[int]:
     try:
-        total, _ = data_module.get_dataset_size(args.train_data)   # webdataset: sizes.json / __len__
+        total, _ = data_module.get_dataset_size(shards)     # webdataset: sizes.json / __len__
         return total
     except Exception:  # no size file: a loss that needs the size says so when it is built
         return None
@@ -158,22 +171,99 @@ def wrap_create_loss(upstream_create_loss):
     return create_loss
 
 
+class NonFiniteWatch:
+    """Whether a loss term was ever NaN/inf, accumulated on the device without reading anything back.
+
+    :meth:`record` costs a few tiny kernels and no synchronisation; :meth:`read` brings the record to the
+    host (one device-to-host synchronisation), which the adapter does only at log steps, at the end of
+    an epoch and before a checkpoint is written.
+    """
+
+    def __init__(self):
+        self.names: Optional[Tuple[str, ...]] = None
+        self._bad = None           # (terms + 1,) bool: term k (last: their sum) was non-finite at least once
+        self._first = None         # the values of the first recorded call with a non-finite one
+        self._first_call = None    # that call's number (1-based); 0 while there is none
+        self._calls = None         # calls recorded, counted on the device
+
+    def record(self, terms: Dict[str, torch.Tensor], total: torch.Tensor) -> None:
+        names = tuple(terms) + ("sum of the terms",)
+        values = torch.stack([v.detach().float().reshape(()) for v in (*terms.values(), total)])
+        if names != self.names:
+            if self.names is not None and self.read() is not None:
+                return             # keep the earlier record; the next read reports it
+            self.names = names
+            self._bad = torch.zeros(len(names), dtype=torch.bool, device=values.device)
+            self._first = torch.zeros_like(values)
+            self._calls = torch.zeros((), dtype=torch.int64, device=values.device)
+            self._first_call = torch.zeros_like(self._calls)
+        self._calls += 1
+        nonfinite = ~torch.isfinite(values)
+        newly = nonfinite.any() & ~self._bad.any()
+        self._first = torch.where(newly, values, self._first)
+        self._first_call = torch.where(newly, self._calls, self._first_call)
+        self._bad |= nonfinite
+
+    def read(self) -> Optional[Tuple[List[str], Dict[str, float], int]]:
+        """None while every recorded value was finite, else (non-finite terms, the values of the first call
+        with one, that call's number)."""
+        if self._bad is None:
+            return None
+        bad = self._bad.tolist()
+        if not any(bad):
+            return None
+        values = dict(zip(self.names, self._first.tolist()))
+        return [n for n, b in zip(self.names, bad) if b], values, int(self._first_call)
+
+
+class TeacherEncoder(nn.Module):
+    """The frozen teacher's image and text features in one call (one module to hand to ``torch.compile``)."""
+
+    def __init__(self, teacher: nn.Module, normalize: bool):
+        super().__init__()
+        self.teacher = teacher
+        self.normalize = normalize
+
+    def forward(self, images, texts):
+        return (self.teacher.encode_image(images, normalize=self.normalize),
+                self.teacher.encode_text(texts, normalize=self.normalize))
+
+
 class TrainerLossAdapter(nn.Module):
     """Calls a registry loss the way upstream's trainer calls ClipLoss, adding what it needs.
 
-    Pulls the batch's extras from the stash (semantic embeddings, indices), embeds captions on
-    the fly when asked to, runs the frozen teacher, and refuses a non-finite loss with a clear error
-    at the next step or the end of the epoch, before any checkpoint is written from a diverged model.
+    Pulls the batch's extras from the stash (semantic embeddings, indices; validated on the host before
+    step 1, moved with ``non_blocking``), embeds captions on the fly when asked to, runs the frozen
+    teacher, and records on the device whether the loss was non-finite. Nothing in a step reads a value
+    back from the device: the record is read at log steps (``--log-every-n-steps``), at the end of each
+    epoch and before any checkpoint is written, and a non-finite loss then stops the run with an error
+    naming the terms, before a checkpoint of the diverged model exists.
     """
 
     def __init__(self, run: TrainerRun, loss: nn.Module):
         super().__init__()
         self.run = run
         self.loss = loss
+        self.watch = NonFiniteWatch()
+        self._device = None
         self._cache_key = None
         self._cache: Dict[str, torch.Tensor] = {}
+        self._calls = 0                         # loss calls in this process
+        self._epoch_calls = 0                   # ... in the current epoch
+        self._batches_per_epoch: Optional[int] = None
+        self._epochs: List[Tuple[int, int]] = []     # (calls before the epoch, epoch)
 
-    def _per_step_inputs(self, batch, device, dtype) -> Dict[str, torch.Tensor]:
+    def place(self, device) -> None:
+        """Move the loss (and its state) to the training device, once."""
+        self.loss.to(device)
+        self._device = torch.device(device)
+
+    def start_epoch(self, epoch: int, batches_per_epoch: Optional[int]) -> None:
+        self._epoch_calls = 0
+        self._batches_per_epoch = batches_per_epoch
+        self._epochs.append((self._calls, epoch))
+
+    def _per_step_inputs(self, batch, device) -> Dict[str, torch.Tensor]:
         # the loss runs accum_freq times per step on the same batches: compute these once
         key = batch["generation"]
         if key == self._cache_key:
@@ -181,7 +271,7 @@ class TrainerLossAdapter(nn.Module):
         run, out = self.run, {}
         if NEEDS_SEMANTIC in run.needs:
             if SEMANTIC in batch:
-                out["semantic_features"] = batch[SEMANTIC].to(device=device, dtype=torch.float32)
+                out["semantic_features"] = batch[SEMANTIC].to(device=device, dtype=torch.float32, non_blocking=True)
             elif run.args.semantic_source != "precomputed" and CAPTION in batch:
                 out["semantic_features"] = _embed_on_the_fly(run.args.semantic_model, batch[CAPTION], device)
             else:
@@ -191,41 +281,99 @@ class TrainerLossAdapter(nn.Module):
         if NEEDS_INDEX in run.needs:
             if INDEX not in batch:
                 raise MissingExtrasError(f"--loss {run.args.loss} needs a per-pair dataset index; the batch has none")
-            out["index"] = batch[INDEX].to(device)
+            out["index"] = batch[INDEX].to(device, non_blocking=True)
         if run.needs_teacher:
-            teacher = run.teacher.to(device)
-            with torch.no_grad():
-                images = batch["images"].to(device=device, dtype=dtype)
-                texts = batch["texts"].to(device)
-                out["teacher_image_features"] = teacher.encode_image(images, normalize=not run.spec.raw_features)
-                out["teacher_text_features"] = teacher.encode_text(texts, normalize=not run.spec.raw_features)
+            encoder = run.teacher_encoder if run.teacher_encoder is not None else prepare_teacher(run, None, device)
+            images, texts = batch["images"], batch["texts"]
+            if images.device != device:          # not the model's own inputs (see BatchStash.record_model_inputs)
+                from open_clip import get_input_dtype
+
+                images = images.to(device=device, dtype=get_input_dtype(run.args.precision), non_blocking=True)
+                texts = texts.to(device, non_blocking=True)
+            with torch.no_grad():                # under the trainer's autocast, like the student
+                out["teacher_image_features"], out["teacher_text_features"] = encoder(images, texts)
         self._cache_key, self._cache = key, out
         return out
 
     def forward(self, image_features, text_features, logit_scale, output_dict=False, **kwargs):
         run = self.run
         device = image_features.device
-        self.loss.to(device)
+        if device != self._device:               # normally done before step 1 (see _attach)
+            self.place(device)
         inputs = {}
         if run.needs or run.needs_teacher:
             batch = STASH.take(image_features.shape[0])
-            inputs = self._per_step_inputs(batch, device, image_features.dtype)
-        self.check_finite()
-        terms = self.loss(image_features, text_features, logit_scale, output_dict=True, **inputs, **kwargs)
+            inputs = self._per_step_inputs(batch, device)
+        with inputs_validated():                 # extras were checked on the host before step 1
+            terms = self.loss(image_features, text_features, logit_scale, output_dict=True, **inputs, **kwargs)
         total = sum(terms.values())
-        # checked at the next call (or the end of the epoch), so the GPU is not synchronised every step
-        self._pending = (torch.isfinite(total.detach()).all(), {k: v.detach() for k, v in terms.items()})
+        self.watch.record(terms, total)
+        self._calls += 1
+        self._epoch_calls += 1
+        if self._at_log_step():
+            self.check_finite()                  # upstream reads the loss back at this step anyway
         return terms if output_dict else total
 
+    def _at_log_step(self) -> bool:
+        """Whether this call ends a step that upstream's train_one_epoch logs (its own rule)."""
+        args = self.run.args
+        accum = max(1, int(getattr(args, "accum_freq", 1) or 1))
+        if self._epoch_calls % accum:
+            return False
+        step = self._epoch_calls // accum - 1
+        every = max(1, int(getattr(args, "log_every_n_steps", 100) or 1))
+        return step % every == 0 or step + 1 == self._batches_per_epoch
+
     def check_finite(self) -> None:
-        """Raise if the previous loss value was NaN/inf, before another step or a checkpoint is made."""
-        pending, self._pending = getattr(self, "_pending", None), None
-        if pending is not None and not bool(pending[0]):
-            values = {k: float(v) for k, v in pending[1].items()}
-            raise FloatingPointError(
-                f"--loss {self.run.args.loss} became non-finite ({values}); stopping before the next step and "
-                "before any checkpoint of this epoch, so the checkpoints already written stay intact. Try a "
-                "lower --lr or --precision fp32.")
+        """Raise if any loss value so far was NaN/inf (one device sync): at log steps, at the end of an
+        epoch and before a checkpoint is written, so that no checkpoint of a diverged model exists."""
+        found = self.watch.read()
+        if found is None:
+            return
+        names, values, call = found
+        raise FloatingPointError(
+            f"--loss {self.run.args.loss} became non-finite ({', '.join(names)}) {self._where(call)}: "
+            f"{values}; stopping before any checkpoint of the diverged model is written, so the checkpoints "
+            "already written stay intact. Try a lower --lr or --precision fp32.")
+
+    def _where(self, call: int) -> str:
+        before, epoch = max(((b, e) for b, e in self._epochs if b < call), default=(0, None))
+        accum = max(1, int(getattr(self.run.args, "accum_freq", 1) or 1))
+        step = (call - before - 1) // accum
+        return f"first at step {step} of epoch {epoch}" if epoch is not None else f"first at call {call}"
+
+
+def prepare_teacher(run: TrainerRun, student: Optional[nn.Module], device) -> nn.Module:
+    """Once per run: the teacher on the student's device with the student's dtypes and memory format,
+    under ``torch.compile`` when the student is compiled (``--torchcompile``)."""
+    teacher = run.teacher
+    if student is not None:
+        _match_tensors(teacher, student)
+    elif device is not None:
+        teacher.to(device)
+    encoder = TeacherEncoder(teacher, normalize=not run.spec.raw_features)
+    if getattr(run.args, "torchcompile", False):
+        encoder = torch.compile(encoder)
+    run.teacher_encoder = encoder
+    return encoder
+
+
+def _match_tensors(teacher: nn.Module, student: nn.Module) -> None:
+    """Give each teacher parameter / buffer the device, dtype and memory format of the student's
+    tensor of the same name (the teacher is a copy of the student as created, so the names agree)."""
+    theirs = dict(itertools.chain(student.named_parameters(), student.named_buffers()))
+    with torch.no_grad():
+        for name, tensor in itertools.chain(teacher.named_parameters(), teacher.named_buffers()):
+            reference = theirs.get(name)
+            if reference is None or reference.shape != tensor.shape:
+                continue
+            channels_last = (reference.dim() == 4 and not reference.is_contiguous()
+                             and reference.is_contiguous(memory_format=torch.channels_last))
+            memory_format = torch.channels_last if channels_last else torch.preserve_format
+            if (tensor.device != reference.device or tensor.dtype != reference.dtype
+                    or (channels_last and not tensor.is_contiguous(memory_format=torch.channels_last))):
+                tensor.data = tensor.data.to(device=reference.device, dtype=reference.dtype,
+                                             memory_format=memory_format)
 
 
 _ENCODERS: Dict[tuple, object] = {}
@@ -235,8 +383,11 @@ def _embed_on_the_fly(model_name: str, captions, device) -> torch.Tensor:
     from openclip_align.data.semantic import embed_captions, load_sentence_encoder
 
     encoder = load_sentence_encoder(model_name, device=str(device))
+    # sentence-transformers returns numpy: it has synchronised already, so the check on the host is free
     vectors = embed_captions(encoder, list(captions), progress=False)
-    return torch.as_tensor(vectors, dtype=torch.float32, device=device)
+    if not np.isfinite(vectors).all():
+        raise ValueError(f"--semantic-model {model_name} produced non-finite caption embeddings")
+    return torch.from_numpy(vectors).to(device, non_blocking=True)
 
 
 # --- unnormalised features for losses that want them ---------------------------------------------
@@ -322,6 +473,9 @@ def wrap_train_one_epoch(upstream):
         run = RUN
         if run is not None and not run._attached:
             _attach(run, model, data, optimizer, args)
+        if isinstance(loss, TrainerLossAdapter):
+            batches = getattr(data["train"].dataloader, "num_batches", None)
+            loss.start_epoch(epoch, None if batches is None else batches // max(1, args.accum_freq))
         result = upstream(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=tb_writer)
         if isinstance(loss, TrainerLossAdapter):
             loss.check_finite()           # the epoch's last step, before evaluation and the checkpoint
@@ -343,6 +497,14 @@ def _attach(run: TrainerRun, model, data, optimizer, args) -> None:
             if not hasattr(inner, "encode_image"):
                 raise TypeError(f"--loss {args.loss} needs a model with encode_image/encode_text")
             inner.forward = _raw_feature_forward(inner, inner.forward)
+        parameter = next(_unwrap(model).parameters(), None)
+        if run.loss_module is not None and parameter is not None:
+            run.loss_module.place(parameter.device)          # before step 1 and before a resumed state loads
+        if run.needs_teacher:
+            prepare_teacher(run, _unwrap(model), None)
+            # the teacher runs on the student's own device inputs (no second host-to-device copy); the hook
+            # sits on the outermost module, so it runs eagerly also when the student is compiled
+            model.register_forward_pre_hook(_record_model_inputs)
     inner = _unwrap(model)
     if args.gap_metrics and hasattr(inner, "encode_image") and hasattr(inner, "encode_text"):
         inner.forward = _tallying_eval_forward(inner, inner.forward, run.raw_tally)
@@ -352,7 +514,14 @@ def _attach(run: TrainerRun, model, data, optimizer, args) -> None:
         _restore_from_checkpoint(run, args.resume)
 
 
+def _record_model_inputs(module, inputs) -> None:
+    if module.training and len(inputs) >= 2:
+        STASH.record_model_inputs(inputs[0], inputs[1])
+
+
 def _record_in_checkpoint(run: TrainerRun, optimizer_state: dict) -> dict:
+    if run.loss_module is not None:
+        run.loss_module.check_finite()       # never a checkpoint of a diverged model
     args = run.args
     record = {"loss": args.loss, "options": {k: getattr(args, k, None) for k in loss_option_names(args.loss)}}
     if run.spec is not None and run.spec.stateful and run.loss_module is not None:
