@@ -10,12 +10,19 @@ patches/ for the upstream change that would make them unnecessary):
    other config reaches the real ``open_clip.model.CLIP`` with exactly the same arguments, so every
    upstream model stays bit-identical;
 3. ``get_model_config`` raises a clear error for an unknown plugin model name instead of returning
-   None (which upstream turns into a list of all ~200 models, or a silent default tokenizer).
+   None (which upstream turns into a list of all ~200 models, or a silent default tokenizer), and
+   resolves the ``package:NAME`` tower paths of the packaged-tower configs (see
+   :mod:`openclip_align.models.packaged_towers`);
+4. two tower-locking gaps of OpenCLIP 3.3 are filled (:mod:`.tower_fixes`: BERT layer names,
+   batch-norm freezing that keeps timm's fused activations);
+5. ``create_model`` loads the packaged ImageNet weights into those configs' image towers when no full
+   checkpoint is given (``pretrained=PATH`` still restores a trained model whole).
 """
 from __future__ import annotations
 
 import difflib
 import functools
+import json
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "models" / "configs"
@@ -63,16 +70,49 @@ def _unknown_plugin_model(name: str) -> ValueError:
     )
 
 
+@functools.lru_cache(maxsize=None)
+def packaged_image_weights(model_name: str):
+    """The packaged image weights a plugin config names (``None`` for every other model)."""
+    path = CONFIG_DIR / f"{model_name}.json"
+    if not isinstance(model_name, str) or not path.is_file():
+        return None
+    from openclip_align.models.packaged_towers import IMAGE_WEIGHTS_KEY
+
+    return json.loads(path.read_text()).get(IMAGE_WEIGHTS_KEY)
+
+
 def _checked_get_model_config(upstream_get_model_config):
     @functools.wraps(upstream_get_model_config)
     def get_model_config(model_name):
         config = upstream_get_model_config(model_name)
         if config is None and isinstance(model_name, str) and model_name.startswith(PLUGIN_PREFIXES):
             raise _unknown_plugin_model(model_name)
+        if isinstance(model_name, str) and model_name.startswith(PLUGIN_PREFIXES) and config is not None:
+            from openclip_align.models.packaged_towers import IMAGE_WEIGHTS_KEY, resolve_config
+
+            config.pop(IMAGE_WEIGHTS_KEY, None)        # read by create_model below, not a model argument
+            resolve_config(config)
         return config
 
     get_model_config.__wrapped_upstream__ = upstream_get_model_config
     return get_model_config
+
+
+def _packaged_create_model(upstream_create_model):
+    @functools.wraps(upstream_create_model)
+    def create_model(model_name, pretrained=None, *args, **kwargs):
+        model = upstream_create_model(model_name, pretrained, *args, **kwargs)
+        package = packaged_image_weights(model_name) if isinstance(model_name, str) else None
+        if package:
+            from openclip_align.models.packaged_towers import load_packaged_image_weights, use_packaged_preprocess
+
+            if not pretrained and kwargs.get("load_weights", True) and not kwargs.get("pretrained_image_path"):
+                load_packaged_image_weights(model, package)
+            use_packaged_preprocess(model, package, kwargs.get("force_preprocess_cfg"))
+        return model
+
+    create_model.__wrapped_upstream__ = upstream_create_model
+    return create_model
 
 
 def patch_open_clip(open_clip_module) -> None:
@@ -87,4 +127,10 @@ def patch_open_clip(open_clip_module) -> None:
     checked = _checked_get_model_config(factory.get_model_config)
     factory.get_model_config = checked
     open_clip_module.get_model_config = checked
+    from .tower_fixes import patch_towers
+
+    patch_towers(open_clip_module)
+    packaged = _packaged_create_model(factory.create_model)
+    factory.create_model = packaged                  # create_model_and_transforms looks it up here
+    open_clip_module.create_model = packaged
     setattr(factory, _PATCHED_FLAG, True)
