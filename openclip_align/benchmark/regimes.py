@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 PRETRAINED_MODEL = "DualCLIP-Lite0-MiniLM"
-PRETRAINED_LOCKS = ["--lock-image", "--lock-image-unlocked-groups", "2",
-                    "--lock-text", "--lock-text-unlocked-layers", "2"]
+# Image: the last two timm groups train (block 5.3; block 6.0 + head conv), the rest is frozen with its
+# ImageNet batch-norm statistics. Text: the last two of MiniLM's six layers train; frozen LayerNorms too.
+PRETRAINED_LOCKS = ["--lock-image", "--lock-image-unlocked-groups", "2", "--lock-image-freeze-bn-stats",
+                    "--lock-text", "--lock-text-unlocked-layers", "2", "--lock-text-freeze-layer-norm"]
 
 
 @dataclass(frozen=True)
