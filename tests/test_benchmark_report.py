@@ -63,3 +63,22 @@ def test_readme_blocks_are_rewritten_between_markers_only(tmp_path):
     assert text.startswith("intro\n<!-- benchmark:pretrained:start -->\nFrom `openclip-align benchmark --data d`")
     assert "OLD" not in text and text.endswith("<!-- benchmark:pretrained:end -->\noutro\n")
     assert "12.3 ± 1.0" in text
+
+
+def test_study_grid_block_comes_from_its_results(tmp_path):
+    from openclip_align.benchmark.study import summarise
+
+    cells = [{"loss": "clip", "optimizer": "adamw", "seed": 0, "status": "ok", "image_to_text_R@1": 0.1,
+              "text_to_image_R@1": 0.2, "zeroshot_top1": 0.3, "average": 0.2, "centroid_gap": 0.5},
+             {"loss": "clip", "optimizer": "sgd", "seed": 0, "status": "diverged"}]
+    study = {"created": "2026-11-24 13:00:00", "command": "openclip-align study", "seconds": 600.0, "cells": cells,
+             "table": summarise(cells), "plan": {"regime": "pretrained", "model": "M", "extra": ["--lock-image"],
+                                                 "budget": {"epochs": 2, "batch_size": 64}, "seeds": [0]}}
+    readme, bench, grid = tmp_path / "README.md", tmp_path / "results.json", tmp_path / "study.json"
+    readme.write_text("<!-- study:start -->\nold\n<!-- study:end -->\n")
+    bench.write_text(json.dumps(results(scratch=track(0.4, 0.05))))
+    grid.write_text(json.dumps(study))
+    assert update_readme(readme, bench, grid) == ["study"]
+    text = readme.read_text()
+    assert "| clip | adamw | 10.0 | 20.0 | 30.0 | 20.0 | 0.500 |" in text
+    assert "| clip | sgd | diverged |" in text and "pretrained regime: M --lock-image" in text

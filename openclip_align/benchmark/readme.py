@@ -1,9 +1,10 @@
 """README's benchmark tables, regenerated from a run's results.json (never edited by hand).
 
-The README keeps one block per track between ``<!-- benchmark:TRACK:start -->`` and
-``<!-- benchmark:TRACK:end -->``; everything outside the markers is left as it is.
+The README keeps one block per benchmark track between ``<!-- benchmark:TRACK:start -->`` and
+``<!-- benchmark:TRACK:end -->``, and the study's grid between ``<!-- study:start -->`` and
+``<!-- study:end -->``; everything outside the markers is left as it is.
 
-    python -m openclip_align.benchmark.readme README.md benchmark/results.json
+    python -m openclip_align.benchmark.readme README.md benchmark/results.json [study/results.json]
 """
 from __future__ import annotations
 
@@ -20,20 +21,35 @@ def block(results: dict, track: str) -> str:
     return "\n".join([where, "", *track_tables(results["tracks"][track])])
 
 
-def update_readme(readme: Path, results_json: Path) -> list:
-    """Rewrite every track block the README has markers for; returns the tracks rewritten."""
+def study_block(results: dict) -> str:
+    from .study import table_lines, title
+
+    return "\n".join([f"From `{results['command']}`, {results['created']} ({title(results)}; "
+                      f"{results['seconds'] / 60:.0f} min on 2 CPU cores).", "", *table_lines(results)])
+
+
+def _replace(text: str, marker: str, content: str) -> tuple:
+    pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(\n<!-- {marker}:end -->)", re.S)
+    if not pattern.search(text):
+        return text, False
+    return pattern.sub(lambda m: m.group(1) + content + m.group(2), text), True
+
+
+def update_readme(readme: Path, results_json: Path, study_json: Path = None) -> list:
+    """Rewrite every block the README has markers for; returns the blocks rewritten."""
     results = json.loads(Path(results_json).read_text())
     text = Path(readme).read_text()
     done = []
     for track in results["tracks"]:
-        pattern = re.compile(rf"(<!-- benchmark:{track}:start -->\n).*?(\n<!-- benchmark:{track}:end -->)", re.S)
-        if pattern.search(text):
-            text = pattern.sub(lambda m: m.group(1) + block(results, track) + m.group(2), text)
-            done.append(track)
+        text, found = _replace(text, f"benchmark:{track}", block(results, track))
+        done += [track] if found else []
+    if study_json is not None:
+        text, found = _replace(text, "study", study_block(json.loads(Path(study_json).read_text())))
+        done += ["study"] if found else []
     Path(readme).write_text(text)
     return done
 
 
 if __name__ == "__main__":
-    rewritten = update_readme(Path(sys.argv[1]), Path(sys.argv[2]))
+    rewritten = update_readme(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)
     print(f"{sys.argv[1]}: rewrote {', '.join(rewritten) or 'nothing (no markers)'}")

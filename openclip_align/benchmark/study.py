@@ -105,15 +105,16 @@ def summarise(cells: List[dict]) -> Dict[str, Dict[str, dict]]:
     return out
 
 
-def markdown(results: dict) -> str:
+def title(results: dict) -> str:
     plan = results["plan"]
-    lines = [f"# Loss x optimizer study ({plan.get('regime', 'scratch')} regime: {plan['model']}"
-             f"{' ' + ' '.join(plan['extra']) if plan.get('extra') else ''}, {plan['budget']['epochs']} epochs, "
-             f"batch {plan['budget']['batch_size']}, seeds {plan['seeds']})", "",
-             f"Command: `{results['command']}`  ", f"Learning rates: {plan['lr']}; "
-             "R@1 on the held-out pairs, zero-shot top-1 averaged over the zero-shot sets, in %; "
-             "average = mean of the three (the study's summary number).", "",
-             "| loss | optimizer | I→T R@1 | T→I R@1 | zero-shot top-1 | average | centroid gap |",
+    return (f"{plan.get('regime', 'scratch')} regime: {plan['model']}"
+            f"{' ' + ' '.join(plan['extra']) if plan.get('extra') else ''}, {plan['budget']['epochs']} epochs, "
+            f"batch {plan['budget']['batch_size']}, seeds {plan['seeds']}")
+
+
+def table_lines(results: dict) -> List[str]:
+    """The grid as a markdown table (also what README shows)."""
+    lines = ["| loss | optimizer | I→T R@1 | T→I R@1 | zero-shot top-1 | average | centroid gap |",
              "|---|---|---|---|---|---|---|"]
     for loss, by_opt in results["table"].items():
         for opt, entry in by_opt.items():
@@ -124,6 +125,15 @@ def markdown(results: dict) -> str:
             if entry["finished"] < entry["runs"]:
                 cells[-1] += f" ({entry['runs'] - entry['finished']} of {entry['runs']} seeds diverged)"
             lines.append(f"| {loss} | {opt} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    plan = results["plan"]
+    lines = [f"# Loss x optimizer study ({title(results)})", "",
+             f"Command: `{results['command']}`  ", f"Learning rates: {plan['lr']}; "
+             "R@1 on the held-out pairs, zero-shot top-1 averaged over the zero-shot sets, in %; "
+             "average = mean of the three (the study's summary number).", "", *table_lines(results)]
     failed = [c for c in results["cells"] if c["status"] == "failed"]
     if failed:
         lines += ["", "Failed runs (not divergence):"] + [
