@@ -223,3 +223,158 @@ def test_rebuild_is_byte_identical(corpus, tmp_path):
     for csv in out.rglob("*.csv"):           # csv files differ only in the absolute image paths
         rel = csv.relative_to(out)
         assert (tmp_path / rel).read_text().replace(str(tmp_path), "DIR") == csv.read_text().replace(str(out), "DIR")
+
+
+# --- the in-domain zero-shot set: CLDR emoji group of the held-out emoji -----------------------
+EMOJI_GROUPS = ["smileys and emotion", "people and body", "animals and nature", "food and drink",
+                "travel and places", "activities", "objects", "symbols", "flags"]
+EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
+
+
+def test_emoji_group_of_known_emoji():
+    from openclip_align.data.sources import emoji_group as eg
+
+    expected = {"\U0001F600": "Smileys & Emotion",                  # grinning face
+                "\U0001F1EF\U0001F1F5": "Flags",                    # flag: Japan
+                "\U0001F34E": "Food & Drink",                       # red apple
+                "\u2764\ufe0f": "Smileys & Emotion",                # red heart, with its variation selector ...
+                "\u2764": "Smileys & Emotion",                      # ... and without
+                "\U0001F415": "Animals & Nature",                   # dog
+                "\u26BD": "Activities",                             # soccer ball
+                "\U0001F469\u200D\U0001F4BB": "People & Body",      # woman technologist
+                "\U0001F3F4\U000E0067\U000E0062\U000E0073\U000E0063\U000E0074\U000E007F": "Flags"}   # Scotland
+    for s, group in expected.items():
+        assert eg.group_of(s) == (group, "exact"), s
+    # Emoji 15.1 sequences (drawn by the font, newer than Debian's emoji-test 15.0): the group of their base
+    assert eg.group_of("\U0001F426\u200D\U0001F525") == ("Animals & Nature", "zwj-prefix")      # phoenix
+    assert eg.group_of("\U0001F34B\u200D\U0001F7E9") == ("Food & Drink", "zwj-prefix")          # lime
+    assert eg.group_of("\U0001F642\u200D\u2194\ufe0f") == ("Smileys & Emotion", "zwj-prefix")   # head shaking
+    assert eg.group_of("\U0001F3FB") == eg.group_of("\U0001F9B0") == ("Component", "exact")   # skin tone, red hair
+    assert eg.group_of("A") == (None, "none")
+    rows, how = eg.label_rows([("a.png", "\U0001F600"), ("b.png", "\U0001F44D\U0001F3FD"), ("c.png", "\U0001F9B0"),
+                               ("d.png", "\U0001F1EF\U0001F1F5"), ("e.png", "A")])
+    assert rows == [("a.png", 0), ("d.png", 8)]            # skin-tone variants, components, unknowns left out
+    assert how == {"exact": 2, "zwj_prefix": 0, "skin_tone_variants": 1, "without_group": 1, "component": 1}
+    assert eg.CLASSNAMES == EMOJI_GROUPS
+
+
+def test_parse_emoji_test_text():
+    from openclip_align.data.sources import emoji_group as eg
+
+    text = ("# Version: 99.0\n\n# group: Component\n# subgroup: skin-tone\n"
+            "1F3FB ; component # x E1.0 light skin tone\n\n# group: Symbols\n# subgroup: heart\n"
+            "2764 FE0F ; fully-qualified # x E0.6 red heart\n2764 ; unqualified # x E0.6 red heart\n#EOF\n")
+    groups, subgroups, version = eg.parse_emoji_test(text)
+    assert groups == {"1F3FB": "Component", "2764": "Symbols"} and subgroups["2764"] == "heart" and version == "99.0"
+    with pytest.raises(ValueError, match="Emoticons"):
+        eg.parse_emoji_test("# group: Emoticons\n1F600 ; fully-qualified # x grinning face\n")
+
+
+def _normalised(name):
+    return " ".join(re.sub(r"[:,]", " ", name.lower()).split())
+
+
+def _groups_by_name():
+    """CLDR name -> group, read from the comments of emoji-test.txt (not from the builder's code point table)."""
+    out, group = {}, None
+    for line in EMOJI_TEST.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# group:"):
+            group = line.split(":", 1)[1].strip().lower().replace(" & ", " and ")
+        elif "; fully-qualified" in line:
+            name = re.match(r".*# \S+ E\d+\.\d+ (.*)$", line).group(1)
+            out[_normalised(name)] = group
+    return out
+
+
+def test_emoji_group_zero_shot_set(corpus):
+    out, manifest = corpus
+    spec = json.loads((out / "zeroshot" / "emoji_group.json").read_text())
+    assert set(spec) == {"classnames", "templates"} and spec["classnames"] == EMOJI_GROUPS
+    assert len(spec["templates"]) >= 3 and all("{}" in t for t in spec["templates"])
+    df = _csv(out / "zeroshot" / "emoji_group.csv")
+    assert list(df.columns) == ["filepath", "label"] and df["label"].dtype.kind == "i"
+    counts = np.bincount(df["label"], minlength=len(EMOJI_GROUPS))
+    assert len(counts) == len(EMOJI_GROUPS) and counts.min() > 0      # labels index classnames; every group present
+    assert counts.max() < 0.3 * len(df)                                 # no group swamps the set
+
+    # only held-out emoji, never a training image; every held-out emoji but the skin-tone variants
+    held, train = _csv(out / "heldout.csv"), _csv(out / "train.csv")
+    assert not set(df["filepath"]) & set(train["filepath"])
+    wanted = held[(held["source"] == "emoji") & ~held["title"].str.contains("skin tone")]
+    assert df["filepath"].tolist() == wanted["filepath"].tolist()    # held-out order, one row per image
+    assert len(df) > 200
+
+    # labels agree with the groups emoji-test.txt gives the emoji's names
+    label_of = dict(zip(df["filepath"], df["label"]))
+    by_name = _groups_by_name()
+    matched = [(t, by_name[_normalised(t)], EMOJI_GROUPS[label_of[p]])
+               for p, t in zip(wanted["filepath"], wanted["title"]) if _normalised(t) in by_name]
+    assert len(matched) >= 0.9 * len(df)
+    assert [m for m in matched if m[1] != m[2]] == []
+    titles = dict(zip(wanted["title"], (EMOJI_GROUPS[label_of[p]] for p in wanted["filepath"])))
+    known = {"face with tears of joy": "smileys and emotion", "wolf": "animals and nature", "banana": "food and drink",
+             "flag Togo": "flags", "racing car": "travel and places", "tennis": "activities", "wrench": "objects",
+             "Virgo": "symbols", "baby": "people and body", "head shaking horizontally": "smileys and emotion"}
+    hits = {t: titles[t] for t in known if t in titles}
+    assert len(hits) >= 5 and hits == {t: known[t] for t in hits}
+
+    z = manifest["zeroshot"]["emoji_group"]
+    assert manifest["counts"]["zeroshot"]["emoji_group"] == z["n"] == len(df) and z["per_class"] == counts.tolist()
+    info = manifest["sources"]["emoji_group"]
+    assert info["role"] == "zeroshot" and info["packages"]["unicode-data"]["registry"] == "debian"
+    assert info["counts"]["heldout_emoji_skin_tone_variants"] == (held["title"].str.contains("skin tone")
+                                                                   & (held["source"] == "emoji")).sum() > 0
+
+
+def test_emoji_group_requirement_listed():
+    from openclip_align.data.build import SIZES, requirements_for
+
+    for size in ("small", "full"):
+        apt = [r.name for r in requirements_for(SIZES[size], None) if r.kind == "apt"]
+        assert "unicode-data" in apt
+
+
+def _without_emoji_group(manifest):
+    m = json.loads(json.dumps(manifest))
+    for part in (m["zeroshot"], m["counts"]["zeroshot"], m["sources"], m["packages"]):
+        part.pop("emoji_group", None)
+    m["packages"].pop("unicode-data")
+    return m
+
+
+def test_add_emoji_group_to_an_older_corpus(corpus, tmp_path, monkeypatch):
+    """An existing corpus gets the same files and manifest entries as a fresh build, without a rebuild."""
+    import dataclasses
+
+    from openclip_align.data import build
+    from openclip_align.data.packages import MissingPackageError
+
+    out, manifest = corpus
+    (tmp_path / "heldout.csv").write_text((out / "heldout.csv").read_text())    # rows point at out's images
+    (tmp_path / "manifest.json").write_text(json.dumps(_without_emoji_group(manifest)))
+    updated = build.add_emoji_group(tmp_path, install=False)
+    assert updated == json.loads((tmp_path / "manifest.json").read_text())
+    assert updated == manifest
+    for name in ("emoji_group.csv", "emoji_group.json"):
+        assert (tmp_path / "zeroshot" / name).read_bytes() == (out / "zeroshot" / name).read_bytes()
+
+    missing = dataclasses.replace(build.emoji_group_source.REQUIREMENTS[0], provides=str(tmp_path / "no-such-file"))
+    monkeypatch.setattr(build.emoji_group_source, "REQUIREMENTS", (missing,))
+    with pytest.raises(MissingPackageError, match="apt-get install -y --no-install-recommends unicode-data"):
+        build.add_emoji_group(tmp_path, install=False)
+    assert (tmp_path / "manifest.json").exists()             # nothing touched when a package is missing
+
+
+def test_benchmark_evaluates_the_emoji_group_set(corpus, tmp_path):
+    import open_clip
+    import torch
+
+    from openclip_align.benchmark.evaluate import evaluate_model
+
+    out, _ = corpus
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save({"state_dict": open_clip.create_model("DualCLIP-Tiny").state_dict()}, checkpoint)
+    metrics = evaluate_model("DualCLIP-Tiny", checkpoint, out)
+    for name in ("fashion_mnist", "digits", "emoji_group"):
+        assert 0.0 <= metrics[f"zeroshot_{name}_top1"] <= 1.0

@@ -2,6 +2,7 @@
 
     openclip-align data build --out data/default [--size small|full]
     openclip-align data requirements [--size full] [--kind apt|pip]
+    openclip-align data add-emoji-group --data DIR     (the emoji-group zero-shot set for an older corpus)
 """
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ def register(subparsers) -> None:
     reqs.add_argument("--kind", choices=("apt", "pip"), default=None, help="only this registry's names")
     reqs.set_defaults(func=_requirements)
 
+    group = sub.add_parser("add-emoji-group",
+                           help="write zeroshot/emoji_group.* into a corpus built without it (no rebuild)")
+    group.add_argument("--data", required=True, help="a finished corpus directory (with manifest.json)")
+    group.add_argument("--no-install", action="store_true",
+                       help="never run apt-get/pip; fail with the commands to run instead")
+    group.set_defaults(func=_add_emoji_group)
+
 
 def _build(args) -> int:
     from ..data.build import build_corpus
@@ -50,6 +58,20 @@ def _build(args) -> int:
     counts = manifest["counts"]
     print(f"{args.out}: {counts['train']} train / {counts['heldout']} held-out / {counts['crossstyle']} cross-style "
           f"pairs; zero-shot {', '.join(f'{k} {v}' for k, v in counts['zeroshot'].items())}")
+    return 0
+
+
+def _add_emoji_group(args) -> int:
+    from ..data.build import add_emoji_group
+    from ..data.packages import MissingPackageError
+
+    try:
+        manifest = add_emoji_group(args.data, install=False if args.no_install else None)
+    except (MissingPackageError, FileNotFoundError, ValueError) as err:
+        print(f"openclip-align data add-emoji-group: {err}", file=sys.stderr)
+        return 2
+    z = manifest["zeroshot"]["emoji_group"]
+    print(f"{args.data}: zero-shot emoji_group {z['n']} held-out emoji in {z['classes']} groups {z['per_class']}")
     return 0
 
 

@@ -12,6 +12,7 @@ tests and the benchmark call it). The output is plain OpenCLIP input, readable b
     OUT/heldout.csv (+ heldout/ shards, heldout.emb.*)    pairs of held-out bases
     OUT/crossstyle.csv (+ .emb.*)      OpenMoji drawings of the held-out emoji (full only)
     OUT/zeroshot/<name>.csv / .json    filepath<TAB>label; {"classnames": [...], "templates": [...]}
+                                       (emoji_group: the held-out emoji images labelled by CLDR group)
     OUT/images/...                     the PNG files the csv files point at
 
 Determinism: items are listed in sorted order, drawn in parallel but collected in order, split by
@@ -36,6 +37,7 @@ from . import shards as sh
 from .packages import Requirement, ensure
 from .sources import Item, render_item, source_module
 from .sources import digits as digits_source
+from .sources import emoji_group as emoji_group_source
 from .sources import fashion_mnist as fashion_source
 
 FORMAT_VERSION = 1
@@ -68,6 +70,8 @@ ENCODER_PACKAGES = {
 # benchmark corpus; MiniLM (5x smaller, several times faster) for the small corpus the tests build.
 DEFAULT_ENCODERS = {"small": "all-MiniLM-L6-v2", "full": "all-mpnet-base-v2"}
 ZEROSHOT = {"fashion_mnist": fashion_source, "digits": digits_source}
+# zero-shot sets made of held-out pictures rather than drawn from a package of their own
+HELDOUT_ZEROSHOT = {"emoji_group": emoji_group_source}
 
 
 @dataclass
@@ -301,6 +305,10 @@ def _shard_samples(records: Sequence[Record], emb: Optional[np.ndarray]):
         yield f"{rec.index:09d}", members
 
 
+def _image_rel(split: str, index: int) -> str:
+    return f"images/{split}/{index:09d}.png"
+
+
 def write_split(writer: Writer, name: str, records: Sequence[Record], emb: Optional[np.ndarray], encoder: Optional[str],
                 shard_size: Optional[int], progress: bool) -> dict:
     """images/<name>/*.png, <name>.csv, <name>.emb.npy/.json and (if shard_size) <name>/ shards."""
@@ -310,7 +318,7 @@ def write_split(writer: Writer, name: str, records: Sequence[Record], emb: Optio
 
     rows = []
     for rec in tqdm(records, desc=f"write {name} images", unit="img", disable=not progress, leave=False):
-        path = writer.image(f"images/{name}/{rec.index:09d}.png", rec.png)
+        path = writer.image(_image_rel(name, rec.index), rec.png)
         rows.append((str(path.resolve()), rec.item.caption, rec.index, rec.item.source))
     files = {"csv": f"{name}.csv", "images": f"images/{name}"}
     if emb is not None:
@@ -346,6 +354,21 @@ def write_zeroshot(writer: Writer, name: str, module, per_class: int, size: int)
             "classes": len(module.CLASSNAMES), "per_class": [int(c) for c in counts], "licence": module.LICENCE}
 
 
+def write_emoji_group(writer: Writer, pairs: Sequence[Tuple[str, str]]) -> dict:
+    """zeroshot/emoji_group.csv + .json from (held-out image path, emoji string) pairs in held-out order.
+
+    The rows point at the held-out images themselves (no copies); labels index ``CLASSNAMES``."""
+    module = emoji_group_source
+    rows, how = module.label_rows(pairs)
+    writer.file("zeroshot/emoji_group.json", sh.json_bytes({"classnames": list(module.CLASSNAMES),
+                                                             "templates": list(module.TEMPLATES)}))
+    writer.file("zeroshot/emoji_group.csv", sh.tsv_text(ZEROSHOT_HEADER, rows).encode("utf-8"))
+    counts = np.bincount(np.asarray([label for _, label in rows], dtype=np.int64), minlength=len(module.CLASSNAMES))
+    return {"csv": "zeroshot/emoji_group.csv", "json": "zeroshot/emoji_group.json", "n": len(rows),
+            "classes": len(module.CLASSNAMES), "per_class": [int(c) for c in counts], "licence": module.LICENCE,
+            "images": "heldout", "labelled": how}
+
+
 # --- the build ------------------------------------------------------------------------------
 def requirements_for(config: dict, encoder: Optional[str]) -> List[Requirement]:
     from .semantic import canonical_name
@@ -357,6 +380,8 @@ def requirements_for(config: dict, encoder: Optional[str]) -> List[Requirement]:
         reqs.extend(source_module("openmoji").REQUIREMENTS)
     for module in ZEROSHOT.values():
         reqs.extend(module.REQUIREMENTS)
+    if "emoji" in config["sources"]:
+        reqs.extend(emoji_group_source.REQUIREMENTS)
     if encoder:
         reqs.extend(ENCODER_PACKAGES.get(canonical_name(encoder), ()))
     return list(dict.fromkeys(reqs))
@@ -500,6 +525,10 @@ def build_corpus(out, size: str = "small", encoder: Optional[str] = "auto", prog
         files["crossstyle"] = write_split(writer, "crossstyle", cross, _stack(table, cross), encoder, None, progress)
     zeroshot = {name: write_zeroshot(writer, name, module, config["zeroshot_per_class"], isz)
                 for name, module in ZEROSHOT.items()}
+    if "emoji" in config["sources"]:
+        zeroshot["emoji_group"] = write_emoji_group(writer, [
+            (str((out / _image_rel("heldout", r.index)).resolve()), r.item.spec)
+            for r in splits["heldout"] if r.item.source == "emoji"])
 
     for subtree in ("images", "train", "heldout", "crossstyle", "zeroshot"):
         writer.prune(subtree)
@@ -516,6 +545,59 @@ def build_corpus(out, size: str = "small", encoder: Optional[str] = "auto", prog
     return manifest
 
 
+def add_emoji_group(out, install: Optional[bool] = None) -> dict:
+    """Write zeroshot/emoji_group.* into a corpus built before the set existed, without rebuilding it.
+
+    The held-out emoji are read back from heldout.csv (captions are unique among the listed emoji, so
+    each names its emoji string) with the listing options of manifest.json; the files and the manifest
+    entries are the ones a fresh build with the same packages writes. Returns the updated manifest.
+    """
+    import json
+
+    from .sources import emoji as emoji_source
+
+    out = Path(out).absolute()
+    manifest_path = out / "manifest.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{manifest_path} is missing: {out} is not a finished corpus (rebuild it)")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    options = manifest["build_options"]
+    if "emoji" not in options["sources"]:
+        raise ValueError(f"{out} has no emoji pairs to label")
+    versions = ensure(list(emoji_source.REQUIREMENTS) + list(emoji_group_source.REQUIREMENTS), install=install)
+
+    items = emoji_source.list_items({"group_cap": options["group_cap"], "skin_tones": options["skin_tones"],
+                                     "progress": False})
+    spec_of = {it.caption: it.spec for it in items}
+    if len(spec_of) != len(items):
+        raise ValueError("emoji captions are not unique: held-out rows cannot be matched to their emoji")
+    lines = (out / "heldout.csv").read_text(encoding="utf-8").splitlines()
+    header = tuple(lines[0].split("\t"))
+    if header != CSV_HEADER:
+        raise ValueError(f"{out / 'heldout.csv'}: unexpected header {header}")
+    pairs = []
+    for line in lines[1:]:
+        filepath, title, _, source = line.split("\t")
+        if source != "emoji":
+            continue
+        if title not in spec_of:
+            raise ValueError(f"held-out emoji {title!r} is not listed by the installed emoji packages; rebuild the "
+                             "corpus instead")
+        pairs.append((filepath, spec_of[title]))
+
+    manifest_path.unlink()                       # as in a build: no manifest while the corpus is changing
+    writer = Writer(out)
+    z = write_emoji_group(writer, pairs)
+    versions = {**manifest.get("packages", {}), **versions}
+    manifest["zeroshot"]["emoji_group"] = z
+    manifest["counts"]["zeroshot"]["emoji_group"] = z["n"]
+    manifest["sources"]["emoji_group"] = _zeroshot_info("emoji_group", z, versions)
+    manifest["packages"]["unicode-data"] = versions.get("unicode-data")
+    sh.atomic_write_json(manifest_path, manifest)
+    _log(f"emoji_group: {z['n']} held-out emoji labelled in {len(z['per_class'])} groups -> {out / z['csv']}")
+    return manifest
+
+
 def _versions_of_tools() -> Dict[str, Optional[str]]:
     import importlib.metadata as md
 
@@ -526,6 +608,22 @@ def _versions_of_tools() -> Dict[str, Optional[str]]:
         except md.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def _zeroshot_info(name: str, z: dict, versions: dict) -> dict:
+    module = ZEROSHOT.get(name) or HELDOUT_ZEROSHOT[name]
+    info = {
+        "packages": {r.name: {"registry": "debian" if r.kind == "apt" else "pypi", "version": versions.get(r.name),
+                              "licence": r.licence} for r in module.REQUIREMENTS},
+        "licence": module.LICENCE, "role": "zeroshot", "counts": {"images": z["n"]},
+    }
+    if module is emoji_group_source:
+        info["counts"].update({f"heldout_emoji_{k}": v for k, v in z["labelled"].items()})
+        info["emoji_test_version"] = emoji_group_source.table_version()
+        info["rule"] = ("every held-out emoji image except skin-tone variants, labelled with its CLDR group from "
+                        "emoji-test.txt (code points without U+FE0F; an emoji the file lacks takes the group of its "
+                        "longest listed prefix ending before a ZWJ); the Component group is not a class")
+    return info
 
 
 def _manifest(size, config, encoder, dim, stats, splits, cross, files, zeroshot, versions) -> dict:
@@ -547,12 +645,8 @@ def _manifest(size, config, encoder, dim, stats, splits, cross, files, zeroshot,
     if "emoji" in source_info:
         source_info["emoji"]["font_version"] = emoji_source.font_version()
         source_info["emoji"]["max_emoji_version"] = emoji_source.MAX_EMOJI_VERSION
-    for name, module in ZEROSHOT.items():
-        source_info[name] = {
-            "packages": {r.name: {"registry": "debian" if r.kind == "apt" else "pypi", "version": versions.get(r.name),
-                                  "licence": r.licence} for r in module.REQUIREMENTS},
-            "licence": module.LICENCE, "role": "zeroshot", "counts": {"images": zeroshot[name]["n"]},
-        }
+    for name in zeroshot:
+        source_info[name] = _zeroshot_info(name, zeroshot[name], versions)
     bases = {name: len({r.base for r in recs}) for name, recs in splits.items()}
     return {
         "format": "openclip-align-corpus",
