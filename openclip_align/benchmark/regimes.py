@@ -25,9 +25,11 @@ class Regime:
     extra: List[str] = field(default_factory=list)       # trainer flags of every run (e.g. tower locks)
     epochs: int = 2
     lr: Dict[str, float] = field(default_factory=dict)    # per optimizer (study)
+    study_epochs: int = 2                                  # per grid cell (15 cells: the grid's time budget)
 
 
 REGIMES = {
     "scratch": Regime("scratch", "DualCLIP-Tiny", [], 2, {"adamw": 1e-3, "adam": 1e-3, "sgd": 5e-2}),
-    "pretrained": Regime("pretrained", PRETRAINED_MODEL, PRETRAINED_LOCKS, 2, {"adamw": 1e-3, "adam": 1e-3, "sgd": 5e-2}),
+    "pretrained": Regime("pretrained", PRETRAINED_MODEL, PRETRAINED_LOCKS, 2, {"adamw": 1e-3, "adam": 1e-3, "sgd": 5e-2},
+                         study_epochs=1),
 }

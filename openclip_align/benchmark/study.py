@@ -38,7 +38,7 @@ class StudyPlan:
     model: str = REGIMES["pretrained"].model
     seeds: List[int] = field(default_factory=lambda: [0])
     lr: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LR))
-    budget: Budget = field(default_factory=lambda: Budget(epochs=REGIMES["pretrained"].epochs, warmup=20))
+    budget: Budget = field(default_factory=lambda: Budget(epochs=REGIMES["pretrained"].study_epochs, warmup=20))
     extra: List[str] = field(default_factory=lambda: list(REGIMES["pretrained"].extra))   # every trainer run
     regime: str = "pretrained"
 

@@ -35,7 +35,7 @@ def register(subparsers) -> None:
                              "started from pretrained encoders; scratch: DualCLIP-Tiny from random weights "
                              "(default: %(default)s)")
     parser.add_argument("--model", default=None, help="OpenCLIP model name (default: the regime's)")
-    parser.add_argument("--epochs", type=int, default=None, help="default: the regime's (2)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the regime's (pretrained 1, scratch 2)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--lr", type=_lr_pair, nargs="+", default=[], metavar="OPT=LR",
@@ -54,7 +54,7 @@ def run(args) -> int:
 
     regime = REGIMES[args.regime]
     args.model = args.model or regime.model
-    args.epochs = args.epochs or regime.epochs
+    args.epochs = args.epochs or regime.study_epochs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.model not in open_clip.list_models():
         raise SystemExit(f"unknown model {args.model!r}; `python -c \"import open_clip; "

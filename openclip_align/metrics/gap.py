@@ -154,7 +154,7 @@ def rmg(image_features, text_features) -> float:
 def centred_spectrum(features, name: str = "features") -> np.ndarray:
     """Squared singular values (descending) of the mean-centred, L2-normalised rows, exact on all N rows.
 
-    Two streaming passes in float64: the mean, then the d x d scatter sum_i (u_i - mu)(u_i - mu)^T, whose
+    Two streaming passes: the mean, then the d x d scatter sum_i (u_i - mu)(u_i - mu)^T, whose
     eigenvalues are the squared singular values of the centred N x d matrix. O(N d^2) time, O(d^2 + block x d)
     memory, never an N x N matrix.
     """
@@ -165,8 +165,9 @@ def centred_spectrum(features, name: str = "features") -> np.ndarray:
         total += block.sum(axis=0)
     mean = total / u.shape[0]
     scatter = np.zeros((d, d))
+    dtype = _gram_dtype(u.shape[0], d, d)       # float32 products above 2e8 multiply-adds, summed in float64
     for _, block in iter_normalized_blocks(u, name):
-        centred = block - mean
+        centred = (block - mean).astype(dtype, copy=False)
         scatter += centred.T @ centred
     eigenvalues = np.linalg.eigvalsh(scatter)[::-1]
     # Rounding leaves eigenvalues of order eps * largest (even negative ones) where the data has none;
