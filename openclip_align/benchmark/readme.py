@@ -29,10 +29,10 @@ def study_block(results: dict) -> str:
 
 
 def _replace(text: str, marker: str, content: str) -> tuple:
-    pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(\n<!-- {marker}:end -->)", re.S)
+    pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)   # may be empty
     if not pattern.search(text):
         return text, False
-    return pattern.sub(lambda m: m.group(1) + content + m.group(2), text), True
+    return pattern.sub(lambda m: m.group(1) + content + "\n" + m.group(2), text), True
 
 
 def update_readme(readme: Path, results_json: Path, study_json: Path = None) -> list:
