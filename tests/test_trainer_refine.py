@@ -69,8 +69,10 @@ def test_one_refine_epoch_keeps_zero_shot_accuracy(before_after):
     assert after["centroid_gap"] != before["centroid_gap"]          # the epoch did change the model
 
 
-@pytest.mark.xfail(reason="CLIP-Refine widens the gap of scratch-trained Tiny models (0.69 -> 0.71 here); "
-                          "the published shrinkage is for OpenAI CLIP. See docs/notes.md", strict=False)
+@pytest.mark.xfail(reason="CLIP-Refine widens the gap of scratch-trained Tiny models (0.69 -> 0.71 here), and with "
+                          "the authors' recipe leaves the pretrained-tower CLIP's gap unchanged (0.158 -> 0.160, "
+                          "make benchmark); the published shrinkage is for OpenAI CLIP. See docs/notes.md",
+                   strict=False)
 def test_one_refine_epoch_shrinks_the_centroid_gap(before_after):
     before, after = before_after
     assert after["centroid_gap"] < before["centroid_gap"]
