@@ -432,10 +432,11 @@ class RawFeatureTally:
         sums, self.sums = self.sums, {}
         if set(sums) != {"image", "text"} or any(sums[m][0] != n_pairs for m in sums):
             return {}
+        from openclip_align.metrics.gap import norm_stats_from_sums
+
         (n, norm_x, sum_x), (_, norm_y, sum_y) = sums["image"], sums["text"]
-        delta = (sum_x.double() - sum_y.double()) / n
-        return {"mean_norm_image": float(norm_x) / n, "mean_norm_text": float(norm_y) / n,
-                "centroid_gap_sq_per_dim_raw": float(delta @ delta) / delta.numel()}
+        return norm_stats_from_sums(n, float(norm_x), float(norm_y), sum_x.double().cpu().numpy(),
+                                    sum_y.double().cpu().numpy())
 
 
 def _tallying_eval_forward(model: nn.Module, upstream_forward, tally: RawFeatureTally):

@@ -219,9 +219,14 @@ def feature_norm_stats(image_features, text_features) -> dict:
                 raise ValueError(f"{'image' if key == 'x' else 'text'}_features contains NaN or inf")
             sums[key] += block.sum(axis=0)
             norms[key] += float(np.linalg.norm(block, axis=1).sum())
-    delta = (sums["x"] - sums["y"]) / n
-    return {"mean_norm_image": norms["x"] / n, "mean_norm_text": norms["y"] / n,
-            "centroid_gap_sq_per_dim_raw": float(delta @ delta) / d}
+    return norm_stats_from_sums(n, norms["x"], norms["y"], sums["x"], sums["y"])
+
+
+def norm_stats_from_sums(n: int, norm_sum_x: float, norm_sum_y: float, sum_x: np.ndarray, sum_y: np.ndarray) -> dict:
+    """:func:`feature_norm_stats` from running sums (row count, sums of raw norms, sums of raw rows)."""
+    delta = (np.asarray(sum_x, dtype=np.float64) - np.asarray(sum_y, dtype=np.float64)) / n
+    return {"mean_norm_image": float(norm_sum_x) / n, "mean_norm_text": float(norm_sum_y) / n,
+            "centroid_gap_sq_per_dim_raw": float(delta @ delta) / delta.size}
 
 
 # --- subsampled O(N^2) terms ---------------------------------------------------------------------
