@@ -8,10 +8,14 @@ from pathlib import Path
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "benchmark", help="train plugin models and upstream CLIP with one budget on the embedded default; "
-                          "write results.json, results.md and figures")
+                          "write results.json, results.md and figures",
+        description="The main job: upstream OpenCLIP (--loss clip) and the plugin's models and losses trained "
+                    "with one budget by `python -m open_clip_train.main` on the embedded default corpus, "
+                    "evaluated on its held-out pairs and zero-shot sets (mean and std over seeds).")
     parser.add_argument("--data", type=Path, default=Path("data/default"),
                         help="embedded default corpus (built with `openclip-align data build` if missing)")
-    parser.add_argument("--out", type=Path, default=Path("benchmark"))
+    parser.add_argument("--out", type=Path, default=Path("benchmark"),
+                        help="folder for results.json, results.md, figures and each run's logs (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="1 epoch per run (about 5 minutes on 2 CPU cores)")
     parser.add_argument("--gpu", action="store_true", help="ViT-B-16 configs, batch 256, bf16 autocast on CUDA")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds (default 0 1 2)")

@@ -31,7 +31,7 @@ def register(subparsers) -> None:
                    help="image-caption pairs: OpenCLIP CSV, or webdataset shards 'dir/train-{000000..000003}.tar'")
     p.add_argument("--csv-img-key", default="filepath", help="CSV column of image paths")
     p.add_argument("--csv-caption-key", default="title", help="CSV column of captions")
-    p.add_argument("--csv-separator", default="\t", help="CSV separator ('\\t' accepted)")
+    p.add_argument("--csv-separator", default="\t", help="CSV separator; a tab unless given ('\\t' accepted) (default: %(default)r)")
     p.add_argument("--classes", default=None, help="classification CSV (image column and integer --csv-label-key)")
     p.add_argument("--classnames", default=None,
                    help='class-set JSON {"classnames": [...], "templates": ["a photo of a {}.", ...]}')

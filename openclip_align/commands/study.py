@@ -23,10 +23,14 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "study", help="train a grid of --loss x --opt with the upstream trainer on one dataset; write one table "
-                      "(R@1 both ways, zero-shot top-1, their average, centroid gap) and a heat map")
+                      "(R@1 both ways, zero-shot top-1, their average, centroid gap) and a heat map",
+        description="The course study's grid: every --losses x --optimizers cell trained by "
+                    "`python -m open_clip_train.main` on one corpus, evaluated on its held-out pairs and "
+                    "zero-shot sets; writes results.json, results.md and study.png into --out.")
     parser.add_argument("--data", type=Path, default=Path("data/default"),
                         help="a corpus laid out like the embedded default (train.csv, heldout.csv, zeroshot/)")
-    parser.add_argument("--out", type=Path, default=Path("study"))
+    parser.add_argument("--out", type=Path, default=Path("study"),
+                        help="folder for results.json, results.md, study.png and each cell's run (default: %(default)s)")
     parser.add_argument("--losses", nargs="+", default=list(STUDY_LOSSES), choices=loss_names(), metavar="LOSS")
     parser.add_argument("--optimizers", nargs="+", default=list(STUDY_OPTIMIZERS), choices=sorted(DEFAULT_LR),
                         metavar="OPT", help="any of %(choices)s")
