@@ -8,7 +8,7 @@ import openclip_align.losses as losses
 from openclip_align.losses import get_loss_spec, loss_names
 
 SIX = ("imsep", "refine", "sogclr", "cyclip", "vicreg", "onlineclr")
-# flag -> reference default (REFERENCE.md sections 1, 2 and 4)
+# flag -> the authors' default (docs/methods.md: AlignCLIP, CLIP-Refine, course-study losses)
 DEFAULTS = {
     "imsep": {"imsep_weight": 0.25, "imsep_text": True},   # the authors' released script
     "refine": {"hycd_alpha": 0.5, "rafa_weight": 1.0, "rafa_scale": 1.0},

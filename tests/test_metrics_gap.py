@@ -1,4 +1,4 @@
-"""Modality-gap metrics against hand-computed / brute-force expectations (REFERENCE.md section 3)."""
+"""Modality-gap metrics against hand-computed / brute-force expectations (docs/methods.md, modality-gap metrics)."""
 import math
 import tracemalloc
 

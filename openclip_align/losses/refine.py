@@ -15,9 +15,9 @@ image / caption features, F, G the frozen teacher's (the model before refinement
             (s = --rafa-scale)
     loss  = HyCD + w * RaFA                                               (w = --rafa-weight)
 
-With a = 1, HyCD is the symmetric InfoNCE loss on unscaled logits. REFERENCE.md writes the loss as
-KL(P || Q); we report the soft-target cross-entropy, which differs by the target's entropy H(P), a constant
-for the student: gradients are identical, and the value matches what issue 6 asks for (with a = 0 and
+With a = 1, HyCD is the symmetric InfoNCE loss on unscaled logits. The paper writes the loss as
+KL(P || Q) (docs/methods.md); we report the soft-target cross-entropy, which differs by the target's entropy H(P), a constant
+for the student: gradients are identical, and the value is easy to check by hand (with a = 0 and
 student == teacher the value is the teacher distribution's entropy, the KL part being zero).
 
 Across ranks: student and teacher features are gathered in rank order (teacher without gradient).
