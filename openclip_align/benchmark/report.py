@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from openclip_align.atomic_files import atomic_write_text
 
 # metrics where smaller is better; every other quality metric is better when larger
 LOWER_IS_BETTER = {"centroid_gap", "centroid_gap_sq_per_dim", "rmg", "uniformity_joint", "separability",
@@ -76,13 +76,9 @@ def regressions(current: dict, previous: Optional[dict]) -> List[str]:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Never leave a half-written results.json (the previous one is the regression baseline)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results.", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Never leave a half-written results.json (the previous one is the regression baseline); the file gets
+    the umask's permissions like every other output."""
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def _cell(stat: dict, scale: float = 1.0, digits: int = 3) -> str:

@@ -5,9 +5,8 @@ Two promises the rest of the data code relies on:
 * Rebuilding gives byte-identical files: tar members get fixed metadata (mtime, owner, mode) and a
   fixed order, JSON is written with sorted keys, PNGs are encoded with fixed settings and no
   metadata chunks.
-* An interrupted build never leaves a file that looks complete: everything is written under a
-  temporary name in the destination directory, flushed and fsync'ed, then ``os.replace``'d onto the
-  final name (an atomic rename on POSIX), and the directory entry is fsync'ed.
+* An interrupted build never leaves a file that looks complete: everything is written through
+  :mod:`openclip_align.atomic_files` (temporary sibling, fsync, rename, directory fsync).
 """
 from __future__ import annotations
 
@@ -21,72 +20,17 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
+from openclip_align.atomic_files import (TMP_MARK, atomic_open, atomic_write_bytes,  # noqa: F401
+                                         atomic_write_text, temp_name)
+
 PathLike = Union[str, os.PathLike]
 
-TMP_MARK = ".tmp-"            # temporary files are named "<final name>.tmp-<pid>"; never end in .tar
 TAR_MTIME = 946684800         # 2000-01-01: a fixed, non-zero mtime (some tools warn about 0)
 SHARD_PATTERN = "{prefix}-{shard:06d}.tar"
 SIZES_FILE = "sizes.json"
 
 
-# --- atomic files ---------------------------------------------------------------------------
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:          # not supported (e.g. some network file systems): the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def temp_name(final: PathLike) -> Path:
-    final = Path(final)
-    return final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}")
-
-
-@contextlib.contextmanager
-def atomic_open(final: PathLike, mode: str = "wb", fsync: bool = True, **kwargs) -> Iterator[io.IOBase]:
-    """Open a temporary sibling of ``final`` for writing; on success fsync and rename it onto ``final``.
-
-    On any exception (including KeyboardInterrupt) the temporary file is removed and ``final`` is
-    left untouched: a reader never sees a half-written file under the final name. ``fsync=False``
-    keeps the atomic rename but skips the flush to disk (for thousands of small image files whose
-    completeness is vouched for by the csv/manifest written, and fsync'ed, after them).
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(final)
-    f = open(tmp, mode, **kwargs)
-    try:
-        yield f
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, final)
-        if fsync:
-            _fsync_dir(final.parent)
-    except BaseException:
-        f.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(final: PathLike, data: bytes, fsync: bool = True) -> Path:
-    with atomic_open(final, "wb", fsync=fsync) as f:
-        f.write(data)
-    return Path(final)
-
-
-def atomic_write_text(final: PathLike, text: str) -> Path:
-    return atomic_write_bytes(final, text.encode("utf-8"))
-
-
+# --- atomic files: the shared helper (names re-exported for the data code) --------------------
 def json_bytes(obj) -> bytes:
     """Canonical JSON (sorted keys, UTF-8, trailing newline) so equal content means equal bytes."""
     return (json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
