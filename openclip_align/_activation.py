@@ -24,9 +24,11 @@ _PATCHERS: Dict[str, List[str]] = {
         "openclip_align.integration.factory_patch:patch_open_clip",
         "openclip_align.integration.trainer_patch:patch_open_clip_trainer_api",
     ],
-    "open_clip_train.params": ["openclip_align.integration.trainer_patch:patch_params"],
+    "open_clip_train.params": ["openclip_align.integration.trainer_patch:patch_params",
+                               "openclip_align.integration.checkpoints:patch_torch_save"],
     "open_clip_train.data": ["openclip_align.integration.trainer_patch:patch_data"],
     "open_clip_train.train": ["openclip_align.integration.trainer_patch:patch_train"],
+    "open_clip_train.distributed": ["openclip_align.integration.ddp_cpu:patch_distributed"],
 }
 
 _lock = threading.RLock()

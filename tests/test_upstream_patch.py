@@ -40,3 +40,42 @@ def test_patched_open_clip_offers_the_registries(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "['clip', 'demo'] built" in out.stdout
+
+
+DDP_PATCH = PATCH.parent / "open_clip-ddp-cpu.patch"
+
+
+def test_ddp_cpu_patch_applies_alone_and_after_the_registry_patch(tmp_path):
+    alone = _upstream_tree(tmp_path / "alone")
+    check = subprocess.run(["git", "apply", "--check", "-v", str(DDP_PATCH)], cwd=alone, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    both = _upstream_tree(tmp_path / "both")
+    subprocess.run(["git", "apply", str(PATCH)], cwd=both, check=True)
+    check = subprocess.run(["git", "apply", "--check", "-v", str(DDP_PATCH)], cwd=both, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_ddp_cpu_patch_lets_plain_open_clip_wrap_a_cpu_model(tmp_path):
+    """The patched main's DDP call, run by itself without the plugin: a CPU module in a 1-rank gloo group."""
+    tree = _upstream_tree(tmp_path)
+    subprocess.run(["git", "apply", str(DDP_PATCH)], cwd=tree, check=True)
+    main = (tree / "src" / "open_clip_train" / "main.py").read_text()
+    start = main.index("        ddp_args = {")
+    end = main.index("\n", main.index("model = torch.nn.parallel.DistributedDataParallel(model"))
+    block = "\n".join(line[8:] for line in main[start:end].splitlines())     # the patched lines, dedented
+    code = (
+        "import os, socket, torch, torch.distributed as dist\n"
+        "from types import SimpleNamespace\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
+        "dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1)\n"
+        "args = SimpleNamespace(ddp_static_graph=False)\n"
+        "device = torch.device('cpu')\n"
+        "model = torch.nn.Linear(3, 2)\n"
+        + block + "\n"
+        "model(torch.ones(4, 3)).sum().backward()\n"
+        "print(type(model).__name__, model.device_ids)\n"
+    )
+    env = dict(os.environ, OPENCLIP_ALIGN_DISABLE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "DistributedDataParallel None" in out.stdout

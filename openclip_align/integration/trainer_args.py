@@ -44,6 +44,9 @@ def build_plugin_parser() -> argparse.ArgumentParser:
                        help="log modality-gap metrics next to retrieval metrics during evaluation")
     group.add_argument("--gap-max-pairs", type=int, default=5000,
                        help="subsample size for the O(N^2) modality-gap metrics")
+    group.add_argument("--log-root", default=None, metavar="DIR",
+                       help="the same as upstream's --logs DIR, in a spelling torchrun does not read as an "
+                            "abbreviation of its own --logs-specs (see docs/training.md)")
     for name in loss_names():
         if name != "clip":
             spec = get_loss_spec(name)
@@ -86,11 +89,21 @@ def parse_args_with_plugin(upstream_parse_args):
         args = upstream_parse_args(rest)
         for key, value in vars(plugin_args).items():
             setattr(args, key, value)
+        _apply_log_root(parser, args, rest)
         _finish(parser, args)
         return args
 
     parse_args.__wrapped__ = upstream_parse_args
     return parse_args
+
+
+def _apply_log_root(parser: argparse.ArgumentParser, args, upstream_argv: Sequence[str]) -> None:
+    """``--log-root DIR`` sets upstream's ``args.logs`` (``--logs`` itself trips torchrun's parser)."""
+    if args.log_root is None:
+        return
+    if any(token == "--logs" or token.startswith("--logs=") for token in upstream_argv):
+        parser.error("--log-root and --logs name the same directory; pass only one of them")
+    args.logs = args.log_root
 
 
 def _finish(parser: argparse.ArgumentParser, args) -> None:
