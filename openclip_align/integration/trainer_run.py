@@ -25,6 +25,7 @@ from openclip_align.losses.registry import NEEDS_INDEX, NEEDS_SEMANTIC, get_loss
 
 from . import batch_extras
 from .batch_extras import CAPTION, INDEX, SEMANTIC, STASH, ExtrasLoader, MissingExtrasError
+from .checkpoints import fall_back_from_unreadable
 from .trainer_args import loss_option_names
 
 CHECKPOINT_KEY = "openclip_align"     # stored inside checkpoint["optimizer"] (see docs/how-it-hooks-in.md)
@@ -43,6 +44,7 @@ class TrainerRun:
         self.loss_module = None
         self.raw_tally = RawFeatureTally()
         self._attached = False
+        self.resume_latest = getattr(args, "resume", None) == "latest"   # upstream resolves it to a path later
 
     @property
     def needs(self):
@@ -82,8 +84,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 # --- model creation: snapshot the teacher ------------------------------------------------------
 def wrap_create_model_and_transforms(upstream):
     def create_model_and_transforms(*args, **kwargs):
-        result = upstream(*args, **kwargs)
         run = RUN
+        if run is not None:      # upstream has resolved --resume latest and loads it after this call
+            fall_back_from_unreadable(run.args, run.resume_latest)
+        result = upstream(*args, **kwargs)
         if run is not None and run.needs_teacher and run.teacher is None:
             # the model as created (pretrained weights, before any resume or update) is the teacher
             teacher = copy.deepcopy(result[0]).eval().requires_grad_(False)

@@ -1,0 +1,151 @@
+"""Checkpoints of a trainer run: written atomically, never of a diverged model, resumed from a readable one.
+
+Upstream's ``main`` writes ``epoch_N.pt`` with ``torch.save(checkpoint, path)`` straight onto the final
+name, so a process killed mid-write leaves a truncated file that ``--resume latest`` then picks and dies
+on. ``main`` may run as ``__main__`` (``python -m open_clip_train.main``), where no import hook can reach
+its globals, but it always calls ``torch.save`` through the ``torch`` module. So, from the moment
+``open_clip_train.params`` is imported (see ``_activation.py``), ``torch.save`` is wrapped once:
+
+* a save whose target lies in the current trainer run's checkpoint folder (``args.checkpoint_path``)
+  first checks that the weights in the checkpoint are finite (one device sync per save), then goes
+  through :func:`openclip_align.atomic_files.atomic_open` (temporary sibling ``NAME.tmp-PID``, fsync,
+  rename). Temporaries left by a killed run are removed by the next save;
+* every other call (outside a trainer run, or to any other path) reaches torch's own ``save`` unchanged.
+
+``--resume latest``: upstream picks the newest ``*.pt`` by name. When the model is created (the first
+plugin hook after that choice, before upstream loads it), :func:`fall_back_from_unreadable` tries the
+chosen file; if it cannot be read, a warning names it and the newest readable checkpoint of the folder
+is used instead. Nothing is deleted.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import List, Optional
+
+from openclip_align.atomic_files import atomic_open, stale_temps
+
+_FLAG = "__openclip_align_atomic_checkpoints__"
+
+
+# --- saving ---------------------------------------------------------------------------------------
+def patch_torch_save(_module=None) -> None:
+    """Wrap ``torch.save`` once (idempotent); inert outside a trainer run's checkpoint folder."""
+    import torch
+
+    if getattr(torch.save, _FLAG, False):
+        return
+    upstream = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if not _is_run_checkpoint(f):
+            return upstream(obj, f, *args, **kwargs)
+        return save_checkpoint(obj, Path(f), upstream, *args, **kwargs)
+
+    setattr(save, _FLAG, True)
+    save.__wrapped__ = upstream
+    save.__doc__ = upstream.__doc__
+    torch.save = save
+
+
+def _is_run_checkpoint(f) -> bool:
+    from . import trainer_run
+
+    run = trainer_run.RUN
+    folder = getattr(run.args, "checkpoint_path", None) if run is not None else None
+    if not folder or not isinstance(f, (str, os.PathLike)):
+        return False
+    return os.path.abspath(os.path.dirname(os.fspath(f))) == os.path.abspath(folder)
+
+
+def save_checkpoint(obj, path: Path, torch_save, *args, **kwargs) -> None:
+    """Refuse non-finite weights, then write ``path`` atomically with ``torch_save``."""
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if isinstance(state, dict):
+        bad = non_finite_tensors(state)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            epoch = obj.get("epoch") if isinstance(obj, dict) else None
+            raise FloatingPointError(
+                f"not writing {path}: the model's weights{f' after epoch {epoch}' if epoch else ''} hold NaN/inf "
+                f"values ({shown}); the training diverged. No checkpoint of the diverged model is written and "
+                "the checkpoints already written stay as they are. Try a lower --lr or --precision fp32.")
+    for stale in stale_temps(path.parent, "*.pt"):
+        logging.info("openclip-align: removing %s, left by an interrupted checkpoint save", stale)
+        stale.unlink(missing_ok=True)
+    with atomic_open(path, "wb") as fh:
+        torch_save(obj, fh, *args, **kwargs)
+
+
+def non_finite_tensors(state: dict) -> List[str]:
+    """Names of the floating point tensors holding a NaN/inf (one host read per device)."""
+    import torch
+
+    names, flags = [], {}
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
+            names.append(name)
+            flags.setdefault(value.device, []).append((len(names) - 1, torch.isfinite(value).all()))
+    finite = [True] * len(names)
+    for items in flags.values():
+        values = torch.stack([flag for _, flag in items]).tolist()
+        for (position, _), ok in zip(items, values):
+            finite[position] = ok
+    return [name for name, ok in zip(names, finite) if not ok]
+
+
+# --- resuming -------------------------------------------------------------------------------------
+def fall_back_from_unreadable(args, resume_latest: bool) -> None:
+    """After ``--resume latest`` chose ``args.resume``: keep it if readable, else the newest readable one."""
+    chosen = getattr(args, "resume", None)
+    if not resume_latest or not chosen or "://" in str(chosen) or not os.path.isfile(chosen):
+        return
+    problem = unreadable(chosen)
+    if problem is None:
+        return
+    logging.warning("openclip-align: --resume latest: skipping %s, which cannot be read (%s); it may be a "
+                    "checkpoint whose writing was interrupted", chosen, problem)
+    skipped = [f"{chosen} ({problem})"]
+    for candidate in newest_first(os.path.dirname(chosen)):
+        if os.path.samefile(candidate, chosen):
+            continue
+        problem = unreadable(candidate)
+        if problem is None:
+            logging.warning("openclip-align: --resume latest: resuming from %s instead", candidate)
+            args.resume = candidate
+            return
+        logging.warning("openclip-align: --resume latest: skipping %s, which cannot be read (%s)",
+                        candidate, problem)
+        skipped.append(f"{candidate} ({problem})")
+    raise RuntimeError(
+        "--resume latest: no checkpoint in " + os.path.dirname(chosen) + " can be read: " + "; ".join(skipped)
+        + ". Move the unreadable files away and start again without --resume, or pass --resume PATH of a "
+        "good copy.")
+
+
+def newest_first(folder: str) -> List[str]:
+    """``*.pt`` files of ``folder``, the one upstream's ``--resume latest`` would pick first (numbers in
+    names compared as numbers)."""
+    def key(path: str):
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.lower())]
+
+    return sorted(glob.glob(os.path.join(folder, "*.pt")), key=key, reverse=True)
+
+
+def unreadable(path: str) -> Optional[str]:
+    """None if torch can open the checkpoint (with upstream resume's defaults), else why not. Zip checkpoints (torch's default format) are
+    opened memory-mapped, so the tensors are not read; a truncated file fails on its missing directory."""
+    import torch
+
+    try:
+        if zipfile.is_zipfile(path):
+            torch.load(path, map_location="cpu", mmap=True)
+        else:
+            torch.load(path, map_location="cpu")
+    except Exception as err:  # any failure to read is a reason to skip it
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+    return None
