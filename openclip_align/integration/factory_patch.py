@@ -16,10 +16,16 @@ patches/ for the upstream change that would make them unnecessary):
 4. two tower-locking gaps of OpenCLIP 3.3 are filled (:mod:`.tower_fixes`: BERT layer names,
    batch-norm freezing that keeps timm's fused activations);
 5. ``create_model`` loads the packaged ImageNet weights into those configs' image towers when no full
-   checkpoint is given (``pretrained=PATH`` still restores a trained model whole).
+   checkpoint is given (``pretrained=PATH`` still restores a trained model whole);
+6. hub-format round trips (``open_clip.push_to_hf_hub.save_for_hf`` then ``local-dir:DIR``): a plugin
+   config that plain OpenCLIP cannot build carries ``openclip_align_required`` as its first key, so
+   without the plugin the model class's error names it; ``package:NAME`` placeholders stay in configs
+   (no machine paths get saved) and are resolved when a model or tokenizer is built
+   (:mod:`.hub_fixes` lets ``save_for_hf`` take OpenCLIP's own BPE tokenizer).
 """
 from __future__ import annotations
 
+import contextvars
 import difflib
 import functools
 import json
@@ -28,6 +34,13 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "models" / "configs"
 PLUGIN_PREFIXES = ("SharedCLIP-", "AlignCLIP-", "DualCLIP-")
 _PATCHED_FLAG = "__openclip_align_patched__"
+# first key of a plugin config that plain OpenCLIP cannot build: its class then fails with
+# "got an unexpected keyword argument 'openclip_align_required'", naming what is missing
+REQUIRED_KEY = "openclip_align_required"
+REQUIRED_NOTE = ("this model config needs the openclip-align plugin (pip install openclip-align): it uses "
+                 "its SharedCLIP model class or its packaged pretrained towers")
+# get_model_config resolves package:NAME placeholders only while get_tokenizer reads a config
+_RESOLVE_PACKAGES = contextvars.ContextVar("openclip_align_resolve_packages", default=False)
 
 
 def plugin_model_names():
@@ -44,12 +57,34 @@ class ModelClassDispatch:
         self.__doc__ = upstream_clip.__doc__
 
     def __call__(self, *args, model_class=None, **kwargs):
+        kwargs.pop(REQUIRED_KEY, None)
+        kwargs = _resolved_towers(kwargs)
         if model_class is None:
             return self.upstream(*args, **kwargs)
         return _plugin_model_class(model_class)(*args, **kwargs)
 
     def __instancecheck__(self, instance):  # isinstance(m, open_clip.factory.CLIP) keeps its meaning
         return isinstance(instance, self.upstream)
+
+
+def _resolved_towers(kwargs: dict) -> dict:
+    """The model arguments with ``package:NAME`` tower placeholders replaced by installed folders
+    (a copy: the caller's config keeps its placeholders)."""
+    text_cfg = kwargs.get("text_cfg")
+    if not isinstance(text_cfg, dict):
+        return kwargs
+    from openclip_align.models.packaged_towers import has_placeholders, resolve_config
+
+    if not has_placeholders(kwargs):
+        return kwargs
+    return resolve_config({**kwargs, "text_cfg": dict(text_cfg)})
+
+
+def needs_plugin(config: dict) -> bool:
+    """Whether plain OpenCLIP cannot build this config (plugin model class or packaged towers)."""
+    from openclip_align.models.packaged_towers import has_placeholders
+
+    return "model_class" in config or has_placeholders(config)
 
 
 def _plugin_model_class(name: str):
@@ -88,14 +123,32 @@ def _checked_get_model_config(upstream_get_model_config):
         if config is None and isinstance(model_name, str) and model_name.startswith(PLUGIN_PREFIXES):
             raise _unknown_plugin_model(model_name)
         if isinstance(model_name, str) and model_name.startswith(PLUGIN_PREFIXES) and config is not None:
-            from openclip_align.models.packaged_towers import IMAGE_WEIGHTS_KEY, resolve_config
+            from openclip_align.models.packaged_towers import IMAGE_WEIGHTS_KEY
 
             config.pop(IMAGE_WEIGHTS_KEY, None)        # read by create_model below, not a model argument
+            if needs_plugin(config) and REQUIRED_KEY not in config:
+                config = {REQUIRED_KEY: REQUIRED_NOTE, **config}
+        if config is not None and _RESOLVE_PACKAGES.get():
+            from openclip_align.models.packaged_towers import resolve_config
+
             resolve_config(config)
         return config
 
     get_model_config.__wrapped_upstream__ = upstream_get_model_config
     return get_model_config
+
+
+def _resolving_get_tokenizer(upstream_get_tokenizer):
+    @functools.wraps(upstream_get_tokenizer)
+    def get_tokenizer(*args, **kwargs):
+        token = _RESOLVE_PACKAGES.set(True)        # the tokenizer needs the installed folder, not the placeholder
+        try:
+            return upstream_get_tokenizer(*args, **kwargs)
+        finally:
+            _RESOLVE_PACKAGES.reset(token)
+
+    get_tokenizer.__wrapped_upstream__ = upstream_get_tokenizer
+    return get_tokenizer
 
 
 def _packaged_create_model(upstream_create_model):
@@ -130,12 +183,19 @@ def patch_open_clip(open_clip_module) -> None:
         factory.add_model_config(CONFIG_DIR)
     if not isinstance(factory.CLIP, ModelClassDispatch):
         factory.CLIP = ModelClassDispatch(factory.CLIP)
+    if not isinstance(factory.CustomTextCLIP, ModelClassDispatch):    # HF text towers: placeholders resolved
+        factory.CustomTextCLIP = ModelClassDispatch(factory.CustomTextCLIP)
     checked = _checked_get_model_config(factory.get_model_config)
     factory.get_model_config = checked
     open_clip_module.get_model_config = checked
+    tokenizer = _resolving_get_tokenizer(factory.get_tokenizer)
+    factory.get_tokenizer = tokenizer
+    open_clip_module.get_tokenizer = tokenizer
+    from .hub_fixes import patch_hub
     from .tower_fixes import patch_towers
 
     patch_towers(open_clip_module)
+    patch_hub(open_clip_module)
     packaged = _packaged_create_model(factory.create_model)
     factory.create_model = packaged                  # create_model_and_transforms looks it up here
     open_clip_module.create_model = packaged

