@@ -29,6 +29,7 @@ _PATCHERS: Dict[str, List[str]] = {
     "open_clip_train.data": ["openclip_align.integration.trainer_patch:patch_data"],
     "open_clip_train.train": ["openclip_align.integration.trainer_patch:patch_train"],
     "open_clip_train.distributed": ["openclip_align.integration.ddp_cpu:patch_distributed"],
+    "open_clip_train.file_utils": ["openclip_align.integration.ddp_resume:patch_file_utils"],
 }
 
 _lock = threading.RLock()

@@ -73,3 +73,23 @@ def test_registered_for_open_clip_train_distributed():
     import open_clip_train.distributed as distributed
 
     assert distributed.init_distributed_device.__wrapped__.__module__ == "open_clip_train.distributed"
+
+
+def test_one_process_checkpoint_gets_ddp_keys_only_in_a_ddp_run():
+    from openclip_align.integration.ddp_resume import ddp_keys
+
+    bare = {"epoch": 1, "state_dict": {"visual.proj": 1, "logit_scale": 2}, "optimizer": {"x": 3}}
+    prefixed = ddp_keys(bare, distributed=True)
+    assert prefixed["state_dict"] == {"module.visual.proj": 1, "module.logit_scale": 2}
+    assert prefixed["optimizer"] is bare["optimizer"] and prefixed["epoch"] == 1
+    assert "module.visual.proj" not in bare["state_dict"]                       # the loaded dict is not mutated
+    assert ddp_keys(bare, distributed=False) is bare                             # one process: upstream's own rule
+    assert ddp_keys(prefixed, distributed=True) is prefixed                      # written by DDP already
+    weights_only = {"visual.proj": 1}                                            # not a train checkpoint
+    assert ddp_keys(weights_only, distributed=True) is weights_only
+
+
+def test_resume_patch_registered_for_open_clip_train_file_utils():
+    import open_clip_train.file_utils as file_utils
+
+    assert file_utils.pt_load.__wrapped__.__module__ == "open_clip_train.file_utils"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import open_clip
 import open_clip_train
+import pytest
 
 PATCH = Path(__file__).resolve().parent.parent / "patches" / "open_clip-plugin-registry.patch"
 
@@ -45,13 +46,19 @@ def test_patched_open_clip_offers_the_registries(tmp_path):
 DDP_PATCH = PATCH.parent / "open_clip-ddp-cpu.patch"
 
 
-def test_ddp_cpu_patch_applies_alone_and_after_the_registry_patch(tmp_path):
+RESUME_PATCH = PATCH.parent / "open_clip-resume-any-world-size.patch"
+
+
+@pytest.mark.parametrize("patch", [DDP_PATCH, RESUME_PATCH], ids=lambda p: p.name)
+def test_distributed_patches_apply_alone_and_after_the_others(tmp_path, patch):
     alone = _upstream_tree(tmp_path / "alone")
-    check = subprocess.run(["git", "apply", "--check", "-v", str(DDP_PATCH)], cwd=alone, capture_output=True, text=True)
+    check = subprocess.run(["git", "apply", "--check", "-v", str(patch)], cwd=alone, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
-    both = _upstream_tree(tmp_path / "both")
-    subprocess.run(["git", "apply", str(PATCH)], cwd=both, check=True)
-    check = subprocess.run(["git", "apply", "--check", "-v", str(DDP_PATCH)], cwd=both, capture_output=True, text=True)
+    together = _upstream_tree(tmp_path / "together")
+    for other in (PATCH, DDP_PATCH, RESUME_PATCH):
+        if other != patch:
+            subprocess.run(["git", "apply", str(other)], cwd=together, check=True)
+    check = subprocess.run(["git", "apply", "--check", "-v", str(patch)], cwd=together, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
 
 
