@@ -87,6 +87,8 @@ def non_finite_tensors(state: dict) -> List[str]:
 
     names, flags = [], {}
     for name, value in state.items():
+        if name.rsplit(".", 1)[-1] == "attn_mask":   # additive causal masks hold -inf by design; a scripted
+            continue                                 # model (--torchscript) saves them with its weights
         if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
             names.append(name)
             flags.setdefault(value.device, []).append((len(names) - 1, torch.isfinite(value).all()))

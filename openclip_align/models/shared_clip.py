@@ -14,8 +14,6 @@ The module mirrors the interface OpenCLIP's trainer and tools expect from ``open
 building blocks (``Transformer``, ``LayerNorm``, ``PatchDropout``, ``text_global_pool``) are
 OpenCLIP's own.
 """
-from __future__ import annotations
-
 import math
 from typing import Any, Dict, Optional
 
