@@ -2,8 +2,10 @@
 PYTHON ?= python
 DATA ?= data/default
 SMALL_DATA ?= data/small
+BENCH_OUT ?= runs/benchmark
+STUDY_OUT ?= runs/study
 
-.PHONY: install test data data-small benchmark benchmark-quick study
+.PHONY: install test data data-small benchmark benchmark-quick benchmark-publish study study-publish
 
 install:            ## torch from the local wheel pair, the plugin (editable) with its dev extra, the Debian data packages
 	$(PYTHON) -m pip install torch==2.14.1 torchvision==0.29.1
@@ -25,11 +27,17 @@ data:               ## the embedded default corpus, built offline from packages
 data-small:
 	$(PYTHON) -m openclip_align.cli data build --out $(SMALL_DATA) --size small
 
-benchmark:          ## the main job: plugin vs upstream OpenCLIP on the embedded default
-	$(PYTHON) -m openclip_align.cli benchmark --data $(DATA) --out benchmark
+benchmark:          ## the main job: plugin vs upstream OpenCLIP on the embedded default, into $(BENCH_OUT) (untracked)
+	$(PYTHON) -m openclip_align.cli benchmark --data $(DATA) --out $(BENCH_OUT)
 
 benchmark-quick:
-	$(PYTHON) -m openclip_align.cli benchmark --data $(DATA) --out benchmark --quick
+	$(PYTHON) -m openclip_align.cli benchmark --data $(DATA) --out $(BENCH_OUT)-quick --quick
+
+benchmark-publish:  ## make the run in $(BENCH_OUT) the committed copy: benchmark/ (results, baseline, figures), README tables
+	$(PYTHON) -m openclip_align.benchmark.publish --benchmark $(BENCH_OUT)
 
 study:              ## losses x optimizers grid of the course study (pretrained towers; --regime scratch for Tiny models)
-	$(PYTHON) -m openclip_align.cli study --data $(DATA) --out study
+	$(PYTHON) -m openclip_align.cli study --data $(DATA) --out $(STUDY_OUT)
+
+study-publish:      ## make the study in $(STUDY_OUT) the committed copy: study/ and README's grid
+	$(PYTHON) -m openclip_align.benchmark.publish --study $(STUDY_OUT)

@@ -27,13 +27,13 @@ KEYS = ("centroid_gap", "centroid_gap_sq_per_dim", "centroid_gap_sq_per_dim_raw"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data/default"))
-    parser.add_argument("--runs", type=Path, default=Path("benchmark/runs/pretrained"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/benchmark/runs/pretrained"))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-6, 1e-5, 1e-4])
     args = parser.parse_args()
 
-    logs = Path("benchmark/runs/refine-sweep")
+    logs = Path("runs/benchmark/runs/refine-sweep")
     rows = {}
     for seed in args.seeds:
         start = args.runs / f"CLIP-seed{seed}" / "checkpoints" / "epoch_2.pt"

@@ -82,3 +82,69 @@ def test_study_grid_block_comes_from_its_results(tmp_path):
     text = readme.read_text()
     assert "| clip | adamw | 10.0 | 20.0 | 30.0 | 20.0 | 0.500 |" in text
     assert "| clip | sgd | diverged |" in text and "pretrained regime: M --lock-image" in text
+
+
+def with_corpus(res, sha="a" * 64, train=6821, heldout=1164):
+    res["data"]["corpus"] = {"sha256": sha, "sha256_of": "manifest.json", "train_pairs": train,
+                             "heldout_pairs": heldout}
+    return res
+
+
+def test_only_runs_on_the_same_corpus_are_compared():
+    before = with_corpus(results(scratch=track(0.30, 0.05)), sha="b" * 64, train=6811, heldout=700)
+    now = with_corpus(results(scratch=track(0.40, 0.05)))
+    other = report.compare(now, before)
+    assert other["flags"] == [] and other["comparison"]["status"] == "different corpus"
+    assert "6,811 training / 700 held-out" in other["comparison"]["note"]
+    assert "6,821 training / 1,164 held-out" in other["comparison"]["note"]
+    text = report.markdown({**now, **other})
+    assert "Not compared with the `cpu` baseline" in text and "different corpus" in text and "⚠" not in text
+
+    unknown = report.compare(now, results(scratch=track(0.30, 0.05)))          # a baseline without a record
+    assert unknown["flags"] == [] and unknown["comparison"]["status"] == "unknown corpus"
+    assert "the baseline: unknown corpus (10 training pairs" in unknown["comparison"]["note"]
+
+    same = report.compare(now, with_corpus(results(scratch=track(0.30, 0.05))))
+    assert same["comparison"]["status"] == "compared"
+    assert same["flags"] == ["scratch / CLIP centroid_gap: 0.3000 -> 0.4000 (beyond the seed spread 0.0100)"]
+    assert "(same corpus):\n- ⚠ scratch / CLIP centroid_gap" in report.markdown({**now, **same})
+    assert report.compare(now, None)["comparison"]["status"] == "no baseline"
+
+
+def test_metrics_the_tables_do_not_show_are_never_flagged():
+    before, now = results(scratch=track(0.30, 0.05)), results(scratch=track(0.30, 0.05))
+    for res, value in ((before, 0.9), (now, 0.1)):          # collapsed by far, yet not in any table
+        res["tracks"]["scratch"]["quality"]["CLIP"]["crossstyle_text_to_image_R@1"] = stat(value)
+        res["tracks"]["scratch"]["quality"]["CLIP"]["separability"] = stat(1 - value)
+    shown = report.table_metrics(now["tracks"]["scratch"]["quality"])
+    assert "crossstyle_text_to_image_R@1" not in shown and "separability" not in shown
+    assert report.regressions(now, before) == []
+
+
+def test_speed_ratios_whose_round_spreads_overlap_are_not_flagged():
+    before, now = results(scratch=track(0.3, 0.05)), results(scratch=track(0.3, 0.05, ratio=0.9))
+    before["tracks"]["scratch"]["speed"]["AlignCLIP"].update(ratio_min=0.95, ratio_max=1.05)
+    now["tracks"]["scratch"]["speed"]["AlignCLIP"].update(ratio_min=0.85, ratio_max=0.97)
+    assert report.regressions(now, before) == []
+    now["tracks"]["scratch"]["speed"]["AlignCLIP"].update(ratio_max=0.93)
+    assert report.regressions(now, before) == ["scratch / AlignCLIP speed ratio: 1.000 -> 0.900"]
+
+
+def test_speed_table_shows_the_spread_and_the_machine_load():
+    res = results(scratch=track(0.3, 0.05, ratio=0.9))
+    res["tracks"]["scratch"]["speed"]["AlignCLIP"].update(ratio_min=0.85, ratio_max=0.97)
+    res["tracks"]["scratch"]["speed"]["CLIP"].update(ratio_min=1.0, ratio_max=1.0)
+    res["tracks"]["scratch"]["speed_method"] = {"interleaved_rounds": 3, "samples_per_window": 1024, "min_steps": 4,
+                                                "cpus": 2, "load_before": [4.1, 3.0, 2.0],
+                                                "load_after": [5.0, 4.0, 3.0], "other_processes_cores": 1.2,
+                                                "busy": True}
+    text = report.markdown(res)
+    assert "| AlignCLIP | 90.0 | 0.900 [0.850–0.970] | 1000 | – |" in text
+    assert "3 rounds" in text and "⚠ The machine was busy" in text and "4.1 / 3.0 / 2.0 before" in text
+
+
+def test_a_run_from_before_corpus_records_shows_no_unchecked_flags():
+    old = results(scratch=track(0.4, 0.05))
+    old.update(compared_with="2026-11-23 06:55:34", flags=["scratch / CLIP crossstyle_text_to_image_R@1: 0.0126 -> 0.0088"])
+    text = report.markdown(old)
+    assert "crossstyle" not in text and "predates corpus records" in text

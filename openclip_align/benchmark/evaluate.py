@@ -24,8 +24,10 @@ def load_model(model_name: str, checkpoint: Path, device: str):
 
 
 def evaluate_model(model_name: str, checkpoint: Path, data_dir: Path, device: str = "cpu",
-                   plot_path: Optional[Path] = None, batch_size: int = 256) -> Dict[str, float]:
-    """Gap metrics + retrieval on held-out pairs, retrieval on cross-style pairs, zero-shot top-1."""
+                   plot_path: Optional[Path] = None, batch_size: int = 256,
+                   plot_title: Optional[str] = None) -> Dict[str, float]:
+    """Gap metrics + retrieval on held-out pairs, retrieval on cross-style pairs, zero-shot top-1; with
+    ``plot_path``, the held-out pairs drawn along their gap direction (titled ``plot_title`` and the gap)."""
     model, preprocess, tokenizer = load_model(model_name, checkpoint, device)
     out: Dict[str, float] = {}
     with torch.inference_mode():
@@ -39,7 +41,7 @@ def evaluate_model(model_name: str, checkpoint: Path, data_dir: Path, device: st
         if plot_path is not None:
             from openclip_align.metrics.plots import plot_gap_pca
 
-            plot_gap_pca(image, text, plot_path, title=plot_path.stem)
+            plot_gap_pca(image, text, plot_path, title=plot_title or model_name, gap_axis=True)
         cross = data_dir / "crossstyle.csv"
         if cross.exists():
             c_image, c_text = embed_pairs(model, preprocess, tokenizer, str(cross), batch_size=batch_size,
@@ -57,6 +59,18 @@ def evaluate_model(model_name: str, checkpoint: Path, data_dir: Path, device: st
             classifier = zero_shot_classifier(model, tokenizer, classnames, templates, device=device)
             out[f"zeroshot_{classes.stem}_top1"] = zero_shot_accuracy(features, classifier, labels, ks=(1,))["top1"]
     return out
+
+
+def plot_heldout_gap(model_name: str, checkpoint: Path, data_dir: Path, path: Path, title: str,
+                     device: str = "cpu", batch_size: int = 256) -> Path:
+    """Only the held-out pair picture of :func:`evaluate_model` (to redraw it for a finished run)."""
+    from openclip_align.metrics.plots import plot_gap_pca
+
+    model, preprocess, tokenizer = load_model(model_name, checkpoint, device)
+    with torch.inference_mode():
+        image, text = embed_pairs(model, preprocess, tokenizer, str(data_dir / "heldout.csv"), batch_size=batch_size,
+                                  device=device, progress=False)
+    return Path(plot_gap_pca(image, text, path, title=title, gap_axis=True))
 
 
 def metric_time_100k(dim: int = 768, n: int = 100_000, seed: int = 0) -> float:

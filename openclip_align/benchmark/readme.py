@@ -12,6 +12,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 from .report import track_tables
 
@@ -35,9 +36,10 @@ def _replace(text: str, marker: str, content: str) -> tuple:
     return pattern.sub(lambda m: m.group(1) + content + "\n" + m.group(2), text), True
 
 
-def update_readme(readme: Path, results_json: Path, study_json: Path = None) -> list:
-    """Rewrite every block the README has markers for; returns the blocks rewritten."""
-    results = json.loads(Path(results_json).read_text())
+def update_readme(readme: Path, results_json: Optional[Path], study_json: Optional[Path] = None) -> list:
+    """Rewrite every block the README has markers for (benchmark tracks only with ``results_json``, the study
+    grid only with ``study_json``); returns the blocks rewritten."""
+    results = json.loads(Path(results_json).read_text()) if results_json is not None else {"tracks": {}}
     text = Path(readme).read_text()
     done = []
     for track in results["tracks"]:

@@ -1,4 +1,4 @@
-"""Benchmark numbers -> mean +- std tables, regression flags, markdown and a figure."""
+"""Benchmark numbers -> mean +- std tables, regression flags (same corpus only) and markdown."""
 from __future__ import annotations
 
 import json
@@ -28,19 +28,6 @@ def summarise_quality(per_seed: Dict[str, List[Dict[str, float]]]) -> Dict[str, 
     return table
 
 
-def summarise_speed(trained, baseline_label: str) -> Dict[str, dict]:
-    base = statistics.fmean(r.samples_per_second for r in trained[baseline_label])
-    out = {}
-    for label, results in trained.items():
-        rate = statistics.fmean(r.samples_per_second for r in results)
-        cuda = [r.peak_cuda_mb for r in results if r.peak_cuda_mb is not None]
-        out[label] = {"samples_per_second": rate, "ratio_to_upstream": rate / base,
-                      "peak_rss_mb": max(r.peak_rss_mb for r in results),
-                      "peak_cuda_mb": max(cuda) if cuda else None,
-                      "wall_seconds_per_run": statistics.fmean(r.wall_seconds for r in results)}
-    return out
-
-
 def _tracks(results: Optional[dict]) -> Dict[str, dict]:
     """Per-track results; a run from before tracks existed is its scratch track."""
     if not results:
@@ -48,18 +35,25 @@ def _tracks(results: Optional[dict]) -> Dict[str, dict]:
     return results["tracks"] if "tracks" in results else {"scratch": results}
 
 
+def table_metrics(quality: dict) -> set:
+    """The metrics the report's tables show for this quality table (nothing else is ever flagged)."""
+    return {key for key, *_ in GEOMETRY_COLUMNS + DOWNSTREAM_COLUMNS + _zero_shot_columns(quality)}
+
+
 def regressions(current: dict, previous: Optional[dict]) -> List[str]:
-    """Quality rows that moved the wrong way by more than the seed spread; speed ratios that fell."""
+    """Table metrics that moved the wrong way by more than the seed spread; speed ratios that fell beyond
+    their spread. Corpus agnostic: :func:`compare` calls it only for runs on the same corpus."""
     flags = []
     before_tracks = _tracks(previous)
     for name, track in _tracks(current).items():
         before_track = before_tracks.get(name)
         if not before_track:
             continue
+        shown = table_metrics(track["quality"]) - NEUTRAL
         for label, metrics in track["quality"].items():
             for metric, now in metrics.items():
                 before = before_track.get("quality", {}).get(label, {}).get(metric)
-                if before is None or metric in NEUTRAL:
+                if before is None or metric not in shown:
                     continue
                 spread = max(now["std"], before["std"])
                 change = now["mean"] - before["mean"]
@@ -69,10 +63,28 @@ def regressions(current: dict, previous: Optional[dict]) -> List[str]:
                                  f"(beyond the seed spread {spread:.4f})")
         for label, now in track["speed"].items():
             before = before_track.get("speed", {}).get(label)
-            if before and now["ratio_to_upstream"] < before["ratio_to_upstream"] * (1 - SPEED_TOLERANCE):
-                flags.append(f"{name} / {label} speed ratio: {before['ratio_to_upstream']:.3f} -> "
-                             f"{now['ratio_to_upstream']:.3f}")
+            if not before or now["ratio_to_upstream"] >= before["ratio_to_upstream"] * (1 - SPEED_TOLERANCE):
+                continue
+            if now.get("ratio_max") is not None and before.get("ratio_min") is not None \
+                    and now["ratio_max"] >= before["ratio_min"]:
+                continue               # the rounds' spreads overlap: not a measured slow-down
+            flags.append(f"{name} / {label} speed ratio: {before['ratio_to_upstream']:.3f} -> "
+                         f"{now['ratio_to_upstream']:.3f}")
     return flags
+
+
+def compare(current: dict, previous: Optional[dict]) -> dict:
+    """The regression check, like with like only: a baseline of another corpus, or one that did not record
+    its corpus, is not compared (its status and the reason are kept instead of flags)."""
+    from .corpus import same_corpus
+
+    if previous is None:
+        return {"comparison": {"status": "no baseline", "note": ""}, "compared_with": None, "flags": []}
+    same, why = same_corpus(current, previous)
+    status = {True: "compared", False: "different corpus", None: "unknown corpus"}[same]
+    flags = regressions(current, previous) if same else []
+    return {"comparison": {"status": status, "note": why, "baseline_created": previous.get("created")},
+            "compared_with": previous.get("created"), "flags": flags}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -115,14 +127,32 @@ def _table(quality: dict, columns: list) -> List[str]:
 
 
 def speed_table(speed: dict, skipped: Optional[dict] = None, baseline: str = "upstream CLIP") -> List[str]:
-    lines = [f"| configuration | samples/s | ratio to {baseline} | peak RSS MB | peak GPU MB |", "|---|---|---|---|---|"]
+    spread = any("ratio_min" in s for s in speed.values())
+    ratio = f"ratio to {baseline}" + (" (median [min–max] over rounds)" if spread else "")
+    lines = [f"| configuration | samples/s | {ratio} | peak RSS MB | peak GPU MB |", "|---|---|---|---|---|"]
     for label, s in speed.items():
         cuda = f"{s['peak_cuda_mb']:.0f}" if s["peak_cuda_mb"] is not None else "–"
-        lines.append(f"| {label} | {s['samples_per_second']:.1f} | {s['ratio_to_upstream']:.3f} | "
-                     f"{s['peak_rss_mb']:.0f} | {cuda} |")
+        cell = f"{s['ratio_to_upstream']:.3f}"
+        if "ratio_min" in s:
+            cell += f" [{s['ratio_min']:.3f}–{s['ratio_max']:.3f}]"
+        lines.append(f"| {label} | {s['samples_per_second']:.1f} | {cell} | {s['peak_rss_mb']:.0f} | {cuda} |")
     for label, reason in (skipped or {}).items():
         lines.append(f"| {label} | not run: {reason} | | | |")
     return lines
+
+
+def speed_heading(track: dict) -> List[str]:
+    """What the speed table measured, and how busy the machine was (older runs: one run after another)."""
+    method = track.get("speed_method")
+    if not method:
+        return ["Training speed (samples/s, same run):"]
+    from .speed import conditions_line
+
+    return [f"Training speed: every configuration in turn for {method['interleaved_rounds']} rounds of one short "
+            f"window each (about {method['samples_per_window']} samples, at least {method['min_steps']} steps; the "
+            "order rotates every round), ratio to the first row taken within each round; samples/s and ratio are "
+            "medians over the rounds. Peak RSS is the training process's own (not its data-loader workers).",
+            "", conditions_line(method)]
 
 
 def track_tables(track: dict) -> List[str]:
@@ -132,12 +162,13 @@ def track_tables(track: dict) -> List[str]:
     baseline = next(iter(track["speed"]))
     return [
         f"{budget['epochs']} epochs, batch {budget['batch_size']}, lr {budget['lr']}, seeds {track['plan']['seeds']} "
-        f"(mean ± std over seeds); training {track['train_seconds'] / 60:.1f} min, evaluation "
-        f"{track.get('eval_seconds', 0) / 60:.1f} min.",
+        f"(mean ± std over seeds); training {track['train_seconds'] / 60:.1f} min, "
+        + (f"speed windows {track['speed_seconds'] / 60:.1f} min, " if "speed_seconds" in track else "")
+        + f"evaluation {track.get('eval_seconds', 0) / 60:.1f} min.",
         "", "Modality gap and embedding geometry (held-out pairs):", "", *_table(quality, GEOMETRY_COLUMNS),
         "", "Downstream (held-out retrieval, cross-style retrieval, zero-shot classification):", "",
         *_table(quality, DOWNSTREAM_COLUMNS + _zero_shot_columns(quality)),
-        "", "Training speed (samples/s, same run):", "", *speed_table(track["speed"], track.get("skipped"), baseline),
+        "", *speed_heading(track), "", *speed_table(track["speed"], track.get("skipped"), baseline),
     ]
 
 
@@ -147,51 +178,39 @@ def markdown(results: dict) -> str:
         "# openclip-align benchmark",
         "",
         f"Command: `{results['command']}` ({results['created']}, {results['machine']['device']}, "
-        f"OpenCLIP {results['machine']['open_clip']}). Data: {data.get('train_pairs')} training pairs, caption "
+        f"OpenCLIP {results['machine']['open_clip']}). Data: {_corpus_text(results)}, caption "
         f"embeddings by {data.get('encoder')}. Total {results['total_seconds'] / 60:.1f} min. CLIP-Refine rows: "
         "the authors' recipe (AdamW lr 1e-6 constant, wd 0.1, 1 epoch, batch 512, fp32) on the track's trained CLIP.",
     ]
     for name, track in results["tracks"].items():
         lines += ["", f"## {track['title']}", "", *track_tables(track)]
     lines += ["", f"Modality-gap report on 100k pairs of 768-d: {results['metric_seconds_100k_pairs_768d']:.2f} s.",
-              "", "## Regressions against the previous run", ""]
-    if results.get("compared_with") is None:
-        lines.append(f"No earlier `{results.get('variant', '?')}` run to compare with.")
-    else:
-        lines.append(f"Compared with the `{results['variant']}` run of {results['compared_with']}:")
-        lines += [f"- ⚠ {flag}" for flag in results["flags"]] or ["None flagged."]
-    lines += ["", "Figures: `figures/quality.png` and one `figures/pca_<track>_<model>.png` per model.", ""]
+              "", "## Regressions against the baseline", "", *regression_lines(results),
+              "", "Figures: `figures/quality.png` (bars: mean over seeds, error bars: ± one std over seeds) and one "
+              "`figures/pca_<track>_<model>.png` per model (held-out pairs along their gap direction).", ""]
     return "\n".join(lines)
 
 
-def plot_quality(results: dict, path: Path) -> str:
-    import matplotlib
+def regression_lines(results: dict) -> List[str]:
+    variant = results.get("variant", "?")
+    comparison = results.get("comparison")
+    if comparison is None:              # a results.json from before corpus records
+        if results.get("compared_with") is None:
+            return [f"No earlier `{variant}` run to compare with."]
+        return [f"Not shown: this run predates corpus records, so its check against the `{variant}` run of "
+                f"{results['compared_with']} may have compared two different corpus builds (unknown corpus)."]
+    if comparison["status"] == "no baseline":
+        return [f"No `{variant}` baseline to compare with."]
+    if comparison["status"] != "compared":
+        return [f"Not compared with the `{variant}` baseline of {comparison['baseline_created']}: "
+                f"{comparison['status']} ({comparison['note']}). Numbers from different corpus builds differ for "
+                "that reason alone; publish a run on this corpus as the baseline to compare against it."]
+    return [f"Compared with the `{variant}` baseline of {comparison['baseline_created']} (same corpus):"] + \
+        ([f"- ⚠ {flag}" for flag in results["flags"]] or ["None flagged."])
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    tracks = list(results["tracks"].items())
-    rows = []
-    for name, track in tracks:
-        quality = track["quality"]
-        labels = list(quality)
-        metrics = [m for m in ("alignment_score", "centroid_gap", "effective_rank_image", "image_to_text_R@1",
-                               "text_to_image_R@1") if m in quality[labels[0]]]
-        metrics += sorted(m for m in quality[labels[0]] if m.startswith("zeroshot_"))
-        rows.append((name, quality, labels, metrics))
-    width = max(len(r[3]) for r in rows)
-    fig, axes = plt.subplots(len(rows), width, figsize=(3.0 * width, 3.4 * len(rows)), squeeze=False)
-    colours = ["#888", "#4c72b0", "#dd8452", "#55a868", "#c44e52"]
-    for row_axes, (name, quality, labels, metrics) in zip(axes, rows):
-        for ax in row_axes[len(metrics):]:
-            ax.axis("off")
-        for ax, metric in zip(row_axes, metrics):
-            means = [quality[label][metric]["mean"] for label in labels]
-            stds = [quality[label][metric]["std"] for label in labels]
-            ax.bar(range(len(labels)), means, yerr=stds, capsize=3, color=colours[:len(labels)])
-            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-            ax.set_title(f"{name}: {metric}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+def _corpus_text(results: dict) -> str:
+    from .corpus import corpus_of, describe
+
+    record = corpus_of(results)
+    return describe(record) if record else f"{results.get('data', {}).get('train_pairs')} training pairs"

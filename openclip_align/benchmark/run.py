@@ -10,8 +10,12 @@ with identical data, steps, batch, schedule and seed within the track):
   (``DualCLIP-Lite0-MiniLM``), so downstream numbers sit above chance: the same model with
   ``--loss clip`` (upstream's loss), with ``--loss imsep``, and CLIP-Refine on the trained CLIP.
 
-CLIP-Refine always runs the authors' recipe (:data:`REFINE_RECIPE`). A speed-only row trains AlignCLIP
-with caption embeddings computed on the fly.
+CLIP-Refine always runs the authors' recipe (:data:`REFINE_RECIPE`). Training speed is measured apart from
+the training runs, with every configuration interleaved in short windows (:mod:`.speed`); a speed-only row
+trains AlignCLIP with caption embeddings computed on the fly.
+
+Output goes to ``--out`` (``runs/benchmark`` by default, untracked); the committed copy under ``benchmark/``
+changes only through :mod:`.publish`.
 """
 from __future__ import annotations
 
@@ -19,15 +23,18 @@ import json
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import open_clip
 
 from . import report
+from .corpus import corpus_record, count_rows
 from .evaluate import evaluate_model, metric_time_100k
+from .figures import pca_path, pca_title, plot_quality
 from .regimes import PRETRAINED_LOCKS, PRETRAINED_MODEL, REGIMES
+from .speed import LoadMeter, SpeedPlan, conditions_line, interleave, window_csv
 from .training import Budget, TrainResult, TrainSpec, train, write_local_dir_config
 
 # CLIP-Refine as the authors' released code runs it: AdamW lr 1e-6 constant, weight decay 0.1, one epoch,
@@ -100,53 +107,117 @@ def pretrained_track(quick: bool) -> Track:
 TRACKS = ("scratch", "pretrained")
 
 
+def eval_rows(track_name: str, track: dict) -> Dict[str, tuple]:
+    """label -> (model its checkpoint loads into, loss, epochs) for the rows of a finished track's results."""
+    plan = track["plan"]
+    rows = {}
+    for label, row in plan["rows"].items():
+        upstream = str(row["model"]).startswith("local-dir:")
+        model = _upstream_eval_model(plan) if upstream else row["model"]
+        rows[label] = (model, "clip (OpenCLIP alone)" if upstream else row["loss"], plan["budget"]["epochs"])
+    if "CLIP-Refine" in track["quality"]:
+        first = next(iter(rows.values()))
+        rows["CLIP-Refine"] = (first[0], "refine", plan.get("refine_recipe", REFINE_RECIPE)["epochs"])
+    return rows
+
+
+def _upstream_eval_model(plan: dict) -> str:
+    budget = plan["budget"]
+    return "ViT-B-16" if budget.get("device") == "cuda" else "DualCLIP-Tiny"
+
+
+def measure_speed(track: Track, trained: Dict[str, List[TrainResult]], train_csv: Path, logs: Path,
+                  plan: SpeedPlan) -> dict:
+    """Every configuration of the track, interleaved in short windows (see :mod:`.speed`)."""
+    specs = dict(track.specs)
+    specs["CLIP-Refine"] = track.refine_spec(trained[track.refine_from][0].checkpoint)
+    specs.update({spec.label: spec for spec in track.speed_only})
+    available = count_rows(train_csv)
+    csvs: Dict[int, Path] = {}
+    memory: Dict[str, List[TrainResult]] = {}
+    logging.info("benchmark %s: speed, %d rounds of one short window per configuration; window logs under %s",
+                 track.name, plan.rounds, logs)
+
+    def window(label: str, round_index: int) -> float:
+        spec = specs[label]
+        batch = Budget(**{**track.budget.__dict__, **spec.budget_override}).batch_size
+        steps = plan.steps(batch, available)
+        if batch * steps not in csvs:
+            csvs[batch * steps] = window_csv(train_csv, batch * steps, logs)
+        windowed = replace(spec, budget_override={**spec.budget_override, "epochs": 1, "log_every": 1})
+        result = train(windowed, str(csvs[batch * steps]), track.budget, 0, logs,
+                       name=f"{label}-round{round_index}", keep_checkpoint=False, skip_steps=plan.skipped_steps(steps))
+        memory.setdefault(label, []).append(result)
+        logging.info("benchmark %s: speed round %d/%d, %s: %.1f samples/s", track.name, round_index + 1, plan.rounds,
+                     label, result.samples_per_second)
+        return result.samples_per_second
+
+    meter = LoadMeter()
+    measured = interleave(list(specs), window, plan.rounds, track.refine_from)
+    conditions = meter.stop()
+    logging.info("benchmark %s: %s", track.name, conditions_line(conditions))
+    speed = measured["speed"]
+    for label, entry in speed.items():
+        runs = memory[label] + trained.get(label, [])       # peak memory: the windows and the full training runs
+        cuda = [r.peak_cuda_mb for r in runs if r.peak_cuda_mb is not None]
+        entry.update(peak_rss_mb=max(r.peak_rss_mb for r in runs), peak_cuda_mb=max(cuda) if cuda else None)
+        if label in trained:
+            entry["wall_seconds_per_run"] = sum(r.wall_seconds for r in trained[label]) / len(trained[label])
+    return {"speed": speed, "skipped": measured["skipped"],
+            "speed_method": {"interleaved_rounds": plan.rounds, "samples_per_window": plan.samples,
+                             "min_steps": plan.min_steps, "skipped_steps": plan.skip, **conditions}}
+
+
 def run_track(track: Track, train_csv: Path, data_dir: Path, out_dir: Path, runs_dir: Path,
-              seeds: List[int]) -> dict:
+              seeds: List[int], speed_plan: Optional[SpeedPlan] = None) -> dict:
     trained: Dict[str, List[TrainResult]] = {}
-    skipped: Dict[str, str] = {}
     started = time.time()
     logs = runs_dir / track.name
+    runs = len(seeds) * (len(track.specs) + 1)
     for seed in seeds:
         for label, spec in track.specs.items():
-            logging.info("benchmark %s: training %s (seed %d)", track.name, label, seed)
-            trained.setdefault(label, []).append(train(spec, str(train_csv), track.budget, seed, logs))
-        logging.info("benchmark %s: CLIP-Refine of %s (seed %d)", track.name, track.refine_from, seed)
+            logging.info("benchmark %s: run %d/%d, training %s (seed %d)", track.name,
+                         sum(map(len, trained.values())) + 1, runs, label, seed)
+            trained.setdefault(label, []).append(train(spec, str(train_csv), track.budget, seed, logs, progress=True))
+        logging.info("benchmark %s: run %d/%d, CLIP-Refine of %s (seed %d)", track.name,
+                     sum(map(len, trained.values())) + 1, runs, track.refine_from, seed)
         refine = track.refine_spec(trained[track.refine_from][-1].checkpoint)
-        trained.setdefault("CLIP-Refine", []).append(train(refine, str(train_csv), track.budget, seed, logs))
-    for spec in track.speed_only:
-        try:
-            trained[spec.label] = [train(spec, str(train_csv), track.budget, seeds[0], logs)]
-        except RuntimeError as err:   # e.g. no sentence-transformers model on this machine: report, keep the rest
-            logging.error("benchmark: speed row %r failed: %s", spec.label, err)
-            lines = [line for line in str(err).splitlines() if line.strip()]
-            skipped[spec.label] = lines[-1][:200]      # the error the trainer ended with
+        trained.setdefault("CLIP-Refine", []).append(train(refine, str(train_csv), track.budget, seed, logs,
+                                                           progress=True))
     train_seconds = time.time() - started
+    speed = measure_speed(track, trained, train_csv, logs / "speed", speed_plan or SpeedPlan())
+    speed_seconds = time.time() - started - train_seconds
 
     quality: Dict[str, List[Dict[str, float]]] = {}
     figures = out_dir / "figures"
     figures.mkdir(exist_ok=True)
+    logging.info("benchmark %s: evaluating %d checkpoints", track.name, sum(map(len, trained.values())))
     for label, results in trained.items():
-        if label not in track.eval_models:
-            continue
+        spec = track.specs.get(label)
+        loss = "refine" if label == "CLIP-Refine" else ("clip (OpenCLIP alone)" if spec.upstream else spec.loss)
         for i, result in enumerate(results):
-            plot = figures / f"pca_{track.name}_{label.replace(' ', '_')}.png" if i == 0 else None
+            first = i == 0
             quality.setdefault(label, []).append(evaluate_model(
-                track.eval_models[label], result.checkpoint, data_dir, device=track.budget.device, plot_path=plot))
+                track.eval_models[label], result.checkpoint, data_dir, device=track.budget.device,
+                plot_path=pca_path(figures, track.name, label) if first else None,
+                plot_title=pca_title(track.title, label, track.eval_models[label], loss)))
     return {
         "title": track.title,
         "plan": {"seeds": seeds, "budget": track.budget.__dict__, "refine_recipe": REFINE_RECIPE,
                  "rows": {label: {"model": spec.model, "loss": spec.loss, "extra": spec.extra}
                           for label, spec in track.specs.items()}},
         "quality": report.summarise_quality(quality),
-        "speed": report.summarise_speed(trained, baseline_label=track.refine_from),
+        **speed,
         "train_seconds": train_seconds,
-        "eval_seconds": time.time() - started - train_seconds,
-        "skipped": skipped,
+        "speed_seconds": speed_seconds,
+        "eval_seconds": time.time() - started - train_seconds - speed_seconds,
     }
 
 
 def run_benchmark(data_dir: Path, out_dir: Path, quick: bool = False, gpu: bool = False,
-                  seeds: Optional[List[int]] = None, tracks=TRACKS) -> dict:
+                  seeds: Optional[List[int]] = None, tracks=TRACKS, baseline: Optional[Path] = None) -> dict:
+    """Train, measure and evaluate every track into ``out_dir``; compare with ``baseline`` (a results.json or
+    a folder of ``<variant>.json`` files, e.g. the committed ``benchmark/baselines``) when it exists."""
     train_csv = data_dir / "train.csv"
     if not train_csv.exists():
         raise FileNotFoundError(f"{train_csv} not found: build the embedded default first (`make data`)")
@@ -159,33 +230,44 @@ def run_benchmark(data_dir: Path, out_dir: Path, quick: bool = False, gpu: bool 
     runs_dir = out_dir / "runs"
     seeds = list(seeds or [0, 1, 2])
     started = time.time()
+    logging.info("benchmark: writing to %s; every run's live log is under %s", out_dir, runs_dir)
+    corpus = corpus_record(data_dir)
     results = {
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": f"openclip-align benchmark --data {data_dir}" + (" --quick" if quick else "")
                    + (" --gpu" if gpu else "") + ("" if list(tracks) == list(TRACKS) else f" --tracks {' '.join(tracks)}"),
         "machine": {"platform": platform.platform(), "device": "cuda" if gpu else "cpu",
                     "python": platform.python_version(), "open_clip": open_clip.__version__},
-        "data": {"path": str(data_dir), "train_pairs": _count_rows(train_csv), "encoder": _encoder(data_dir)},
+        "data": {"path": str(data_dir), "train_pairs": corpus["train_pairs"], "encoder": _encoder(data_dir),
+                 "corpus": corpus},
         "tracks": {},
     }
     builders = {"scratch": lambda: scratch_track(runs_dir, quick, gpu), "pretrained": lambda: pretrained_track(quick)}
+    speed_plan = SpeedPlan(rounds=2) if quick else SpeedPlan()
     for name in tracks:
-        results["tracks"][name] = run_track(builders[name](), train_csv, data_dir, out_dir, runs_dir, seeds)
+        results["tracks"][name] = run_track(builders[name](), train_csv, data_dir, out_dir, runs_dir, seeds, speed_plan)
     results["total_seconds"] = time.time() - started
     results["metric_seconds_100k_pairs_768d"] = metric_time_100k()
-    # The regression baseline is the last run of the same variant (a 1-epoch run says nothing about a 3-epoch one).
+    # The regression baseline is a run of the same variant (a 1-epoch run says nothing about a 3-epoch one).
     variant = ("gpu" if gpu else "cpu") + ("-quick" if quick else "")
     results["variant"] = variant
-    baseline_path = out_dir / "baselines" / f"{variant}.json"
-    previous = json.loads(baseline_path.read_text()) if baseline_path.exists() else None
-    results["compared_with"] = previous["created"] if previous else None
-    results["flags"] = report.regressions(results, previous)
-    baseline_path.parent.mkdir(exist_ok=True)
+    previous = load_baseline(baseline, variant)
+    results.update(report.compare(results, previous))
     report.write_json_atomic(out_dir / "results.json", results)
-    report.write_json_atomic(baseline_path, results)
     (out_dir / "results.md").write_text(report.markdown(results))
-    report.plot_quality(results, out_dir / "figures" / "quality.png")
+    plot_quality(results, out_dir / "figures" / "quality.png")
     return results
+
+
+def load_baseline(baseline: Optional[Path], variant: str) -> Optional[dict]:
+    """A results.json to compare with: ``baseline`` itself, or ``baseline/<variant>.json`` for a folder."""
+    if baseline is None:
+        return None
+    path = baseline / f"{variant}.json" if baseline.is_dir() else baseline
+    if not path.exists():
+        logging.info("benchmark: no baseline %s to compare with", path)
+        return None
+    return json.loads(path.read_text())
 
 
 def _encoder(data_dir: Path) -> Optional[str]:
@@ -194,8 +276,3 @@ def _encoder(data_dir: Path) -> Optional[str]:
         return None
     encoder = json.loads(manifest.read_text()).get("encoder")
     return encoder.get("model") if isinstance(encoder, dict) else None
-
-
-def _count_rows(csv: Path) -> int:
-    with open(csv, encoding="utf-8") as fh:
-        return sum(1 for _ in fh) - 1

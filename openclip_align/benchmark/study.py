@@ -68,7 +68,7 @@ def run_cell(plan: StudyPlan, loss: str, optimizer: str, seed: int, data_dir: Pa
                      budget_override={"lr": plan.lr[optimizer]})
     cell = {"loss": loss, "optimizer": optimizer, "seed": seed, "lr": plan.lr[optimizer]}
     try:
-        result = train(spec, str(data_dir / "train.csv"), plan.budget, seed, runs_dir)
+        result = train(spec, str(data_dir / "train.csv"), plan.budget, seed, runs_dir, progress=True)
     except RuntimeError as err:
         if _DIVERGED_MARK in str(err):
             return {**cell, "status": "diverged"}

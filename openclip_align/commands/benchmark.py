@@ -14,15 +14,17 @@ def register(subparsers) -> None:
                     "evaluated on its held-out pairs and zero-shot sets (mean and std over seeds).")
     parser.add_argument("--data", type=Path, default=Path("data/default"),
                         help="embedded default corpus (built with `openclip-align data build` if missing)")
-    parser.add_argument("--out", type=Path, default=Path("benchmark"),
-                        help="folder for results.json, results.md, figures and each run's logs (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmark"),
+                        help="folder for results.json, results.md, figures and each run's logs (default: %(default)s, "
+                             "untracked; `make benchmark-publish` copies a run into the committed benchmark/)")
+    parser.add_argument("--baseline", type=Path, default=Path("benchmark/baselines"),
+                        help="results.json to flag regressions against, or a folder of <variant>.json files; only a "
+                             "run on the same corpus is compared (default: %(default)s, the published runs)")
     parser.add_argument("--quick", action="store_true", help="1 epoch per run (about 5 minutes on 2 CPU cores)")
     parser.add_argument("--gpu", action="store_true", help="ViT-B-16 configs, batch 256, bf16 autocast on CUDA")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds (default 0 1 2)")
     parser.add_argument("--tracks", nargs="+", default=None, choices=("scratch", "pretrained"),
                         help="which tracks to run (default: both; --gpu runs the scratch track's ViT-B-16 only)")
-    parser.add_argument("--update-readme", type=Path, default=None, metavar="README",
-                        help="after the run, rewrite the benchmark tables between the markers in this README")
     parser.set_defaults(func=run)
 
 
@@ -41,12 +43,10 @@ def run(args) -> int:
         logging.info("benchmark: %s has no corpus yet; building the full embedded default", args.data)
         build_corpus(args.data, size="full")
     results = run_benchmark(args.data, args.out, quick=args.quick, gpu=args.gpu, seeds=args.seeds,
-                            tracks=args.tracks or TRACKS)
+                            tracks=args.tracks or TRACKS, baseline=args.baseline)
     print((args.out / "results.md").read_text())
-    if args.update_readme:
-        from openclip_align.benchmark.readme import update_readme
-
-        update_readme(args.update_readme, args.out / "results.json")
     if results["flags"]:
-        print(f"{len(results['flags'])} regression(s) flagged against the previous run")
+        print(f"{len(results['flags'])} regression(s) flagged against the baseline")
+    print(f"Wrote {args.out}. To make it the committed copy (benchmark/, README tables): "
+          f"python -m openclip_align.benchmark.publish {args.out}")
     return 0

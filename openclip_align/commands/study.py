@@ -29,8 +29,9 @@ def register(subparsers) -> None:
                     "zero-shot sets; writes results.json, results.md and study.png into --out.")
     parser.add_argument("--data", type=Path, default=Path("data/default"),
                         help="a corpus laid out like the embedded default (train.csv, heldout.csv, zeroshot/)")
-    parser.add_argument("--out", type=Path, default=Path("study"),
-                        help="folder for results.json, results.md, study.png and each cell's run (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("runs/study"),
+                        help="folder for results.json, results.md, study.png and each cell's run (default: "
+                             "%(default)s, untracked; `make study-publish` copies it into the committed study/)")
     parser.add_argument("--losses", nargs="+", default=list(STUDY_LOSSES), choices=loss_names(), metavar="LOSS")
     parser.add_argument("--optimizers", nargs="+", default=list(STUDY_OPTIMIZERS), choices=sorted(DEFAULT_LR),
                         metavar="OPT", help="any of %(choices)s")

@@ -1,0 +1,125 @@
+"""Make a finished run the committed copy: the explicit step after ``make benchmark`` / ``make study``.
+
+Runs write to untracked folders (``runs/benchmark``, ``runs/study``) so that trying the project never dirties
+the repository. Publishing copies one run into the tracked folders and rewrites README's tables from them:
+
+* benchmark: ``results.json`` (also ``baselines/<variant>.json``, what later runs are compared with),
+  ``results.md`` and ``figures/`` into ``benchmark/`` for the default ``cpu`` variant, into
+  ``benchmark/<variant>/`` for the others (``cpu-quick``, ``gpu``, ...);
+* study: ``results.json``, ``results.md`` and ``study.png`` into ``study/``.
+
+results.md and quality.png are drawn again by this version (so a run made by an older one reads like a new
+one); the pair pictures are copied, or drawn again from the run's checkpoints with ``--redraw-pca DATA``.
+A run from before corpus records gets one with ``--corpus DATA`` when DATA still holds as many training
+pairs as the run read (marked as added at publish time).
+
+    python -m openclip_align.benchmark.publish --benchmark runs/benchmark [--study runs/study] [--readme README.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .corpus import corpus_of, corpus_record
+from .figures import plot_quality, replot_pca
+from .readme import update_readme
+from .report import markdown, write_json_atomic
+
+MAIN_VARIANT = "cpu"
+
+
+def load_results(run_dir: Path, what: str) -> dict:
+    path = run_dir / "results.json"
+    if not path.exists():
+        raise SystemExit(f"{path} not found: nothing to publish (run `make {what}` first; it writes {run_dir})")
+    return json.loads(path.read_text())
+
+
+def stamp_corpus(results: dict, data_dir: Path) -> dict:
+    """Add the corpus record to a run made before records were kept, if ``data_dir`` matches its pair count."""
+    if corpus_of(results) is not None:
+        return results
+    record = corpus_record(data_dir)
+    pairs = results.get("data", {}).get("train_pairs")
+    if pairs != record["train_pairs"]:
+        raise SystemExit(f"--corpus {data_dir}: it holds {record['train_pairs']} training pairs but the run read "
+                         f"{pairs}; it is not the corpus of this run (publish without --corpus: the run stays "
+                         "'unknown corpus')")
+    record["recorded_at"] = f"publish, {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    results.setdefault("data", {})["corpus"] = record
+    return results
+
+
+def publish_benchmark(run_dir: Path, committed: Path, corpus: Optional[Path] = None,
+                      redraw_pca: Optional[Path] = None) -> Path:
+    """Copy one benchmark run into ``committed`` (see the module docstring); returns its results.json there."""
+    results = load_results(run_dir, "benchmark")
+    if corpus is not None:
+        results = stamp_corpus(results, corpus)
+    variant = results.get("variant", MAIN_VARIANT)
+    target = committed if variant == MAIN_VARIANT else committed / variant
+    figures = target / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    for picture in sorted((run_dir / "figures").glob("pca_*.png")):
+        shutil.copy2(picture, figures / picture.name)
+    if redraw_pca is not None:
+        for path in replot_pca(results, run_dir, redraw_pca, figures):
+            logging.info("publish: redrew %s", path)
+    plot_quality(results, figures / "quality.png")
+    write_json_atomic(target / "results.json", results)
+    (target / "results.md").write_text(markdown(results))
+    (committed / "baselines").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(committed / "baselines" / f"{variant}.json", results)
+    logging.info("publish: %s (%s) -> %s, baseline %s", run_dir, variant, target,
+                 committed / "baselines" / f"{variant}.json")
+    return target / "results.json" if variant == MAIN_VARIANT else None
+
+
+def publish_study(run_dir: Path, committed: Path) -> Path:
+    from .study import markdown as study_markdown, plot
+
+    results = load_results(run_dir, "study")
+    committed.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(committed / "results.json", results)
+    (committed / "results.md").write_text(study_markdown(results))
+    plot(results, committed / "study.png")
+    logging.info("publish: %s -> %s", run_dir, committed)
+    return committed / "results.json"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m openclip_align.benchmark.publish",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--benchmark", type=Path, metavar="RUN", help="a finished benchmark run's --out folder")
+    parser.add_argument("--study", type=Path, metavar="RUN", help="a finished study run's --out folder")
+    parser.add_argument("--to-benchmark", type=Path, default=Path("benchmark"),
+                        help="the committed benchmark folder (default: %(default)s)")
+    parser.add_argument("--to-study", type=Path, default=Path("study"),
+                        help="the committed study folder (default: %(default)s)")
+    parser.add_argument("--readme", type=Path, default=Path("README.md"),
+                        help="README whose marked tables are rewritten from what was published (default: %(default)s)")
+    parser.add_argument("--corpus", type=Path, metavar="DATA",
+                        help="for a benchmark run without a corpus record: the corpus it used, recorded now")
+    parser.add_argument("--redraw-pca", type=Path, metavar="DATA",
+                        help="draw the pair pictures again from the run's checkpoints on this corpus's held-out pairs")
+    args = parser.parse_args(argv)
+    if not args.benchmark and not args.study:
+        parser.error("nothing to publish: pass --benchmark RUN and/or --study RUN")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    bench = publish_benchmark(args.benchmark, args.to_benchmark, args.corpus, args.redraw_pca) \
+        if args.benchmark else None
+    study = publish_study(args.study, args.to_study) if args.study else None
+    if (bench or study) and args.readme.exists():
+        done = update_readme(args.readme, bench, study)
+        print(f"{args.readme}: rewrote {', '.join(done) or 'nothing (no markers)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Runs write to untracked folders; publishing one into the committed copy is an explicit step that also
+works for a run an older version made (no corpus record)."""
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from openclip_align.benchmark import publish
+from test_benchmark_report import results, track
+
+REPO = Path(__file__).resolve().parent.parent
+README = ("intro\n<!-- benchmark:scratch:start -->\nOLD\n<!-- benchmark:scratch:end -->\n"
+          "<!-- study:start -->\nOLD GRID\n<!-- study:end -->\n")
+
+
+def digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def old_run(tmp_path: Path, **changes) -> Path:
+    """A run folder as the version before corpus records left it."""
+    run = tmp_path / "run"
+    (run / "figures").mkdir(parents=True)
+    res = results(scratch=track(0.4, 0.05))
+    res.update(compared_with="2026-11-23 06:55:34", flags=["scratch / CLIP crossstyle_text_to_image_R@1: 1 -> 0"],
+               **changes)
+    (run / "results.json").write_text(json.dumps(res))
+    (run / "results.md").write_text("old report")
+    (run / "figures" / "pca_scratch_CLIP.png").write_bytes(b"\x89PNG old picture")
+    return run
+
+
+def test_publishing_an_old_run_fills_the_committed_copy_and_readme_and_leaves_the_run_alone(tmp_path):
+    run = old_run(tmp_path)
+    before = digest(run)
+    committed, readme = tmp_path / "benchmark", tmp_path / "README.md"
+    readme.write_text(README)
+    assert publish.main(["--benchmark", str(run), "--to-benchmark", str(committed), "--readme", str(readme)]) == 0
+    assert digest(run) == before
+    published = json.loads((committed / "results.json").read_text())
+    assert published == json.loads((run / "results.json").read_text())
+    assert json.loads((committed / "baselines" / "cpu.json").read_text()) == published
+    assert (committed / "figures" / "pca_scratch_CLIP.png").read_bytes() == b"\x89PNG old picture"
+    assert (committed / "figures" / "quality.png").read_bytes()[:4] == b"\x89PNG"
+    report = (committed / "results.md").read_text()
+    assert "predates corpus records" in report and "crossstyle" not in report
+    text = readme.read_text()
+    assert "OLD\n" not in text and "From `openclip-align benchmark --data d`" in text and "OLD GRID" in text
+
+
+def test_corpus_record_added_at_publish_only_when_the_pair_count_matches(tmp_path):
+    run = old_run(tmp_path)                               # the run read 10 training pairs
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rows = ["filepath\ttitle"] + [f"/i/{i}.png\tc {i}" for i in range(10)]
+    (corpus / "train.csv").write_text("\n".join(rows) + "\n")
+    (corpus / "heldout.csv").write_text("\n".join(rows[:4]) + "\n")
+    committed = tmp_path / "benchmark"
+    publish.main(["--benchmark", str(run), "--to-benchmark", str(committed), "--readme", str(tmp_path / "none.md"),
+                  "--corpus", str(corpus)])
+    record = json.loads((committed / "results.json").read_text())["data"]["corpus"]
+    assert record["train_pairs"] == 10 and record["heldout_pairs"] == 3 and record["recorded_at"].startswith("publish")
+    (corpus / "train.csv").write_text("\n".join(rows[:6]) + "\n")
+    with pytest.raises(SystemExit, match="holds 5 training pairs but the run read 10"):
+        publish.main(["--benchmark", str(run), "--to-benchmark", str(committed), "--corpus", str(corpus)])
+
+
+def test_other_variants_go_to_their_own_folder_and_leave_readme_alone(tmp_path):
+    run = old_run(tmp_path, variant="cpu-quick")
+    committed, readme = tmp_path / "benchmark", tmp_path / "README.md"
+    readme.write_text(README)
+    publish.main(["--benchmark", str(run), "--to-benchmark", str(committed), "--readme", str(readme)])
+    assert (committed / "cpu-quick" / "results.md").exists() and (committed / "baselines" / "cpu-quick.json").exists()
+    assert not (committed / "results.json").exists() and readme.read_text() == README
+
+
+def test_study_is_published_the_same_way(tmp_path):
+    from openclip_align.benchmark.study import summarise
+
+    cells = [{"loss": "clip", "optimizer": "adamw", "seed": 0, "status": "ok", "image_to_text_R@1": 0.1,
+              "text_to_image_R@1": 0.2, "zeroshot_top1": 0.3, "average": 0.2, "centroid_gap": 0.5}]
+    study = {"created": "2026-11-24 13:00:00", "command": "openclip-align study", "seconds": 60.0, "cells": cells,
+             "table": summarise(cells), "plan": {"regime": "pretrained", "model": "M", "extra": [], "lr": {},
+                                                 "losses": ["clip"], "optimizers": ["adamw"],
+                                                 "budget": {"epochs": 1, "batch_size": 64}, "seeds": [0]}}
+    run = tmp_path / "study-run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(study))
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    publish.main(["--study", str(run), "--to-study", str(tmp_path / "study"), "--readme", str(readme)])
+    assert (tmp_path / "study" / "study.png").exists() and "| clip | adamw | 10.0 |" in readme.read_text()
+    assert "\nOLD\n" in readme.read_text()                 # the benchmark blocks are not touched
+    with pytest.raises(SystemExit, match="nothing to publish"):
+        publish.main(["--study", str(tmp_path / "missing")])
+
+
+def test_default_outputs_are_untracked():
+    from openclip_align.commands import benchmark, study
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    benchmark.register(sub)
+    study.register(sub)
+    outs = [parser.parse_args([name]).out for name in ("benchmark", "study")]
+    assert outs == [Path("runs/benchmark"), Path("runs/study")]
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    for out in outs:
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "results.json")], cwd=REPO)
+        assert ignored.returncode == 0, f"{out} is not gitignored"
