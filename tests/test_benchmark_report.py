@@ -148,3 +148,15 @@ def test_a_run_from_before_corpus_records_shows_no_unchecked_flags():
     old.update(compared_with="2026-11-23 06:55:34", flags=["scratch / CLIP crossstyle_text_to_image_R@1: 0.0126 -> 0.0088"])
     text = report.markdown(old)
     assert "crossstyle" not in text and "predates corpus records" in text
+
+
+def test_readme_block_states_the_run_time_the_results_record():
+    from openclip_align.benchmark import readme
+
+    results = {"command": "openclip-align benchmark", "created": "today", "machine": {"device": "cpu"},
+               "total_seconds": 2000.0,
+               "tracks": {"t": {"train_seconds": 600.0, "speed_seconds": 60.0, "eval_seconds": 30.0}}}
+    # 690 s = 11.5 min for the track, 600 s = 10.0 min of training, 2000 s = 33.3 min in all
+    assert readme._duration(results, "t") == " This track: 11.5 min (training 10.0); the whole run: 33.3 min."
+    del results["total_seconds"]
+    assert readme._duration(results, "t") == ""          # results from before the record: no claim

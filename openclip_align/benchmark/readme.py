@@ -19,7 +19,17 @@ from .report import track_tables
 
 def block(results: dict, track: str) -> str:
     where = f"From `{results['command']}`, {results['created']} ({results['machine']['device']})."
-    return "\n".join([where, "", *track_tables(results["tracks"][track])])
+    return "\n".join([where + _duration(results, track), "", *track_tables(results["tracks"][track])])
+
+
+def _duration(results: dict, track: str) -> str:
+    """How long this track and the whole run took, as the run measured them (absent in old results)."""
+    entry = results["tracks"][track]
+    if "train_seconds" not in entry or "total_seconds" not in results:
+        return ""
+    spent = entry["train_seconds"] + entry.get("speed_seconds", 0.0) + entry.get("eval_seconds", 0.0)
+    return (f" This track: {spent / 60:.1f} min (training {entry['train_seconds'] / 60:.1f}); "
+            f"the whole run: {results['total_seconds'] / 60:.1f} min.")
 
 
 def study_block(results: dict) -> str:
