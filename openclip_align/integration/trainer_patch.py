@@ -18,16 +18,18 @@ def _once(module) -> bool:
 
 def patch_open_clip_trainer_api(open_clip_module) -> None:
     """``create_loss`` / ``create_model_and_transforms`` as ``open_clip_train.main`` imports them."""
+    from .trainer_errors import wrap_model_errors
     from .trainer_run import wrap_create_loss, wrap_create_model_and_transforms
 
     if _once(open_clip_module.factory):
         open_clip_module.create_loss = wrap_create_loss(open_clip_module.create_loss)
         open_clip_module.create_model_and_transforms = wrap_create_model_and_transforms(
-            open_clip_module.create_model_and_transforms)
+            wrap_model_errors(open_clip_module.create_model_and_transforms))
 
 
 def patch_params(params_module) -> None:
     from .trainer_args import parse_args_with_plugin
+    from .trainer_errors import check_trainer_inputs, install_excepthook
     from .trainer_run import start_run
 
     if not _once(params_module):
@@ -36,6 +38,8 @@ def patch_params(params_module) -> None:
 
     def parse_args(args):
         parsed = parse_with_flags(args)
+        install_excepthook()
+        check_trainer_inputs(parsed)
         start_run(parsed)
         return parsed
 

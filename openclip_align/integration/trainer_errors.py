@@ -1,0 +1,146 @@
+"""Mistakes in a trainer command line end in one clear line, not a traceback.
+
+Inside ``python -m open_clip_train.main`` a misspelled ``--model``, a ``--train-data`` file that is not there
+or a ``--pretrained`` checkpoint of another architecture used to end in a 10-20 frame traceback from
+pandas or ``load_state_dict``. The plugin checks what it can right after the arguments are parsed
+(before anything is built) and installs an exception hook that prints errors marked
+:class:`UserInputError` as ``open_clip_train.main: error: ...``. ``OPENCLIP_ALIGN_TRACEBACK=1`` brings
+the full traceback back.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+import sys
+
+TRACEBACK_SWITCH = "OPENCLIP_ALIGN_TRACEBACK"
+_REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
+_INSTALLED = "__openclip_align_excepthook__"
+
+
+class UserInputError(ValueError):
+    """A problem with what the user passed (a flag, a file): shown as one line without a traceback."""
+
+    user_facing = True
+
+
+def is_user_facing(exc: BaseException) -> bool:
+    return bool(getattr(exc, "user_facing", False))
+
+
+def install_excepthook() -> None:
+    """Print user-facing errors as one line (idempotent; other exceptions keep the previous hook)."""
+    if getattr(sys.excepthook, _INSTALLED, False):
+        return
+    previous = sys.excepthook
+
+    def excepthook(exc_type, exc, tb):
+        if not is_user_facing(exc) or os.environ.get(TRACEBACK_SWITCH, "").strip() not in ("", "0"):
+            return previous(exc_type, exc, tb)
+        line = f"open_clip_train.main: error: {exc}"
+        for handler in logging.getLogger().handlers:        # the run's out.log, when it exists already
+            if isinstance(handler, logging.FileHandler):
+                handler.emit(logging.makeLogRecord({"msg": line, "levelno": logging.ERROR, "levelname": "ERROR"}))
+        print(f"{line}\n(set {TRACEBACK_SWITCH}=1 to see the traceback)", file=sys.stderr)
+
+    setattr(excepthook, _INSTALLED, True)
+    sys.excepthook = excepthook
+
+
+# --- checks on the parsed arguments, before anything is built ------------------------------------
+def check_trainer_inputs(args) -> None:
+    """Refuse, with the flag and the fix named, inputs upstream would only fail on later and less clearly."""
+    _check_model_name(getattr(args, "model", None))
+    _check_pretrained(getattr(args, "model", None), getattr(args, "pretrained", None))
+    for flag in ("train_data", "val_data"):
+        _check_data_files(f"--{flag.replace('_', '-')}", getattr(args, flag, None),
+                          getattr(args, "dataset_type", "auto"))
+
+
+def _check_model_name(name) -> None:
+    if not isinstance(name, str) or ":" in name:              # hf-hub:, local-dir: are resolved upstream
+        return
+    import open_clip
+
+    known = open_clip.list_models()
+    if name in known or name.replace("/", "-") in known:
+        return
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "see open_clip.list_models() for the names"
+    raise UserInputError(f"--model {name}: no such OpenCLIP model config; {hint}")
+
+
+def _check_pretrained(model, pretrained) -> None:
+    if not pretrained or not isinstance(model, str) or ":" in model or os.path.isfile(pretrained):
+        return
+    import open_clip
+
+    if open_clip.get_pretrained_cfg(model.replace("/", "-"), pretrained):
+        return                                                 # a known tag (download is upstream's)
+    tags = open_clip.list_pretrained_tags_by_model(model.replace("/", "-"))
+    known = f"its tags are {', '.join(tags)}" if tags else "it has no pretrained tags"
+    raise UserInputError(f"--pretrained {pretrained}: no such file, and not a pretrained tag of {model} ({known}); "
+                         "pass the path of a checkpoint (e.g. logs/RUN/checkpoints/epoch_N.pt)")
+
+
+def _local_files(spec: str):
+    """Local paths named by a data flag (``::``-joined sources, brace patterns); remote ones are skipped."""
+    import braceexpand
+
+    for source in spec.split("::"):
+        if source.startswith(_REMOTE) or "://" in source:
+            continue
+        yield from braceexpand.braceexpand(source)
+
+
+def _check_data_files(flag: str, spec, dataset_type: str) -> None:
+    if not spec or dataset_type == "synthetic":
+        return
+    missing = [path for path in _local_files(spec) if not os.path.exists(path)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserInputError(f"{flag} {spec}: {missing[0]}{more} does not exist; check the path "
+                             "(relative paths are read from the current directory "
+                             f"{os.getcwd()})")
+
+
+# --- errors upstream raises while building the model ---------------------------------------------
+_SECTION = re.compile(r"(Missing key\(s\)|Unexpected key\(s\)) in state_dict: (.*?)(?:\.\s*$|\.\s*\n)", re.S | re.M)
+
+
+class CheckpointMismatchError(UserInputError, RuntimeError):
+    """A ``--pretrained`` checkpoint of another architecture (still a RuntimeError, as upstream raised)."""
+
+
+def explain_checkpoint_mismatch(error: RuntimeError, model: str, pretrained: str) -> CheckpointMismatchError:
+    """``load_state_dict``'s page-long message as one line: what does not fit, and what to do."""
+    text = str(error)
+    counts = {"missing": 0, "unexpected": 0}
+    first = None
+    for kind, keys in _SECTION.findall(text):
+        names = re.findall(r'"([^"]+)"', keys)
+        counts["missing" if kind.startswith("Missing") else "unexpected"] += len(names)
+        first = first or (names[0] if names else None)
+    shapes = re.findall(r"size mismatch for ([^:]+):", text)
+    first = first or (shapes[0] if shapes else None)
+    parts = [f"{counts['missing']} tensors missing", f"{counts['unexpected']} unexpected",
+             f"{len(shapes)} of another shape"]
+    return CheckpointMismatchError(
+        f"--pretrained {pretrained} does not fit --model {model}: {', '.join(parts)} (first: {first}); "
+        "pass the --model the checkpoint was trained with")
+
+
+def wrap_model_errors(upstream):
+    """``create_model_and_transforms`` whose checkpoint/architecture mismatch is a user-facing error."""
+    def create_model_and_transforms(model_name, pretrained=None, *args, **kwargs):
+        try:
+            return upstream(model_name, pretrained, *args, **kwargs)
+        except RuntimeError as err:
+            if pretrained and "Error(s) in loading state_dict" in str(err):
+                raise explain_checkpoint_mismatch(err, model_name, pretrained) from err
+            raise
+
+    create_model_and_transforms.__wrapped__ = upstream
+    return create_model_and_transforms
