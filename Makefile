@@ -4,6 +4,7 @@ DATA ?= data/default
 SMALL_DATA ?= data/small
 BENCH_OUT ?= runs/benchmark
 STUDY_OUT ?= runs/study
+PUBLISH_FLAGS ?=     # e.g. --corpus data/default --redraw-pca data/default for a run an older version made
 
 .PHONY: install test data data-small benchmark benchmark-quick benchmark-publish study study-publish
 
@@ -34,7 +35,7 @@ benchmark-quick:
 	$(PYTHON) -m openclip_align.cli benchmark --data $(DATA) --out $(BENCH_OUT)-quick --quick
 
 benchmark-publish:  ## make the run in $(BENCH_OUT) the committed copy: benchmark/ (results, baseline, figures), README tables
-	$(PYTHON) -m openclip_align.benchmark.publish --benchmark $(BENCH_OUT)
+	$(PYTHON) -m openclip_align.benchmark.publish --benchmark $(BENCH_OUT) $(PUBLISH_FLAGS)
 
 study:              ## losses x optimizers grid of the course study (pretrained towers; --regime scratch for Tiny models)
 	$(PYTHON) -m openclip_align.cli study --data $(DATA) --out $(STUDY_OUT)

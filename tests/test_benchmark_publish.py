@@ -114,3 +114,35 @@ def test_default_outputs_are_untracked():
     for out in outs:
         ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "results.json")], cwd=REPO)
         assert ignored.returncode == 0, f"{out} is not gitignored"
+
+
+def test_pair_pictures_are_redrawn_from_a_finished_runs_checkpoints(tmp_path, monkeypatch):
+    import open_clip
+    import torch
+
+    from conftest import write_digits_corpus
+    from openclip_align.metrics import plots
+
+    corpus = write_digits_corpus(tmp_path / "corpus", n_train=4, n_heldout=24)
+    res = results(scratch=track(0.4, 0.05))
+    scratch = res["tracks"]["scratch"]
+    scratch["plan"].update(seeds=[3], rows={"upstream CLIP": {"model": "local-dir:/gone", "loss": "clip"},
+                                            "AlignCLIP": {"model": "AlignCLIP-Tiny", "loss": "imsep"}})
+    scratch["quality"] = {label: scratch["quality"]["CLIP"] for label in ("upstream CLIP", "AlignCLIP", "CLIP-Refine")}
+    run = tmp_path / "run"
+    weights = {"state_dict": open_clip.create_model("DualCLIP-Tiny").state_dict()}
+    for name, epoch in (("upstream_CLIP-seed3", 2), ("CLIP-Refine-seed3", 1)):      # AlignCLIP's is gone
+        (run / "runs" / "scratch" / name / "checkpoints").mkdir(parents=True)
+        torch.save(weights, run / "runs" / "scratch" / name / "checkpoints" / f"epoch_{epoch}.pt")
+    (run / "results.json").write_text(json.dumps(res))
+    drawn = []
+    real = plots.plot_gap_pca
+    monkeypatch.setattr(plots, "plot_gap_pca", lambda *a, **k: drawn.append(k) or real(*a, **k))
+    committed = tmp_path / "benchmark"
+    publish.main(["--benchmark", str(run), "--to-benchmark", str(committed), "--readme", str(tmp_path / "no.md"),
+                  "--redraw-pca", str(corpus)])
+    assert [d["title"].split("\n")[0] for d in drawn] == ["upstream CLIP: DualCLIP-Tiny, --loss clip (OpenCLIP alone)",
+                                                         "CLIP-Refine: DualCLIP-Tiny, --loss refine"]
+    assert all(d["gap_axis"] for d in drawn)
+    assert sorted(p.name for p in (committed / "figures").glob("pca_*")) == [
+        "pca_scratch_CLIP-Refine.png", "pca_scratch_upstream_CLIP.png"]

@@ -53,7 +53,7 @@ def quality_figure(results: dict):
     from matplotlib.figure import Figure
 
     tracks = list(results["tracks"].values())
-    width = max(len(panels(track["quality"])) for track in tracks)
+    width = max(1, max(len(panels(track["quality"])) for track in tracks))
     fig = Figure(figsize=(3.1 * width, 3.9 * len(tracks) + 0.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     rows = fig.subfigures(len(tracks), 1, squeeze=False)[:, 0]
