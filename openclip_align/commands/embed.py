@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -25,6 +26,9 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--drop-empty-captions", action="store_true",
+                        help="leave out pairs whose caption is empty or missing (csv: from a copy, "
+                             "<stem>.indexed.csv; shards: from the rewritten shards) instead of refusing them")
     parser.set_defaults(func=_run)
 
 
@@ -37,7 +41,7 @@ def _run(args) -> int:
         if args.data.endswith(".csv") or (os.path.isfile(args.data) and not args.data.endswith(".tar")):
             written = embed_csv(args.data, model=args.model, out=args.out, sep=args.csv_separator,
                                 caption_key=args.csv_caption_key, batch_size=args.batch_size, progress=progress,
-                                device=args.device)
+                                device=args.device, drop_empty_captions=args.drop_empty_captions)
             for what, path in written.items():
                 print(f"{what}: {path}")
             return 0
@@ -46,8 +50,13 @@ def _run(args) -> int:
                   file=sys.stderr)
             return 2
         sizes = embed_shards(args.data, args.out, model=args.model, batch_size=args.batch_size, progress=progress,
-                             device=args.device)
+                             device=args.device, drop_empty_captions=args.drop_empty_captions)
         print(f"{args.out}: {len(sizes)} shards, {sum(sizes.values())} samples with embeddings")
+        import json
+
+        dropped = json.loads((Path(args.out) / "embeddings.json").read_text()).get("dropped_empty_captions")
+        if dropped:
+            print(f"dropped: {dropped} samples with an empty or missing caption")
         return 0
     except (EncoderNotInstalled, FileNotFoundError, ValueError) as err:
         print(f"openclip-align embed: {err}", file=sys.stderr)

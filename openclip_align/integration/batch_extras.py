@@ -73,9 +73,19 @@ def make_csv_dataset_class(upstream_cls):
     class CsvDatasetWithExtras(upstream_cls):
         def __init__(self, input_filename, transforms, img_key, caption_key, sep="\t", tokenizer=None):
             super().__init__(input_filename, transforms, img_key, caption_key, sep=sep, tokenizer=tokenizer)
+            from .data_checks import check_csv_captions, check_embedding_width, csv_meta_path
+
             self.extras = _requested
             self.indices = None
             self.embeddings = None
+            self.embeddings_path = None
+            self.rows = None               # csv row of each pair kept, when --drop-empty-captions dropped some
+            n_rows = len(self.captions)
+            dropped = set(check_csv_captions(input_filename, self.captions))
+            if dropped:
+                self.rows = np.array([i for i in range(n_rows) if i not in dropped], dtype=np.int64)
+                self.images = [self.images[i] for i in self.rows]
+                self.captions = [self.captions[i] for i in self.rows]
             if not self.extras:
                 return
             if INDEX in self.extras:
@@ -89,17 +99,22 @@ def make_csv_dataset_class(upstream_cls):
                         raise MissingExtrasError(
                             f"{input_filename}: column {key!r} must hold a unique integer index per row")
                     self.indices = column.astype("int64").to_numpy()
-                else:
+                    if self.rows is not None:
+                        self.indices = self.indices[self.rows]
+                else:                          # the pair's position (after any dropped rows)
                     self.indices = np.arange(len(self.captions), dtype=np.int64)
             if SEMANTIC in self.extras and _options.get("semantic_precomputed", True):
                 path = _options.get("csv_embeddings") or csv_embedding_path(input_filename)
                 if os.path.exists(path):
                     self.embeddings = np.load(path, mmap_mode="r")
-                    if self.embeddings.ndim != 2 or len(self.embeddings) != len(self.captions):
+                    self.embeddings_path = path
+                    if self.embeddings.ndim != 2 or len(self.embeddings) != n_rows:
                         raise MissingExtrasError(
-                            f"{path}: expected one embedding row per csv row ({len(self.captions)}), "
+                            f"{path}: expected one embedding row per csv row ({n_rows}), "
                             f"got shape {self.embeddings.shape}; recompute it with `openclip-align embed`")
                     check_embedding_file(path, self.embeddings)
+                    check_embedding_width(path, int(self.embeddings.shape[1]), csv_meta_path(path),
+                                          f"Recompute it with `openclip-align embed --data {input_filename}`")
                 elif not _options.get("semantic_on_the_fly", False):
                     raise MissingExtrasError(
                         f"--loss needs semantic caption embeddings but {path} does not exist; run "
@@ -114,7 +129,8 @@ def make_csv_dataset_class(upstream_cls):
             if self.indices is not None:
                 extras[INDEX] = int(self.indices[idx])
             if self.embeddings is not None:
-                extras[SEMANTIC] = torch.from_numpy(np.array(self.embeddings[idx], dtype=np.float32))
+                row = idx if self.rows is None else int(self.rows[idx])
+                extras[SEMANTIC] = torch.from_numpy(np.array(self.embeddings[row], dtype=np.float32))
             return image, text, extras
 
     CsvDatasetWithExtras.__name__ = CsvDatasetWithExtras.__qualname__ = "CsvDatasetWithExtras"
@@ -174,7 +190,8 @@ class WebdatasetWithExtras:
     def to_tuple(self, *keys, **kwargs):
         if not _requested or keys != ("image", "text"):
             return self._wds.to_tuple(*keys, **kwargs)
-        return self._wds.map(_SampleToTupleWithExtras(_requested, _options.get("index_limit")))
+        return self._wds.map(_SampleToTupleWithExtras(_requested, _options.get("index_limit"),
+                                                      _options.get("semantic_precomputed", True)))
 
 
 def _remember_caption(sample):
@@ -199,9 +216,10 @@ class _SampleToTupleWithExtras:
     the embedding finite, the index in [0, ``index_limit``) when the dataset size is known.
     """
 
-    def __init__(self, requested, index_limit: Optional[int] = None):
+    def __init__(self, requested, index_limit: Optional[int] = None, precomputed: bool = True):
         self.requested = frozenset(requested)
         self.index_limit = index_limit
+        self.precomputed = precomputed          # False with --semantic-source on-the-fly: members ignored
 
     def __call__(self, sample):
         extras = {}
@@ -216,7 +234,7 @@ class _SampleToTupleWithExtras:
             extras[INDEX] = int(meta["index"])
             if self.index_limit is not None:
                 check_index_range(where, [extras[INDEX]], self.index_limit)
-        if SEMANTIC in self.requested and EMB_MEMBER in sample:
+        if SEMANTIC in self.requested and self.precomputed and EMB_MEMBER in sample:
             value = sample[EMB_MEMBER]
             if isinstance(value, bytes):
                 import io

@@ -40,6 +40,9 @@ def build_plugin_parser() -> argparse.ArgumentParser:
                        help="csv only: path of the row-aligned .npy embeddings (default: <csv stem>.emb.npy)")
     group.add_argument("--csv-index-key", default="index",
                        help="csv column with a stable per-pair index (default: the row number if absent)")
+    group.add_argument("--drop-empty-captions", action="store_true",
+                       help="leave out training pairs whose caption is empty or missing (counted in the log) "
+                            "instead of refusing the data; csv rows and shard samples alike")
     group.add_argument("--gap-metrics", default=True, action=argparse.BooleanOptionalAction,
                        help="log modality-gap metrics next to retrieval metrics during evaluation")
     group.add_argument("--gap-max-pairs", type=int, default=5000,

@@ -23,7 +23,7 @@ from torch import nn
 from openclip_align.losses._common import inputs_validated
 from openclip_align.losses.registry import NEEDS_INDEX, NEEDS_SEMANTIC, get_loss_spec
 
-from . import batch_extras
+from . import batch_extras, data_checks
 from .batch_extras import CAPTION, INDEX, SEMANTIC, STASH, ExtrasLoader, MissingExtrasError
 from .checkpoints import fall_back_from_unreadable
 from .trainer_args import loss_option_names
@@ -113,22 +113,37 @@ def state_fingerprint(model: nn.Module) -> str:
 def wrap_get_data(upstream_get_data, data_module):
     def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
         run = RUN
-        if run is None or not run.uses_stash or not args.train_data:
+        if run is None or not args.train_data or args.dataset_type == "synthetic":
             if run is not None and run.uses_stash and args.dataset_type == "synthetic":
                 raise MissingExtrasError(f"--loss {args.loss} needs captions/indices; synthetic data has none")
             return upstream_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+        dataset_fn = data_module.get_dataset_fn(args.train_data, args.dataset_type)
+        scan = None
+        if dataset_fn is data_module.get_wds_dataset:       # every shard read once, on the host, before step 1
+            scan = data_checks.scan_training_shards(args, NEEDS_SEMANTIC in run.needs, NEEDS_INDEX in run.needs,
+                                                    data_module)
+        if not run.uses_stash:
+            with data_checks.dropping_listed(data_module, scan):
+                data = upstream_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+            if "train" in data:
+                data_checks.check_has_a_batch(args, data["train"])
+            return data
         source = args.semantic_source
         options = dict(csv_index_key=args.csv_index_key, csv_embeddings=args.semantic_embeddings,
                        semantic_precomputed=source != "on-the-fly", semantic_on_the_fly=source != "precomputed")
-        dataset_fn = data_module.get_dataset_fn(args.train_data, args.dataset_type)
         if dataset_fn is data_module.get_wds_dataset:
-            batch_extras.check_webdataset_extras(args.train_data, run.needs, options["semantic_on_the_fly"])
-            if NEEDS_INDEX in run.needs:        # each sample's index is checked as it is decoded
-                options["index_limit"] = _shards_size(args.train_data, data_module)
-        with batch_extras.requesting(run.data_extras(), **options):
+            if scan is None:     # remote shards: at least the first sample's members
+                batch_extras.check_webdataset_extras(args.train_data, run.needs, options["semantic_on_the_fly"])
+            if NEEDS_INDEX in run.needs:        # each sample's index is also checked as it is decoded
+                options["index_limit"] = scan.samples if scan is not None else _shards_size(args.train_data,
+                                                                                            data_module)
+        with batch_extras.requesting(run.data_extras(), **options), data_checks.dropping_listed(data_module, scan):
             train = dataset_fn(args, preprocess_fns[0], is_train=True, epoch=epoch, tokenizer=tokenizer)
+        data_checks.check_has_a_batch(args, train)
+        if NEEDS_SEMANTIC in run.needs:
+            data_checks.log_on_the_fly(args, train, scan)
         train.dataloader = ExtrasLoader(train.dataloader)
-        run.num_train_samples = _dataset_size(args, train, data_module)
+        run.num_train_samples = scan.samples if scan is not None else _dataset_size(args, train, data_module)
         indices = getattr(getattr(train.dataloader, "dataset", None), "indices", None)
         if NEEDS_INDEX in run.needs and indices is not None and run.num_train_samples:
             batch_extras.check_index_range(f"--loss {args.loss}: {args.train_data}", indices, run.num_train_samples)
