@@ -1,0 +1,104 @@
+"""The benchmark's wiring, with the trainer and the evaluation replaced by fakes (each real piece has tests
+of its own): interleaved speed windows, per-configuration memory, corpus record and comparison."""
+import hashlib
+import json
+import logging
+
+import pytest
+
+from openclip_align.benchmark import run as bench
+from openclip_align.benchmark.training import TrainResult
+
+RATE = {"upstream CLIP": 400.0, "SharedCLIP": 380.0, "AlignCLIP": 360.0, "CLIP-Refine": 300.0,
+        "AlignCLIP on-the-fly (MiniLM)": 160.0}
+RSS = {"upstream CLIP": 900.0, "SharedCLIP": 950.0, "AlignCLIP": 1000.0, "CLIP-Refine": 1500.0,
+       "AlignCLIP on-the-fly (MiniLM)": 1300.0}
+METRICS = {"centroid_gap": 0.4, "image_to_text_R@1": 0.03, "text_to_image_R@1": 0.02, "alignment_score": 0.5}
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    rows = ["filepath\ttitle\tindex"] + [f"/img/{i}.png\tcaption {i}\t{i}" for i in range(1100)]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "data" / "heldout.csv").write_text("\n".join(rows[:201]) + "\n")
+    manifest = {"counts": {"train": 1100, "heldout": 200}, "encoder": {"model": "enc"}}
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return tmp_path / "data", hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    calls, plots = [], []
+
+    def train(spec, train_data, budget, seed, logs, name=None, keep_checkpoint=True, progress=False, **_):
+        window = name is not None
+        override = spec.budget_override
+        calls.append({"label": spec.label, "name": name or f"{spec.label}-seed{seed}", "data": train_data,
+                      "extra": spec.extra, "window": window, "epochs": override.get("epochs"),
+                      "log_every": override.get("log_every"), "progress": progress, "keep": keep_checkpoint})
+        # windows use a little less memory than whole training runs; the report keeps each row's maximum
+        return TrainResult(spec.label, seed, logs / (name or f"{spec.label}-seed{seed}") / "epoch.pt",
+                           RATE[spec.label] * (1 + 0.01 * seed), RSS[spec.label] - (50 if window else 0), None,
+                           10.0, logs)
+
+    def evaluate_model(model, checkpoint, data_dir, device="cpu", plot_path=None, plot_title=None):
+        if plot_path is not None:
+            plots.append((plot_path.name, plot_title))
+        return dict(METRICS)
+
+    monkeypatch.setattr(bench, "train", train)
+    monkeypatch.setattr(bench, "evaluate_model", evaluate_model)
+    monkeypatch.setattr(bench, "metric_time_100k", lambda: 1.0)
+    return calls, plots
+
+
+def test_speed_windows_alternate_and_memory_and_corpus_are_recorded(tmp_path, corpus, fakes, caplog):
+    data, manifest_sha = corpus
+    calls, plots = fakes
+    baseline = tmp_path / "baselines"
+    baseline.mkdir()
+    other = {"created": "2026-11-20 10:00:00", "tracks": {},
+             "data": {"corpus": {"sha256": "0" * 64, "sha256_of": "manifest.json", "train_pairs": 1090,
+                                 "heldout_pairs": 200}}}
+    (baseline / "cpu-quick.json").write_text(json.dumps(other))
+    with caplog.at_level(logging.INFO):
+        results = bench.run_benchmark(data, tmp_path / "out", quick=True, seeds=[0, 1], tracks=["scratch"],
+                                      baseline=baseline)
+    training = [c for c in calls if not c["window"]]
+    windows = [c for c in calls if c["window"]]
+    assert len(training) == 8 and all(c["progress"] and c["data"] == str(data / "train.csv") for c in training)
+    labels = list(RATE)
+    assert [c["label"] for c in windows] == labels + labels[1:] + labels[:1]        # round 2 starts one further
+    assert all(c["epochs"] == 1 and c["log_every"] == 1 and not c["keep"] for c in windows)
+    refine = [c for c in windows if c["label"] == "CLIP-Refine"][0]
+    assert refine["extra"][refine["extra"].index("--pretrained") + 1].endswith("upstream CLIP-seed0/epoch.pt")
+    assert refine["data"].endswith("window-1024.csv")          # 2 steps of 512: what 1,100 pairs allow
+    assert [c for c in windows if c["label"] == "SharedCLIP"][0]["data"].endswith("window-1024.csv")
+
+    track = results["tracks"]["scratch"]
+    speed = track["speed"]
+    assert speed["SharedCLIP"]["ratio_to_upstream"] == pytest.approx(380 / 400)
+    assert speed["AlignCLIP on-the-fly (MiniLM)"]["ratio_to_upstream"] == pytest.approx(160 / 400)
+    # each row its own maximum: the training runs' where there are any, the speed-only row's windows
+    assert {label: s["peak_rss_mb"] for label, s in speed.items()} == {**RSS, "AlignCLIP on-the-fly (MiniLM)": 1250.0}
+    assert track["speed_method"]["interleaved_rounds"] == 2 and "busy" in track["speed_method"]
+
+    record = results["data"]["corpus"]
+    assert record == {"sha256": manifest_sha, "sha256_of": "manifest.json", "train_pairs": 1100, "heldout_pairs": 200}
+    assert results["comparison"]["status"] == "different corpus" and results["flags"] == []
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "Not compared with the `cpu-quick` baseline" in report and "1,090 training" in report
+    assert "ratio to upstream CLIP (median [min–max] over rounds)" in report
+    assert (tmp_path / "out" / "figures" / "quality.png").exists()
+    assert json.loads((baseline / "cpu-quick.json").read_text()) == other           # the baseline is never written
+    assert sorted(plots) == [
+        ("pca_scratch_AlignCLIP.png", "AlignCLIP: AlignCLIP-Tiny, --loss imsep\nTrained from scratch (Tiny models), "
+                                      "held-out pairs"),
+        ("pca_scratch_CLIP-Refine.png", "CLIP-Refine: DualCLIP-Tiny, --loss refine\nTrained from scratch (Tiny models), "
+                                        "held-out pairs"),
+        ("pca_scratch_SharedCLIP.png", "SharedCLIP: SharedCLIP-Tiny, --loss clip\nTrained from scratch (Tiny models), "
+                                       "held-out pairs"),
+        ("pca_scratch_upstream_CLIP.png", "upstream CLIP: DualCLIP-Tiny, --loss clip (OpenCLIP alone)\nTrained from "
+                                          "scratch (Tiny models), held-out pairs")]
+    assert "every run's live log is under" in caplog.text and "speed round 2/2" in caplog.text
