@@ -184,3 +184,55 @@ def test_patched_upstream_saves_atomically_and_resumes_past_a_truncated_checkpoi
     assert "after failed save: ['epoch_1.pt']" in out.stdout
     assert "latest: epoch_1.pt" in out.stdout
     assert "Skipping checkpoint" in out.stderr and "epoch_2.pt" in out.stderr
+
+
+# --- end to end: `python -m open_clip_train.main` with the plugin ----------------------------------------
+def _train(argv, logs: Path, name: str):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("OPENCLIP_ALIGN_DISABLE", None)
+    cmd = [sys.executable, "-m", "open_clip_train.main", "--model", "AlignCLIP-Tiny", "--dataset-type", "csv",
+           "--batch-size", "16", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--warmup", "1",
+           "--seed", "0", "--opt", "sgd", *argv, "--logs", str(logs), "--name", name]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def one_epoch(digits_csv, tmp_path_factory):
+    """A finished first epoch of one step (16 pairs, batch 16): logs/run/checkpoints/epoch_1.pt."""
+    root = tmp_path_factory.mktemp("one_epoch")
+    csv = root / "train.csv"
+    csv.write_text("\n".join(digits_csv.read_text().splitlines()[:17]) + "\n")
+    out = _train(["--train-data", str(csv), "--epochs", "1", "--lr", "0.01"], root / "logs", "run")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return csv, root / "logs"
+
+
+def _copy_run(one_epoch, tmp_path):
+    csv, logs = one_epoch
+    shutil.copytree(logs, tmp_path / "logs")
+    return csv, tmp_path / "logs", tmp_path / "logs" / "run" / "checkpoints"
+
+
+def test_resume_latest_past_a_checkpoint_truncated_by_a_kill(one_epoch, tmp_path):
+    csv, logs, folder = _copy_run(one_epoch, tmp_path)
+    _truncated_copy(folder / "epoch_1.pt", folder / "epoch_2.pt")     # upstream's save killed half way
+    first = _sha(folder / "epoch_1.pt")
+    out = _train(["--train-data", str(csv), "--epochs", "2", "--lr", "0.01", "--resume", "latest"], logs, "run")
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = (logs / "run" / "out.log").read_text()
+    assert f"skipping {folder / 'epoch_2.pt'}, which cannot be read" in log
+    assert f"resuming from {folder / 'epoch_1.pt'} instead" in log
+    assert torch.load(folder / "epoch_2.pt", map_location="cpu", weights_only=False)["epoch"] == 2
+    assert _sha(folder / "epoch_1.pt") == first and sorted(p.name for p in folder.iterdir()) == ["epoch_1.pt", "epoch_2.pt"]
+
+
+def test_a_last_update_that_diverges_is_never_saved(one_epoch, tmp_path):
+    """One step per epoch: the loss of that step is finite (computed before the update), the weights after
+    it are not; no epoch_2.pt is written and epoch_1.pt stays as it was."""
+    csv, logs, folder = _copy_run(one_epoch, tmp_path)
+    first = _sha(folder / "epoch_1.pt")
+    out = _train(["--train-data", str(csv), "--epochs", "2", "--lr", "3e38", "--resume", "latest"], logs, "run")
+    assert out.returncode != 0
+    assert f"not writing {folder / 'epoch_2.pt'}: the model's weights after epoch 2 hold NaN/inf" in out.stderr
+    assert "Contrastive_loss: nan" not in (logs / "run" / "out.log").read_text()     # the loss itself was finite
+    assert _sha(folder / "epoch_1.pt") == first and sorted(p.name for p in folder.iterdir()) == ["epoch_1.pt"]
