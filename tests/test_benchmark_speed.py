@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from openclip_align.benchmark import speed
-from openclip_align.benchmark.training import _LAUNCHER, progress_line
+from openclip_align.benchmark.training import _LAUNCHER, failure_tail, progress_line
 
 
 TRUE_RATE = {"upstream": 400.0, "shared": 300.0, "align": 200.0}      # samples/s on an idle machine
@@ -127,3 +127,12 @@ def test_progress_line_condenses_the_trainers_last_step(tmp_path):
         "2026-11-24,10:01:00 | INFO | Train Epoch: 1 [3200/6821 (47%)] Data (t): 0.1 Batch (t): 0.2, 381.234/s, "
         "381.234/s/gpu LR: 0.001000 Logit Scale: 15.000 Contrastive_loss: 3.5 (3.6) Loss: 3.5000 (3.6000)\n")
     assert progress_line(log, 3, 125.0) == "epoch 2/3, 47% of it, 381 samples/s, loss 3.5 (2.1 min)"
+
+
+def test_a_failed_runs_tail_ends_with_the_trainers_error_not_torchs_exit_report():
+    console = ("2026-11-24,20:41:40 | ERROR | loss became non-finite (nan) at step 3: lower --lr\n"
+               + "".join(f"I1124 20:41:45.8{i:05d} 14545 site-packages/torch/_dynamo/utils.py:925] metrics {i}\n"
+                         for i in range(200)))
+    tail = failure_tail(console)
+    assert tail.splitlines()[-1].endswith("became non-finite (nan) at step 3: lower --lr")
+    assert "W1124 warning kept" in failure_tail(console + "W1124 warning kept\n")

@@ -55,6 +55,7 @@ TRAINER = "open_clip_train.main"
 _RATE = re.compile(r"Train Epoch: .*?, ([0-9.]+)/s, ")
 _STEP = re.compile(r"Train Epoch: (?P<epoch>\d+) \[\s*\d+/\d+ \((?P<percent>\d+)%\)\].*?, (?P<rate>[0-9.]+)/s, ")
 _LOSS = re.compile(r" Loss: ([-0-9.eE+naif]+) ")
+_GLOG_INFO = re.compile(r"I\d{4} \d\d:\d\d:\d\d")
 PROGRESS_SECONDS = 60.0       # one progress line a minute per running trainer
 
 
@@ -149,7 +150,7 @@ def train(spec: TrainSpec, train_data: str, budget: Budget, seed: int, logs: Pat
             raise
     wall = time.time() - start
     if proc.returncode != 0:
-        tail = console.read_text(errors="replace")[-3000:]
+        tail = failure_tail(console.read_text(errors="replace"))
         raise RuntimeError(f"training run {name} failed (exit {proc.returncode}; console log {console}); "
                            f"log tail:\n{tail}")
     stats = json.loads(stats_path.read_text())
@@ -158,6 +159,12 @@ def train(spec: TrainSpec, train_data: str, budget: Budget, seed: int, logs: Pat
         shutil.rmtree(checkpoint.parent, ignore_errors=True)
     return TrainResult(spec.label, seed, checkpoint, throughput(log_dir / "out.log", skip=skip_steps),
                        stats["peak_rss_mb"], stats.get("peak_cuda_mb"), wall, log_dir)
+
+
+def failure_tail(console: str, limit: int = 3000) -> str:
+    """The end of a failed run's console, without torch's INFO-level glog lines (``I1124 20:26:39...``: the
+    compile metrics it prints at exit), which would push the trainer's own error out of the tail."""
+    return "\n".join(line for line in console.splitlines() if not _GLOG_INFO.match(line))[-limit:]
 
 
 def progress_line(out_log: Path, epochs: int, elapsed: float) -> str:
