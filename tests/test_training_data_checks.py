@@ -276,3 +276,23 @@ def test_sogclr_on_shards_without_sizes_json_counts_the_shards(digits_csv, tmp_p
     checkpoint = torch.load(tmp_path / "logs" / "sog" / "checkpoints" / "epoch_1.pt", map_location="cpu",
                             weights_only=False)
     assert checkpoint["optimizer"]["openclip_align"]["state"]["log_s_image"].shape == (48,)
+
+
+@pytest.mark.parametrize("width, meta_dim, match", [
+    (768, 384, r"train.emb.npy: embeddings of width 768, but .*train.emb.json records width 384"),
+    (1, None, r"train.emb.npy: semantic embeddings of width 1"),
+])
+def test_csv_embeddings_of_the_wrong_width(digits_csv, tmp_path, width, meta_dim, match):
+    from openclip_align.integration import batch_extras
+
+    csv = tmp_path / "train.csv"
+    csv.write_text(digits_csv.read_text())
+    np.save(tmp_path / "train.emb.npy", _vectors(48, width))
+    if meta_dim:
+        (tmp_path / "train.emb.json").write_text(json.dumps({"model": "all-MiniLM-L6-v2", "dim": meta_dim, "n": 48}))
+    with batch_extras.requesting({"semantic", "caption"}, semantic_precomputed=True, semantic_on_the_fly=False):
+        with pytest.raises(MissingExtrasError, match=match):
+            _csv_dataset(csv)
+    np.save(tmp_path / "train.emb.npy", _vectors(48, 384))               # the right file passes
+    with batch_extras.requesting({"semantic", "caption"}, semantic_precomputed=True, semantic_on_the_fly=False):
+        assert _csv_dataset(csv)[0][2]["semantic"].shape == (384,)
