@@ -57,5 +57,6 @@ def test_pair_picture_puts_the_gap_on_the_x_axis_and_in_the_title():
     centroids = ax.collections[-1].get_offsets()                           # the two x marks: image, text centroid
     assert centroids[0][0] - centroids[1][0] == pytest.approx(gap)         # apart by the gap along x
     assert centroids[0][1] == pytest.approx(centroids[1][1], abs=1e-9)     # and not at all along y
+    assert ax.get_xlim() == ax.get_ylim() == pytest.approx((-1.05, 1.05))   # one scale for every model
     plain = gap_pca_figure(image, text).get_axes()[0]                      # the gap command's picture is unchanged
     assert plain.get_xlabel().startswith("PC1") and plain.get_title().startswith("Modality gap:")

@@ -53,8 +53,8 @@ def gap_pca_figure(image_features, text_features, max_points: int = 2000, seed: 
 
     ``gap_axis``: the x axis is the gap direction itself (mean(img) - mean(txt), normalised) and the y axis
     the first principal component of what is left, so the centroids lie exactly the centroid gap apart
-    along x and figures of different models show their different gaps (plain PCA axes may hide them).
-    A given ``title`` is followed by the gap value."""
+    along x and figures of different models show their different gaps (plain PCA axes may hide them);
+    both axes span [-1, 1] whatever the model. A given ``title`` is followed by the gap value."""
     from sklearn.decomposition import PCA
 
     stats = paired_stats(image_features, text_features)  # on all pairs
@@ -94,7 +94,12 @@ def gap_pca_figure(image_features, text_features, max_points: int = 2000, seed: 
     gap_text = f"||mean(img) - mean(txt)|| = {gap:.3f}"
     ax.set_title(f"{title}\ncentroid gap {gap_text}" if title else f"Modality gap: {gap_text}")
     ax.legend(loc="best")
-    ax.set_aspect("equal", adjustable="datalim")
+    if gap_axis:       # unit vectors project into [-1, 1]: one scale for every model, so pictures compare
+        ax.set_xlim(-1.05, 1.05)
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_aspect("equal", adjustable="box")
+    else:
+        ax.set_aspect("equal", adjustable="datalim")
     return fig
 
 
