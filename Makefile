@@ -6,7 +6,7 @@ BENCH_OUT ?= runs/benchmark
 STUDY_OUT ?= runs/study
 PUBLISH_FLAGS ?=     # e.g. --corpus data/default --redraw-pca data/default for a run an older version made
 
-.PHONY: install test data data-small benchmark benchmark-quick benchmark-publish study study-publish
+.PHONY: install test test-all data data-small benchmark benchmark-quick benchmark-publish study study-publish
 
 install:            ## torch from the local wheel pair, the plugin (editable) with its dev extra, the Debian data packages
 	$(PYTHON) -m pip install torch==2.14.1 torchvision==0.29.1
@@ -19,7 +19,10 @@ install:            ## torch from the local wheel pair, the plugin (editable) wi
 			$$($(PYTHON) -m openclip_align.cli data requirements --size small --kind apt); \
 	fi
 
-test:               ## the test suite (CPU only, a few minutes)
+test:               ## the test suite (CPU only, a few minutes; the slow multi-process runs are skipped)
+	$(PYTHON) -m pytest -m "not slow"
+
+test-all:           ## the whole test suite, slow multi-process training runs included
 	$(PYTHON) -m pytest
 
 data:               ## the embedded default corpus, built offline from packages

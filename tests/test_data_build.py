@@ -378,3 +378,22 @@ def test_benchmark_evaluates_the_emoji_group_set(corpus, tmp_path):
     metrics = evaluate_model("DualCLIP-Tiny", checkpoint, out)
     for name in ("fashion_mnist", "digits", "emoji_group"):
         assert 0.0 <= metrics[f"zeroshot_{name}_top1"] <= 1.0
+
+
+def test_build_writes_the_clip_benchmark_sets(corpus):
+    """The build writes clip_benchmark/ for every evaluation set; add-clip-benchmark on the finished corpus
+    rewrites exactly the same bytes and manifest entry (tests/test_clip_benchmark.py runs CLIP_benchmark)."""
+    from openclip_align.data.clip_benchmark_sets import add_clip_benchmark
+
+    out, manifest = corpus
+    entry = manifest["clip_benchmark"]
+    assert entry["retrieval"]["heldout"]["n"] == manifest["counts"]["heldout"]
+    assert {name: s["n"] for name, s in entry["zeroshot"].items()} == manifest["counts"]["zeroshot"]
+    annotations = json.loads((out / "clip_benchmark/mscoco_captions/coco_test_karpathy.json").read_text())
+    heldout = _csv(out / "heldout.csv")
+    root = out / "clip_benchmark/mscoco_captions/val2014"
+    assert [os.path.normpath(root / im["file_name"]) for im in annotations["images"]] == heldout["filepath"].tolist()
+    assert [a["caption"] for a in annotations["annotations"]] == heldout["title"].tolist()
+    before = {p: p.read_bytes() for p in (out / "clip_benchmark").rglob("*") if p.is_file()}
+    assert add_clip_benchmark(out) == manifest
+    assert {p: p.read_bytes() for p in (out / "clip_benchmark").rglob("*") if p.is_file()} == before

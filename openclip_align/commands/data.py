@@ -3,6 +3,7 @@
     openclip-align data build --out data/default [--size small|full]
     openclip-align data requirements [--size full] [--kind apt|pip]
     openclip-align data add-emoji-group --data DIR     (the emoji-group zero-shot set for an older corpus)
+    openclip-align data add-clip-benchmark --data DIR  (the CLIP_benchmark layouts for an older corpus)
 """
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ def register(subparsers) -> None:
                        help="never run apt-get/pip; fail with the commands to run instead")
     group.set_defaults(func=_add_emoji_group)
 
+    bench = sub.add_parser("add-clip-benchmark",
+                           help="write clip_benchmark/ (the evaluation sets in CLIP_benchmark's offline layouts) "
+                                "into a corpus built without it (no rebuild)")
+    bench.add_argument("--data", required=True, help="a finished corpus directory (with manifest.json)")
+    bench.set_defaults(func=_add_clip_benchmark)
+
 
 def _build(args) -> int:
     from ..data.build import build_corpus
@@ -72,6 +79,21 @@ def _add_emoji_group(args) -> int:
         return 2
     z = manifest["zeroshot"]["emoji_group"]
     print(f"{args.data}: zero-shot emoji_group {z['n']} held-out emoji in {z['classes']} groups {z['per_class']}")
+    return 0
+
+
+def _add_clip_benchmark(args) -> int:
+    from ..data.clip_benchmark_sets import add_clip_benchmark, command_for
+
+    try:
+        manifest = add_clip_benchmark(args.data)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"openclip-align data add-clip-benchmark: {err}", file=sys.stderr)
+        return 2
+    entry = manifest["clip_benchmark"]
+    sets = [f"{split} retrieval ({s['n']} pairs)" for split, s in entry["retrieval"].items()]
+    sets += [f"wds/{name} ({s['n']} images)" for name, s in entry["zeroshot"].items()]
+    print(f"{args.data}: CLIP_benchmark sets {', '.join(sets)}\nrun: {command_for(args.data, entry)}")
     return 0
 
 

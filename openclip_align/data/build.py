@@ -530,7 +530,12 @@ def build_corpus(out, size: str = "small", encoder: Optional[str] = "auto", prog
             (str((out / _image_rel("heldout", r.index)).resolve()), r.item.spec)
             for r in splits["heldout"] if r.item.source == "emoji"])
 
-    for subtree in ("images", "train", "heldout", "crossstyle", "zeroshot"):
+    # 6. the evaluation sets in CLIP_benchmark's offline layouts, from the files just written
+    from .clip_benchmark_sets import FOLDER as CLIP_BENCHMARK_FOLDER, write_clip_benchmark_sets
+
+    clip_benchmark = write_clip_benchmark_sets(out, writer.written)
+
+    for subtree in ("images", "train", "heldout", "crossstyle", "zeroshot", CLIP_BENCHMARK_FOLDER):
         writer.prune(subtree)
     for split in ("train", "heldout", "crossstyle"):
         for suffix in (".csv", ".emb.npy", ".emb.json"):
@@ -539,6 +544,7 @@ def build_corpus(out, size: str = "small", encoder: Optional[str] = "auto", prog
                 path.unlink()
 
     manifest = _manifest(size, config, encoder, dim, stats, splits, cross, files, zeroshot, versions)
+    manifest["clip_benchmark"] = clip_benchmark
     sh.atomic_write_json(out / "manifest.json", manifest)
     _log(f"built {size} corpus in {time.monotonic() - started:.1f} s: {len(splits['train'])} train, "
          f"{len(splits['heldout'])} held-out, {len(cross)} cross-style pairs -> {out}")
