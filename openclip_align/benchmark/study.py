@@ -28,7 +28,8 @@ STUDY_OPTIMIZERS = ("adamw", "sgd", "adam")
 # Learning rates per optimizer on the embedded default (the same in both regimes); --lr OPT=VALUE overrides.
 DEFAULT_LR = dict(REGIMES["pretrained"].lr)
 SCORE_KEYS = ("image_to_text_R@1", "text_to_image_R@1", "zeroshot_top1", "average", "centroid_gap")
-_DIVERGED_MARK = "became non-finite"      # the trainer's message when a loss turns NaN/inf
+# the trainer's messages when a loss turns NaN/inf, and when it refuses to save NaN/inf weights
+_DIVERGED_MARKS = ("became non-finite", "the training diverged")
 
 
 @dataclass
@@ -70,7 +71,7 @@ def run_cell(plan: StudyPlan, loss: str, optimizer: str, seed: int, data_dir: Pa
     try:
         result = train(spec, str(data_dir / "train.csv"), plan.budget, seed, runs_dir, progress=True)
     except RuntimeError as err:
-        if _DIVERGED_MARK in str(err):
+        if any(mark in str(err) for mark in _DIVERGED_MARKS):
             return {**cell, "status": "diverged"}
         lines = [line for line in str(err).splitlines() if line.strip()]
         return {**cell, "status": "failed", "reason": lines[-1][:300] if lines else str(err)[:300]}
