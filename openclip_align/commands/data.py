@@ -28,6 +28,8 @@ def register(subparsers) -> None:
     build.add_argument("--no-install", action="store_true",
                        help="never run apt-get/pip; fail with the commands to run instead")
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    build.add_argument("--drop-empty-captions", action="store_true",
+                       help="drop items whose caption is empty (counted in manifest.json) instead of refusing the build")
     build.set_defaults(func=_build)
 
     reqs = sub.add_parser("requirements", help="print the packages a build needs (for CI install steps)")
@@ -52,14 +54,16 @@ def register(subparsers) -> None:
 
 def _build(args) -> int:
     from ..data.build import build_corpus
+    from ..data.captions import EmptyCaptionError
     from ..data.packages import MissingPackageError
     from ..data.semantic import EncoderNotInstalled
 
     try:
         manifest = build_corpus(args.out, size=args.size, encoder=None if args.no_embeddings else args.encoder,
                                 progress=not args.no_progress, install=False if args.no_install else None,
-                                workers=args.workers, image_size=args.image_size)
-    except (MissingPackageError, EncoderNotInstalled) as err:
+                                workers=args.workers, image_size=args.image_size,
+                                drop_empty_captions=args.drop_empty_captions)
+    except (MissingPackageError, EncoderNotInstalled, EmptyCaptionError) as err:
         print(f"openclip-align data build: {err}", file=sys.stderr)
         return 2
     counts = manifest["counts"]

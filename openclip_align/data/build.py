@@ -287,6 +287,21 @@ class Writer:
         return removed
 
 
+def _without_empty_captions(source: str, items: List[Item], st: SourceStats, drop: bool) -> List[Item]:
+    """Refuse (or, with ``drop``, drop and count) items without caption text, before anything is drawn."""
+    from .captions import empty_positions, refuse
+
+    bad = empty_positions(item.caption for item in items)
+    if not bad:
+        return items
+    if not drop:
+        raise refuse(f"source {source}", [f"item {items[i].uid!r}" for i in bad], len(items))
+    st.extra["empty_captions_dropped"] = len(bad)
+    _log(f"{source}: dropped {len(bad)} items with an empty caption")
+    skip = set(bad)
+    return [item for i, item in enumerate(items) if i not in skip]
+
+
 def _sample_meta(rec: Record) -> dict:
     return {"index": rec.index, "source": rec.item.source, "base": rec.base, "caption": rec.item.caption}
 
@@ -411,7 +426,7 @@ def _stack(table: Optional[Dict[str, np.ndarray]], records: Sequence[Record]) ->
 def build_corpus(out, size: str = "small", encoder: Optional[str] = "auto", progress: bool = True,
                  install: Optional[bool] = None, workers: Optional[int] = None, image_size: Optional[int] = None,
                  heldout_fraction: Optional[float] = None, shard_size: Optional[int] = None,
-                 openclipart_max: Optional[int] = -1) -> dict:
+                 openclipart_max: Optional[int] = -1, drop_empty_captions: bool = False) -> dict:
     """Build the corpus into ``out`` and return the manifest (also written to ``out/manifest.json``).
 
     ``size``: "small" (CI: emoji only, 32 px) or "full" (benchmark: all sources, 64 px).
@@ -419,6 +434,8 @@ def build_corpus(out, size: str = "small", encoder: Optional[str] = "auto", prog
     ``DEFAULT_ENCODERS``; None: no embeddings).
     ``install``: install missing packages (default: yes unless OPENCLIP_ALIGN_NO_INSTALL=1).
     ``openclipart_max``: cap on openclipart pairs after filtering (-1: the size's default; None: no cap).
+    ``drop_empty_captions``: drop (and count in the manifest) items whose caption is empty instead of
+    refusing the build (the rule of :mod:`openclip_align.data.captions`, shared with the trainer and embed).
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}, not {size!r}")
@@ -456,6 +473,7 @@ def build_corpus(out, size: str = "small", encoder: Optional[str] = "auto", prog
         items = module.list_items({"group_cap": config["group_cap"], "skin_tones": config["skin_tones"],
                                    "progress": progress})
         st = stats[name] = SourceStats(listed=len(items))
+        items = _without_empty_captions(name, items, st, drop_empty_captions)
         drawn = draw(items, isz, workers, progress, desc=f"draw {name}")
         source_records = []
         for item, result in zip(items, drawn):
