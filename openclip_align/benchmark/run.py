@@ -243,7 +243,8 @@ def run_benchmark(data_dir: Path, out_dir: Path, quick: bool = False, gpu: bool 
         "tracks": {},
     }
     builders = {"scratch": lambda: scratch_track(runs_dir, quick, gpu), "pretrained": lambda: pretrained_track(quick)}
-    speed_plan = SpeedPlan(rounds=2) if quick else SpeedPlan()
+    # windows of 16 steps at the CPU batch of 64; 20 steps of 256 on a GPU (its steps take milliseconds)
+    speed_plan = SpeedPlan(rounds=2 if quick else SpeedPlan.rounds, samples=20 * 256 if gpu else SpeedPlan.samples)
     for name in tracks:
         results["tracks"][name] = run_track(builders[name](), train_csv, data_dir, out_dir, runs_dir, seeds, speed_plan)
     results["total_seconds"] = time.time() - started
