@@ -167,9 +167,11 @@ TRAIN = ["--save-frequency", "1", "--zeroshot-frequency", "1", "--dataset-type",
 @pytest.mark.parametrize("name, extra", [
     ("AlignCLIP-Tiny", ["--workers", "1"]),
     ("AlignCLIP-Tiny", ["--workers", "0", "--lock-image", "--lock-image-unlocked-groups", "2", "--accum-freq", "2"]),
-    ("AlignCLIP-Tiny", ["--workers", "0", "--lock-text", "--lock-text-unlocked-layers", "1"]),
+    pytest.param("AlignCLIP-Tiny", ["--workers", "0", "--lock-text", "--lock-text-unlocked-layers", "1"],
+                 marks=pytest.mark.slow),
     ("AlignCLIP-Tiny", ["--workers", "0", "--torchscript"]),
-    ("DualCLIP-Tiny", ["--workers", "0", "--lock-image", "--lock-image-unlocked-groups", "1", "--accum-freq", "2"]),
+    pytest.param("DualCLIP-Tiny", ["--workers", "0", "--lock-image", "--lock-image-unlocked-groups", "1",
+                                   "--accum-freq", "2"], marks=pytest.mark.slow),
     pytest.param("DualCLIP-Lite0-MiniLM", ["--workers", "0", "--lock-text", "--lock-text-unlocked-layers", "2"],
                  marks=pytest.mark.slow),
 ])
