@@ -132,7 +132,11 @@ def test_add_clip_benchmark_to_an_existing_corpus(corpus, tmp_path):
         add_clip_benchmark(copy)
     assert not (copy / "clip_benchmark").exists()
     (copy / "manifest.json").write_text(json.dumps({"format": "openclip-align-corpus"}))
+    stale = copy / "clip_benchmark" / "a_removed_set" / "classnames.txt"       # from an earlier corpus state
+    stale.parent.mkdir(parents=True)
+    stale.write_text("x\n")
     manifest = add_clip_benchmark(copy)
+    assert not stale.parent.exists()
     assert manifest == json.loads((copy / "manifest.json").read_text())
     assert manifest["clip_benchmark"]["zeroshot"]["digits"]["n"] == 64
     assert manifest["clip_benchmark"]["retrieval"]["heldout"]["n"] == 64

@@ -14,8 +14,9 @@ already where it looks. Two of its loaders take local files:
   Each zero-shot class set ``zeroshot/NAME`` goes to ``clip_benchmark/NAME/`` (images copied into the
   shard).
 
-With ``--dataset_root 'DIR/clip_benchmark/{dataset}'`` one command evaluates all of them (CLIP_benchmark
-fills ``{dataset}`` with the name after ``wds/``). Everything is written from the corpus's csv/json files,
+With ``--dataset_root 'DIR/clip_benchmark/{dataset}'`` one command reaches all of them (CLIP_benchmark
+fills ``{dataset}`` with the name after ``wds/``); its 1.6.2 classification run stops at the accuracy step
+under NumPy 2.4 (docs/notes.md), so the manifest's command is the retrieval one. Everything is written from the corpus's csv/json files,
 so a fresh build and :func:`add_clip_benchmark` on an existing corpus write the same bytes.
 """
 from __future__ import annotations
@@ -132,6 +133,12 @@ def add_clip_benchmark(out) -> dict:
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     # the pairs, images and class sets are only read: the manifest keeps vouching for them throughout and
     # is replaced atomically at the end (readers such as a running benchmark never see it missing)
-    manifest["clip_benchmark"] = write_clip_benchmark_sets(out)
+    written: set = set()
+    manifest["clip_benchmark"] = write_clip_benchmark_sets(out, written)
+    for stale in sorted((out / FOLDER).rglob("*"), reverse=True):    # sets the corpus no longer has
+        if stale.is_file() and stale not in written:
+            stale.unlink()
+        elif stale.is_dir() and not any(stale.iterdir()):
+            stale.rmdir()
     sh.atomic_write_json(manifest_path, manifest)
     return manifest
