@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     parser.add_argument("--baseline", type=Path, default=Path("benchmark/baselines"),
                         help="results.json to flag regressions against, or a folder of <variant>.json files; only a "
                              "run on the same corpus is compared (default: %(default)s, the published runs)")
-    parser.add_argument("--quick", action="store_true", help="1 epoch per run (about 5 minutes on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true", help="1 epoch per run and 2 rounds of speed windows instead of 3")
     parser.add_argument("--gpu", action="store_true", help="ViT-B-16 configs, batch 256, bf16 autocast on CUDA")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds (default 0 1 2)")
     parser.add_argument("--tracks", nargs="+", default=None, choices=("scratch", "pretrained"),
