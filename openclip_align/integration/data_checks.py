@@ -117,7 +117,7 @@ class ShardScan:
     """What the training shards actually hold."""
     urls: List[str]
     counts: Dict[str, int] = field(default_factory=dict)          # url -> samples read
-    dropped: FrozenSet[Tuple[str, str]] = frozenset()             # (shard file name, key) left out
+    dropped: FrozenSet[Tuple[str, str]] = frozenset()             # (shard url, key) left out
     without_embedding: List[str] = field(default_factory=list)    # "shard sample key" lacking KEY.emb.npy
     width: Optional[int] = None
 
@@ -126,8 +126,7 @@ class ShardScan:
         return sum(self.counts.values())
 
     def kept(self, url: str) -> int:
-        name = os.path.basename(url)
-        return self.counts[url] - sum(1 for shard, _ in self.dropped if shard == name)
+        return self.counts[url] - sum(1 for shard, _ in self.dropped if shard == url)
 
 
 class SkipListed:
@@ -137,8 +136,7 @@ class SkipListed:
         self.upstream, self.listed = upstream, listed
 
     def __call__(self, sample) -> bool:
-        name = os.path.basename(str(sample.get("__url__", "")))
-        return (name, sample.get("__key__")) not in self.listed and self.upstream(sample)
+        return (str(sample.get("__url__")), sample.get("__key__")) not in self.listed and self.upstream(sample)
 
 
 @contextlib.contextmanager
@@ -195,13 +193,12 @@ def scan_training_shards(args, needs_semantic: bool, needs_index: bool, data_mod
     index_problems: List[str] = []
     fix = "recompute the shards' embeddings with `openclip-align embed --data SHARDS --out DIR`"
     for url in urls:
-        name = os.path.basename(url)
         count = 0
         for key, members in _samples(url, wanted):
             count += 1
             where = f"{url} sample {key}"
             if is_empty(members.get("txt")):
-                empty.append((name, key))
+                empty.append((url, key))
                 continue
             if needs_index:
                 index = _index_of(members.get("json"))
@@ -219,7 +216,7 @@ def scan_training_shards(args, needs_semantic: bool, needs_index: bool, data_mod
         scan.counts[url] = count
     if empty:
         if not getattr(args, "drop_empty_captions", False):
-            raise refuse(f"--train-data {args.train_data}", [f"{s} sample {k}" for s, k in empty], scan.samples)
+            raise refuse(f"--train-data {args.train_data}", [f"{u} sample {k}" for u, k in empty], scan.samples)
         scan.dropped = frozenset(empty)
         logging.warning("openclip-align: dropped %d of %d training samples with an empty or missing caption (%s)",
                         len(empty), scan.samples, DROP_FLAG)
