@@ -102,3 +102,20 @@ def test_speed_windows_alternate_and_memory_and_corpus_are_recorded(tmp_path, co
         ("pca_scratch_upstream_CLIP.png", "upstream CLIP: DualCLIP-Tiny, --loss clip (OpenCLIP alone)\nTrained from "
                                           "scratch (Tiny models), held-out pairs")]
     assert "every run's live log is under" in caplog.text and "speed round 2/2" in caplog.text
+
+
+def test_a_failed_speed_baseline_keeps_the_training_runs_and_the_evaluation(tmp_path, corpus, fakes, monkeypatch):
+    data, _ = corpus
+    calls, _ = fakes
+    fake_train = bench.train
+
+    def train(spec, *args, name=None, **kwargs):
+        if name is not None and spec.label == "upstream CLIP":
+            raise RuntimeError("training run upstream_CLIP-round0 failed; log tail:\nMemoryError: out of memory")
+        return fake_train(spec, *args, name=name, **kwargs)
+    monkeypatch.setattr(bench, "train", train)
+    results = bench.run_benchmark(data, tmp_path / "out", quick=True, seeds=[0], tracks=["scratch"])
+    track = results["tracks"]["scratch"]
+    assert track["speed"] == {} and track["skipped"] == {"speed of upstream CLIP": "MemoryError: out of memory"}
+    assert set(track["quality"]) == {"upstream CLIP", "SharedCLIP", "AlignCLIP", "CLIP-Refine"}
+    assert "| speed of upstream CLIP | not run: MemoryError: out of memory |" in (tmp_path / "out" / "results.md").read_text()

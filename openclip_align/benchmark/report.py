@@ -144,8 +144,8 @@ def speed_table(speed: dict, skipped: Optional[dict] = None, baseline: str = "up
 def speed_heading(track: dict) -> List[str]:
     """What the speed table measured, and how busy the machine was (older runs: one run after another)."""
     method = track.get("speed_method")
-    if not method:
-        return ["Training speed (samples/s, same run):"]
+    if not method:       # a run from before the speed windows, or one whose baseline window failed
+        return ["Training speed (samples/s, same run):" if "speed_seconds" not in track else "Training speed:"]
     from .speed import conditions_line
 
     return [f"Training speed: every configuration in turn for {method['interleaved_rounds']} rounds of one short "
@@ -159,7 +159,7 @@ def track_tables(track: dict) -> List[str]:
     """The geometry, downstream and speed tables of one track (also what README shows)."""
     quality = track["quality"]
     budget = track["plan"]["budget"]
-    baseline = next(iter(track["speed"]))
+    baseline = next(iter(track["speed"]), "the baseline")
     return [
         f"{budget['epochs']} epochs, batch {budget['batch_size']}, lr {budget['lr']}, seeds {track['plan']['seeds']} "
         f"(mean ± std over seeds); training {track['train_seconds'] / 60:.1f} min, "
