@@ -95,12 +95,14 @@ def publish_study(run_dir: Path, committed: Path) -> Path:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m openclip_align.benchmark.publish",
-                                     description=__doc__.split("\n\n")[0])
+                                     description="Make a finished run (`make benchmark` / `make study` write "
+                                                 "them under runs/) the committed copy: benchmark/ or study/, and "
+                                                 "README's tables.")
     parser.add_argument("--benchmark", type=Path, metavar="RUN", help="a finished benchmark run's --out folder")
     parser.add_argument("--study", type=Path, metavar="RUN", help="a finished study run's --out folder")
-    parser.add_argument("--to-benchmark", type=Path, default=Path("benchmark"),
+    parser.add_argument("--to-benchmark", type=Path, default=Path("benchmark"), metavar="DIR",
                         help="the committed benchmark folder (default: %(default)s)")
-    parser.add_argument("--to-study", type=Path, default=Path("study"),
+    parser.add_argument("--to-study", type=Path, default=Path("study"), metavar="DIR",
                         help="the committed study folder (default: %(default)s)")
     parser.add_argument("--readme", type=Path, default=Path("README.md"),
                         help="README whose marked tables are rewritten from what was published (default: %(default)s)")
