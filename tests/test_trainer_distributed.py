@@ -315,3 +315,13 @@ def test_torchrun_command_line_trains_every_other_loss(setup, loss, tmp_path):
     text = (tmp_path / "logs" / "run" / "out.log").read_text()
     assert text.count("Train Epoch: 0") == N // (2 * LOCAL_B) and "world_size: 2" in text and f"loss: {loss}" in text
     assert (tmp_path / "logs" / "run" / "checkpoints" / "epoch_1.pt").exists()
+
+
+def test_log_root_is_logs_in_a_spelling_torchrun_leaves_alone(capsys):
+    import open_clip_train.params as params
+
+    assert params.parse_args(["--log-root", "/runs/a"]).logs == "/runs/a"
+    assert params.parse_args(["--logs", "/runs/b"]).logs == "/runs/b"              # upstream's flag unchanged
+    with pytest.raises(SystemExit):
+        params.parse_args(["--logs", "/runs/b", "--log-root", "/runs/a"])
+    assert "--log-root and --logs name the same directory" in capsys.readouterr().err
