@@ -119,3 +119,47 @@ def test_a_failed_speed_baseline_keeps_the_training_runs_and_the_evaluation(tmp_
     assert track["speed"] == {} and track["skipped"] == {"speed of upstream CLIP": "MemoryError: out of memory"}
     assert set(track["quality"]) == {"upstream CLIP", "SharedCLIP", "AlignCLIP", "CLIP-Refine"}
     assert "| speed of upstream CLIP | not run: MemoryError: out of memory |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_training_runs_side_by_side_refine_after_its_seed_and_results_in_seed_order(tmp_path, monkeypatch):
+    """Two at a time, one thread each: every seed's CLIP-Refine starts only once that seed's base run has
+    finished (it reads the checkpoint), and each label's results come back in seed order whatever the
+    finishing order (later seeds finish first here)."""
+    import threading
+    import time
+
+    events, lock = [], threading.Lock()
+
+    def train(spec, train_data, budget, seed, logs, progress=False, threads=None, **_):
+        with lock:
+            events.append(("start", spec.label, seed, threads, spec.extra))
+        time.sleep(0.05 * (3 - seed))
+        with lock:
+            events.append(("end", spec.label, seed))
+        return TrainResult(spec.label, seed, logs / f"{spec.label}-{seed}.pt", 1.0, 1.0, None, 1.0, logs)
+
+    monkeypatch.setattr(bench, "train", train)
+    track = bench.scratch_track(tmp_path, quick=True, gpu=False)
+    trained = bench.train_side_by_side(track, tmp_path / "train.csv", tmp_path / "logs", [0, 1, 2], 2)
+
+    assert list(trained) == [*track.specs, "CLIP-Refine"]
+    for label, results in trained.items():
+        assert [r.seed for r in results] == [0, 1, 2]
+    starts = [e for e in events if e[0] == "start"]
+    assert len(starts) == 3 * (len(track.specs) + 1) and {e[3] for e in starts} == {1}
+    for seed in range(3):
+        base_end = events.index(("end", track.refine_from, seed))
+        refine_start = next(i for i, e in enumerate(events) if e[:3] == ("start", "CLIP-Refine", seed))
+        assert refine_start > base_end
+    running, peak = 0, 0
+    for event in events:
+        running += 1 if event[0] == "start" else -1
+        peak = max(peak, running)
+    assert peak == 2
+
+
+def test_parallel_runs_default_two_on_cpu_one_on_gpu(monkeypatch):
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    assert bench.parallel_runs_default("cpu") == 2 and bench.parallel_runs_default("cuda") == 1
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 1)
+    assert bench.parallel_runs_default("cpu") == 1

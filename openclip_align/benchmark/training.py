@@ -105,10 +105,11 @@ def write_local_dir_config(model_cfg: dict, directory: Path, image_size: int) ->
 
 def train(spec: TrainSpec, train_data: str, budget: Budget, seed: int, logs: Path,
           dataset_type: str = "csv", progress: bool = False, name: Optional[str] = None, keep_checkpoint: bool = True,
-          progress_every: float = PROGRESS_SECONDS, skip_steps: int = 1) -> TrainResult:
+          progress_every: float = PROGRESS_SECONDS, skip_steps: int = 1, threads: Optional[int] = None) -> TrainResult:
     """One trainer process. Its console goes to ``LOGS/NAME.console.log`` and the trainer's own log to
     ``LOGS/NAME/out.log``; both paths are logged when it starts, and a one-line progress summary every
-    ``progress_every`` seconds with ``progress`` (the trainer alone may run for many minutes)."""
+    ``progress_every`` seconds with ``progress`` (the trainer alone may run for many minutes). ``threads`` sets
+    the trainer's OMP_NUM_THREADS (None: torch's default, all cores)."""
     b = Budget(**{**budget.__dict__, **spec.budget_override})
     name = (name or f"{spec.label}-seed{seed}").replace(" ", "_").replace("/", "_")
     log_dir = logs / name
@@ -127,6 +128,8 @@ def train(spec: TrainSpec, train_data: str, budget: Budget, seed: int, logs: Pat
     stats_path.unlink(missing_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OPENCLIP_ALIGN_BENCH_STATS=str(stats_path))
     env.pop("OPENCLIP_ALIGN_DISABLE", None)
+    if threads is not None:           # runs side by side each take one core's worth of intra-op threads
+        env["OMP_NUM_THREADS"] = str(threads)
     if spec.upstream:
         env["OPENCLIP_ALIGN_DISABLE"] = "1"
     console = logs / f"{name}.console.log"

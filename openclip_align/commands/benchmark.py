@@ -25,6 +25,9 @@ def register(subparsers) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds (default 0 1 2)")
     parser.add_argument("--tracks", nargs="+", default=None, choices=("scratch", "pretrained"),
                         help="which tracks to run (default: both; --gpu runs the scratch track's ViT-B-16 only)")
+    parser.add_argument("--parallel-runs", type=int, default=None, metavar="N",
+                        help="training runs side by side, one thread each (default: 2 on a CPU with 2+ cores, "
+                             "1 on a GPU); speed windows always run one at a time")
     parser.set_defaults(func=run)
 
 
@@ -43,10 +46,11 @@ def run(args) -> int:
         logging.info("benchmark: %s has no corpus yet; building the full embedded default", args.data)
         build_corpus(args.data, size="full")
     results = run_benchmark(args.data, args.out, quick=args.quick, gpu=args.gpu, seeds=args.seeds,
-                            tracks=args.tracks or TRACKS, baseline=args.baseline)
+                            tracks=args.tracks or TRACKS, baseline=args.baseline,
+                            parallel_runs=args.parallel_runs)
     print((args.out / "results.md").read_text())
     if results["flags"]:
         print(f"{len(results['flags'])} regression(s) flagged against the baseline")
     print(f"Wrote {args.out}. To make it the committed copy (benchmark/, README tables): "
-          f"python -m openclip_align.benchmark.publish {args.out}")
+          f"python -m openclip_align.benchmark.publish --benchmark {args.out}")
     return 0
