@@ -162,3 +162,24 @@ def test_gap_command_writes_its_report(argv, corpus, tmp_path):
     metrics = json.loads(reports[0].read_text())
     flat = json.dumps(metrics)
     assert "centroid_gap" in flat
+
+
+def docs_trainer_commands():
+    """Trainer commands (python -m / torchrun / srun) in docs/*.md code blocks that state an --epochs."""
+    commands = []
+    for doc in sorted((README.parent / "docs").glob("*.md")):
+        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", doc.read_text(), re.S):
+            for command in block.replace("\\\n", " ").splitlines():
+                if "open_clip_train.main" in command and "--epochs" in command:
+                    commands.append(pytest.param(shlex.split(command), id=f"{doc.name}:{command.split()[0]}"))
+    return commands
+
+
+@pytest.mark.parametrize("argv", docs_trainer_commands())
+def test_docs_trainer_commands_state_lr_and_a_warmup_inside_the_run(argv):
+    """Upstream's defaults (warmup 10000 steps) would leave a documented run at a tiny lr throughout."""
+    assert flag(argv, "--lr") is not None and flag(argv, "--warmup") is not None
+    if str(flag(argv, "--train-data", "")).startswith("data/default/"):     # steps known: the embedded default
+        ranks = int(flag(argv, "--nproc_per_node", 1))
+        steps = math.ceil(default_corpus_pairs() / (int(flag(argv, "--batch-size")) * ranks))
+        assert int(flag(argv, "--warmup")) < steps * int(flag(argv, "--epochs"))
