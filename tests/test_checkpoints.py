@@ -14,10 +14,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import open_clip
-import open_clip_train
 from openclip_align.atomic_files import umask_mode
 from openclip_align.integration import checkpoints, trainer_run
+from _upstream_tree import upstream_tree
 
 PATCHES = Path(__file__).resolve().parent.parent / "patches"
 PATCH = PATCHES / "open_clip-atomic-checkpoints.patch"
@@ -135,19 +134,11 @@ def test_resume_latest_with_no_readable_checkpoint_is_a_clear_error(run_folder):
 
 
 # --- the same change as an upstream patch -----------------------------------------------------------
-def _upstream_tree(tmp_path):
-    src = tmp_path / "src"
-    for package in (open_clip, open_clip_train):
-        shutil.copytree(Path(package.__file__).parent, src / package.__name__,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    return tmp_path
-
-
 def test_patch_applies_alone_and_after_the_other_upstream_patches(tmp_path):
-    alone = _upstream_tree(tmp_path / "alone")
+    alone = upstream_tree(tmp_path / "alone")
     check = subprocess.run(["git", "apply", "--check", str(PATCH)], cwd=alone, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
-    stacked = _upstream_tree(tmp_path / "stacked")
+    stacked = upstream_tree(tmp_path / "stacked")
     for other in sorted(PATCHES.glob("*.patch")):
         if other != PATCH:
             subprocess.run(["git", "apply", str(other)], cwd=stacked, check=True)
@@ -156,7 +147,7 @@ def test_patch_applies_alone_and_after_the_other_upstream_patches(tmp_path):
 
 
 def test_patched_upstream_saves_atomically_and_resumes_past_a_truncated_checkpoint(tmp_path):
-    tree = _upstream_tree(tmp_path / "tree")
+    tree = upstream_tree(tmp_path / "tree")
     subprocess.run(["git", "apply", str(PATCH)], cwd=tree, check=True)
     folder = tmp_path / "checkpoints"
     folder.mkdir()

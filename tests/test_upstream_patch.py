@@ -1,34 +1,24 @@
 """patches/: the upstream change that would replace the plugin's run-time patching still applies (issue 2)."""
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import open_clip
-import open_clip_train
 import pytest
+from _upstream_tree import upstream_tree
 
 PATCH = Path(__file__).resolve().parent.parent / "patches" / "open_clip-plugin-registry.patch"
 
 
-def _upstream_tree(tmp_path):
-    """The installed OpenCLIP laid out like its repository (src/open_clip, src/open_clip_train)."""
-    src = tmp_path / "src"
-    for package in (open_clip, open_clip_train):
-        shutil.copytree(Path(package.__file__).parent, src / package.__name__,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    return tmp_path
-
-
 def test_patch_applies_cleanly_to_installed_open_clip(tmp_path):
-    tree = _upstream_tree(tmp_path)
+    tree = upstream_tree(tmp_path)
     check = subprocess.run(["git", "apply", "--check", "-v", str(PATCH)], cwd=tree, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
 
 
 def test_patched_open_clip_offers_the_registries(tmp_path):
-    tree = _upstream_tree(tmp_path)
+    tree = upstream_tree(tmp_path)
     subprocess.run(["git", "apply", str(PATCH)], cwd=tree, check=True)
     env = dict(os.environ, PYTHONPATH=str(tree / "src"), OPENCLIP_ALIGN_DISABLE="1")
     code = (
@@ -51,10 +41,10 @@ RESUME_PATCH = PATCH.parent / "open_clip-resume-any-world-size.patch"
 
 @pytest.mark.parametrize("patch", [DDP_PATCH, RESUME_PATCH], ids=lambda p: p.name)
 def test_distributed_patches_apply_alone_and_after_the_others(tmp_path, patch):
-    alone = _upstream_tree(tmp_path / "alone")
+    alone = upstream_tree(tmp_path / "alone")
     check = subprocess.run(["git", "apply", "--check", "-v", str(patch)], cwd=alone, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
-    together = _upstream_tree(tmp_path / "together")
+    together = upstream_tree(tmp_path / "together")
     for other in (PATCH, DDP_PATCH, RESUME_PATCH):
         if other != patch:
             subprocess.run(["git", "apply", str(other)], cwd=together, check=True)
@@ -64,7 +54,7 @@ def test_distributed_patches_apply_alone_and_after_the_others(tmp_path, patch):
 
 def test_ddp_cpu_patch_lets_plain_open_clip_wrap_a_cpu_model(tmp_path):
     """The patched main's DDP call, run by itself without the plugin: a CPU module in a 1-rank gloo group."""
-    tree = _upstream_tree(tmp_path)
+    tree = upstream_tree(tmp_path)
     subprocess.run(["git", "apply", str(DDP_PATCH)], cwd=tree, check=True)
     main = (tree / "src" / "open_clip_train" / "main.py").read_text()
     start = main.index("        ddp_args = {")
