@@ -60,3 +60,15 @@ def test_pair_picture_puts_the_gap_on_the_x_axis_and_in_the_title():
     assert ax.get_xlim() == ax.get_ylim() == pytest.approx((-1.05, 1.05))   # one scale for every model
     plain = gap_pca_figure(image, text).get_axes()[0]                      # the gap command's picture is unchanged
     assert plain.get_xlabel().startswith("PC1") and plain.get_title().startswith("Modality gap:")
+
+
+def test_pair_picture_title_stays_inside_the_figure_for_the_longest_track_title():
+    rng = np.random.default_rng(1)
+    image, text = rng.standard_normal((50, 8)), rng.standard_normal((50, 8))
+    title = pca_title("Pretrained towers from packages (DualCLIP-Lite0-MiniLM)", "AlignCLIP loss",
+                      "DualCLIP-Lite0-MiniLM", "imsep")
+    fig = gap_pca_figure(image, text, title=title, gap_axis=True)
+    fig.tight_layout()                                     # as saving the picture does
+    renderer = fig.canvas.get_renderer()
+    box = fig.get_axes()[0].title.get_window_extent(renderer)
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height

@@ -8,6 +8,7 @@ between the two centroids along x is the centroid gap of the table, printed in t
 from __future__ import annotations
 
 import logging
+import textwrap
 from pathlib import Path
 from typing import List, Optional
 
@@ -90,10 +91,14 @@ def pca_path(figures: Path, track: str, label: str) -> Path:
     return figures / f"pca_{track}_{label.replace(' ', '_')}.png"
 
 
+TITLE_CHARS = 52      # characters per title line that fit the pair picture's width
+
+
 def pca_title(track_title: str, label: str, model: str, loss: Optional[str]) -> str:
     """What the picture shows: the row of the table, its model and loss, and the track."""
     what = f"{label}: {model}" + (f", --loss {loss}" if loss else "")
-    return f"{what}\n{track_title}, held-out pairs"
+    # lines short enough for the picture's width (a long track title used to run off both edges)
+    return "\n".join([*textwrap.wrap(what, TITLE_CHARS), *textwrap.wrap(f"{track_title}, held-out pairs", TITLE_CHARS)])
 
 
 def replot_pca(results: dict, run_dir: Path, data_dir: Path, figures: Path) -> List[Path]:
