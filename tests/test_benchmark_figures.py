@@ -65,10 +65,11 @@ def test_pair_picture_puts_the_gap_on_the_x_axis_and_in_the_title():
 def test_pair_picture_title_stays_inside_the_figure_for_the_longest_track_title():
     rng = np.random.default_rng(1)
     image, text = rng.standard_normal((50, 8)), rng.standard_normal((50, 8))
-    title = pca_title("Pretrained towers from packages (DualCLIP-Lite0-MiniLM)", "AlignCLIP loss",
-                      "DualCLIP-Lite0-MiniLM", "imsep")
-    fig = gap_pca_figure(image, text, title=title, gap_axis=True)
-    fig.tight_layout()                                     # as saving the picture does
-    renderer = fig.canvas.get_renderer()
-    box = fig.get_axes()[0].title.get_window_extent(renderer)
-    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
+    for title in (pca_title("Pretrained towers from packages (DualCLIP-Lite0-MiniLM)", "AlignCLIP loss",
+                            "DualCLIP-Lite0-MiniLM", "imsep"),
+                  pca_title("Trained from scratch (Tiny models)", "upstream CLIP", "DualCLIP-Tiny",
+                            "clip (OpenCLIP alone)")):
+        fig = gap_pca_figure(image, text, title=title, gap_axis=True)
+        fig.tight_layout()                                     # as saving the picture does
+        box = fig.get_axes()[0].title.get_window_extent(fig.canvas.get_renderer())
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, title

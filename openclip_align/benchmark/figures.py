@@ -91,7 +91,7 @@ def pca_path(figures: Path, track: str, label: str) -> Path:
     return figures / f"pca_{track}_{label.replace(' ', '_')}.png"
 
 
-TITLE_CHARS = 52      # characters per title line that fit the pair picture's width
+TITLE_CHARS = 58      # characters per title line that fit the pair picture's width
 
 
 def pca_title(track_title: str, label: str, model: str, loss: Optional[str]) -> str:
