@@ -156,6 +156,9 @@ def test_training_runs_side_by_side_refine_after_its_seed_and_results_in_seed_or
         running += 1 if event[0] == "start" else -1
         peak = max(peak, running)
     assert peak == 2
+    # a ready CLIP-Refine starts before base runs of later seeds still waiting: the last start is not a lone refine
+    first_refine = next(i for i, e in enumerate(starts) if e[1] == "CLIP-Refine")
+    assert any(e[1] != "CLIP-Refine" and e[2] > 0 for e in starts[first_refine + 1:])
 
 
 def test_parallel_runs_default_two_on_cpu_one_on_gpu(monkeypatch):

@@ -24,6 +24,7 @@ import logging
 import os
 import platform
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -196,20 +197,23 @@ def train_side_by_side(track: Track, train_csv: Path, logs: Path, seeds: List[in
         logging.info("benchmark %s: run %d/%d, %s (seed %d)", track.name, started[0], total, what, seed)
         return train(spec, str(train_csv), track.budget, seed, logs, progress=True, threads=threads)
 
+    # a ready CLIP-Refine goes before the base runs still waiting, so the track does not end on one lone run
+    waiting = deque((label, spec, seed) for seed in seeds for label, spec in track.specs.items())
     with ThreadPoolExecutor(max_workers=parallel_runs) as pool:
-        pending = {pool.submit(run, label, spec, seed): (label, seed)
-                   for seed in seeds for label, spec in track.specs.items()}
+        running = {}
         try:
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            while waiting or running:
+                while waiting and len(running) < parallel_runs:
+                    label, spec, seed = waiting.popleft()
+                    running[pool.submit(run, label, spec, seed)] = (label, seed)
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    label, seed = pending.pop(future)
+                    label, seed = running.pop(future)
                     done[(label, seed)] = future.result()
                     if label == track.refine_from:
-                        refine = track.refine_spec(done[(label, seed)].checkpoint)
-                        pending[pool.submit(run, "CLIP-Refine", refine, seed)] = ("CLIP-Refine", seed)
+                        waiting.appendleft(("CLIP-Refine", track.refine_spec(done[(label, seed)].checkpoint), seed))
         except BaseException:
-            for future in pending:
+            for future in running:
                 future.cancel()
             raise
     labels = [*track.specs, "CLIP-Refine"]
