@@ -36,7 +36,7 @@ from openclip_align.data.semantic import ENCODER_WIDTHS, canonical_name
 from .batch_extras import EMB_MEMBER, MissingExtrasError
 
 _MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")      # webdataset's KEY.suffix split of a member name
-_REMOTE = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)")
+REMOTE_URL = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)")
 SHOWN = 3
 
 
@@ -178,7 +178,7 @@ def _samples(url: str, wanted: FrozenSet[str]):
 def scan_training_shards(args, needs_semantic: bool, needs_index: bool, data_module) -> Optional[ShardScan]:
     """Read every training shard once; raise on the first kind of problem found, naming the samples."""
     urls = list(data_module.expand_urls(args.train_data)[0])
-    if any(_REMOTE.match(u) for u in urls):
+    if any(REMOTE_URL.match(u) for u in urls):
         logging.info("openclip-align: remote training shards are not scanned before step 1")
         return None
     missing = [u for u in urls if not os.path.isfile(u)]

@@ -16,7 +16,6 @@ import re
 import sys
 
 TRACEBACK_SWITCH = "OPENCLIP_ALIGN_TRACEBACK"
-_REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
 _INSTALLED = "__openclip_align_excepthook__"
 
 
@@ -86,13 +85,13 @@ def _check_pretrained(model, pretrained) -> None:
 
 
 def _local_files(spec: str):
-    """Local paths named by a data flag (``::``-joined sources, brace patterns); remote ones are skipped."""
-    import braceexpand
+    """Local paths named by a data flag, expanded as the trainer expands them (``::``-joined sources, brace
+    patterns); remote ones (``pipe:``, URLs) are the trainer's to open."""
+    from open_clip_train.data import expand_urls
 
-    for source in spec.split("::"):
-        if source.startswith(_REMOTE) or "://" in source:
-            continue
-        yield from braceexpand.braceexpand(source)
+    from .data_checks import REMOTE_URL
+
+    return [url for url in expand_urls(spec)[0] if not REMOTE_URL.match(url)]
 
 
 def _check_data_files(flag: str, spec, dataset_type: str) -> None:
