@@ -22,6 +22,8 @@ from .gap import (
     top_variance_share,
     uniformity,
 )
+from .posthoc import (POSTHOC_KINDS, PosthocTransform, closing_lambda, fit_centring, fit_gap_shift,
+                      fit_posthoc, fit_standardisation)
 from .retrieval import classification_accuracy, retrieval_recall
 from .shift import lambda_sweep, shift_embeddings
 
@@ -30,5 +32,6 @@ __all__ = [
     "centred_spectrum", "effective_rank", "feature_norm_stats", "top_variance_share",
     "classification_accuracy", "instance_gap", "joint_uniformity", "lambda_sweep", "mean_intra_cosine",
     "modality_gap_report", "paired_stats", "retrieval_recall", "rmg", "separability", "shift_embeddings",
-    "uniformity",
+    "uniformity", "POSTHOC_KINDS", "PosthocTransform", "closing_lambda", "fit_centring", "fit_gap_shift",
+    "fit_posthoc", "fit_standardisation",
 ]

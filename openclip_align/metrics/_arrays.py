@@ -73,6 +73,17 @@ def normalize_rows(block: np.ndarray, name: str = "features", offset: int = 0) -
     return block / norms
 
 
+def like_input(array: np.ndarray, template):
+    """``array`` as the same kind as ``template``: a torch tensor (same device and float dtype) for tensor
+    inputs, float64 numpy otherwise."""
+    if hasattr(template, "detach") and hasattr(template, "device"):
+        import torch
+
+        dtype = template.dtype if template.dtype.is_floating_point else torch.float32
+        return torch.from_numpy(array).to(device=template.device, dtype=dtype)
+    return array
+
+
 def iter_normalized_blocks(x: np.ndarray, name: str, rows=None) -> Iterator[Tuple[int, np.ndarray]]:
     """Yield ``(start, normalised float64 block)`` over the rows of ``x``."""
     rows = rows or BLOCK_ROWS

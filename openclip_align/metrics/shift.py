@@ -11,20 +11,9 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from ._arrays import as_matrix, check_pair, normalize_rows
+from ._arrays import as_matrix, check_pair, like_input, normalize_rows
 from .gap import paired_stats
 from .retrieval import classification_accuracy, retrieval_recall
-
-
-def _to_input_kind(array: np.ndarray, template):
-    """Return ``array`` as the same kind as ``template``: a torch tensor (same device and float
-    dtype) for tensor inputs, float64 numpy otherwise."""
-    if hasattr(template, "detach") and hasattr(template, "device"):
-        import torch
-
-        dtype = template.dtype if template.dtype.is_floating_point else torch.float32
-        return torch.from_numpy(array).to(device=template.device, dtype=dtype)
-    return array
 
 
 def _shift(features: np.ndarray, step: np.ndarray, name: str) -> np.ndarray:
@@ -52,8 +41,8 @@ def shift_embeddings(x, y, lam: float, delta=None):
         if a.shape[1] != delta.shape[0]:
             raise ValueError(f"{name} has dim {a.shape[1]} but delta has dim {delta.shape[0]}")
     lam = float(lam)
-    return (_to_input_kind(_shift(xa, -lam * delta, "x"), x),
-            _to_input_kind(_shift(ya, lam * delta, "y"), y))
+    return (like_input(_shift(xa, -lam * delta, "x"), x),
+            like_input(_shift(ya, lam * delta, "y"), y))
 
 
 def lambda_sweep(image_features, text_features, lambdas: Sequence[float], class_text_features=None,
