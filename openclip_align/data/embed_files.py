@@ -6,8 +6,8 @@ keeps training fast and reproducible. Inputs are never modified:
 * csv: ``<stem>.emb.npy`` (float32 [N, d], row i = csv row i, L2-normalised) and ``<stem>.emb.json``
   are written next to the csv (or into ``out``). A csv without an ``index`` column also gets a
   copy with one (``<stem>.indexed.csv`` beside it, or ``out/<stem>.csv``), written atomically.
-* shards: every shard is rewritten into ``out`` with a ``KEY.emb.npy`` member added (and a
-  ``KEY.json`` with ``"index"`` when missing), then ``sizes.json`` and ``embeddings.json``.
+* shards: a column per shard, ``NAME.emb.npy`` + ``NAME.emb.json`` beside it (or in ``out``), never a
+  copy of the shards (:mod:`.embed_column`).
 """
 from __future__ import annotations
 
@@ -119,52 +119,8 @@ def _shard_list(data) -> List[Path]:
     return paths
 
 
-def embed_shards(data, out, model: str = "all-MiniLM-L6-v2", batch_size: int = 256, progress: bool = True,
-                 device: str = "cpu", drop_empty_captions: bool = False) -> Dict[str, int]:
-    """Rewrite shards into ``out`` with ``KEY.emb.npy`` (and ``KEY.json`` with an index) added.
+def embed_shards(data, out=None, **kwargs) -> Dict[str, int]:
+    """Caption embeddings of shards as a column beside them (see :mod:`.embed_column`); {shard: rows}."""
+    from .embed_column import embed_shards as embed_column
 
-    Samples with an empty or missing ``KEY.txt`` are refused (:mod:`.captions`); with
-    ``drop_empty_captions`` they are left out of the rewritten shards (``sizes.json`` counts what is kept)."""
-    from tqdm.auto import tqdm
-
-    shards = _shard_list(data)
-    empty = {shard: [key for key, members in sh.read_tar(shard) if is_empty(members.get("txt"))] for shard in shards}
-    if any(empty.values()) and not drop_empty_captions:
-        labels = [f"{shard.name} sample {key}" for shard, keys in empty.items() for key in keys]
-        total = sum(1 for shard in shards for _ in sh.read_tar(shard))
-        raise refuse(f"shards {data}", labels, total)
-    out = Path(out)
-    if any(out.resolve() == p.parent.resolve() for p in shards):
-        raise ValueError(f"--out {out} is the input directory; shards are never modified in place")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / sh.SIZES_FILE).unlink(missing_ok=True)
-    encoder = load_sentence_encoder(model, device=device)
-    sizes: Dict[str, int] = {}
-    running_index = 0
-    dim = None
-    for shard in tqdm(shards, desc="embed shards", unit="shard", disable=not progress):
-        samples = [(key, members) for key, members in sh.read_tar(shard) if key not in empty[shard]]
-        captions = [members["txt"].decode("utf-8") for _, members in samples]
-        texts = captions
-        emb = embed_captions(encoder, texts, batch_size=batch_size, progress=False)
-        dim = int(emb.shape[1])
-        rows = iter(emb)
-        rewritten = []
-        for (key, members), caption in zip(samples, captions):
-            members = dict(members)
-            meta = json.loads(members["json"].decode("utf-8")) if "json" in members else {}
-            if "index" not in meta:
-                meta["index"] = running_index
-                meta.setdefault("caption", caption)
-                members["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False,
-                                             separators=(",", ":")).encode("utf-8")
-            running_index += 1
-            members["emb.npy"] = sh.npy_bytes(next(rows))
-            rewritten.append((key, list(members.items())))
-        sizes[shard.name] = sh.write_tar(out / shard.name, rewritten)
-    dropped = sum(len(keys) for keys in empty.values())
-    sh.atomic_write_json(out / SHARD_EMB_META, {"model": canonical_name(model), "dim": dim,
-                                                "n": int(sum(sizes.values())), "normalized": True,
-                                                **({"dropped_empty_captions": dropped} if dropped else {})})
-    sh.atomic_write_json(out / sh.SIZES_FILE, sizes)
-    return sizes
+    return embed_column(data, out, **kwargs)

@@ -1,0 +1,253 @@
+"""``embed`` for webdataset shards: caption embeddings as a column beside the shards, never a copy of them.
+
+Per shard ``NAME.emb.npy`` + ``NAME.emb.json`` (see :mod:`.corpus`), written in the column directory
+(default: beside the shards). At CC12M size this runs on several devices at once (one process per
+device, each taking the next shard from a shared queue), resumes after an interruption (a shard whose
+column is complete and made from the same shard bytes, keys, model and numbering is skipped; a partial
+one is redone: its json, written last, is missing), and shows captions/s and the ETA.
+
+The shards are scanned first (small members only, in parallel, reusing the record's entries): that
+gives every shard's keys and empty captions, the total for the progress bar, and where each shard's
+dataset index starts (``index_start``: shards numbered in sorted order over the rows they keep).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from openclip_align.atomic_files import stale_temps
+
+from . import corpus as cp
+from .captions import is_empty, refuse
+
+DTYPES = ("float16", "float32")
+
+
+def resolve_devices(device: str = "auto", devices: Optional[str] = None, num_processes: Optional[int] = None) -> List[str]:
+    """The devices to embed on, one process each: ``--devices cuda:0,cuda:1``, or ``--num-processes N``
+    (the first N GPUs; on a CPU-only machine N CPU processes), else ``--device`` (auto: cuda if present)."""
+    import torch
+
+    if devices:
+        return [d.strip() for d in str(devices).split(",") if d.strip()]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if num_processes and num_processes > 1:
+        if device.startswith("cuda"):
+            found = torch.cuda.device_count()
+            if num_processes > found:
+                raise ValueError(f"--num-processes {num_processes}: only {found} CUDA device(s) are visible")
+            return [f"cuda:{i}" for i in range(num_processes)]
+        return [device] * int(num_processes)
+    return [device]
+
+
+def _captions(path: str, drop: set) -> Tuple[List[str], List[str], List[str]]:
+    """(row keys, their captions, every key) of a shard in tar order; ``drop``: keys left out."""
+    keys, texts, every = [], [], []
+    for key, members in cp.iter_samples(path, frozenset({"txt"})):
+        every.append(key)
+        if key in drop:
+            continue
+        keys.append(key)
+        texts.append(members["txt"].decode("utf-8"))
+    return keys, texts, every
+
+
+def _column_is_current(path: str, column_dir: str, entry: dict, model: str, dtype: str, index_start: int,
+                       dropped: Sequence[str]) -> bool:
+    npy_path, json_path = cp.column_paths(path, column_dir)
+    try:
+        meta = cp.read_column_meta(json_path)
+    except cp.CorpusError:
+        return False
+    if meta is None or cp.column_problem(path, column_dir, meta=meta, shard_keys_hash=entry["keys_sha256"]) is not None:
+        return False
+    return (meta.get("shard_mtime_ns") == entry["mtime_ns"] and meta.get("model") == model and meta.get("dtype") == dtype
+            and meta.get("index_start") == index_start and list(meta.get("dropped_empty_captions", ())) == list(dropped))
+
+
+def _embed_one(encoder, job: dict, batch_size: int, report) -> dict:
+    """Embed one shard's captions and write its column; ``report(n)`` after every chunk of captions."""
+    import numpy as np
+
+    from .semantic import embed_captions
+
+    keys, texts, every = _captions(job["path"], set(job["dropped"]))
+    if cp.keys_sha256(every) != job["keys_sha256"]:
+        raise cp.CorpusError(f"shard {job['path']} changed while it was being embedded; rerun the same command")
+    chunk = max(batch_size, 1) * 4
+    parts = []
+    for start in range(0, len(texts), chunk):
+        parts.append(embed_captions(encoder, texts[start:start + chunk], batch_size=batch_size, progress=False))
+        report(len(parts[-1]))
+    emb = np.concatenate(parts) if parts else embed_captions(encoder, [], batch_size=batch_size, progress=False)
+    meta = cp.write_column(job["path"], job["column_dir"], keys, emb, model=job["model"], dtype=job["dtype"],
+                           dropped=job["dropped"], index_start=job["index_start"], shard_keys=every)
+    return {"path": job["path"], "rows": meta["count"], "dim": meta["dim"]}
+
+
+def _device_worker(device: str, model: str, batch_size: int, jobs, results, threads: Optional[int]) -> None:
+    """One process per device: load the encoder there, take shards from ``jobs`` until a None."""
+    try:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        from .semantic import load_sentence_encoder
+
+        encoder = load_sentence_encoder(model, device=device)
+        while True:
+            job = jobs.get()
+            if job is None:
+                break
+            results.put(("done", _embed_one(encoder, job, batch_size, lambda n: results.put(("captions", n)))))
+    except BaseException as err:                     # reported to the parent, which stops the run
+        results.put(("error", f"{device}: {err}"))
+
+
+def embed_shards(data, out=None, model: str = "all-MiniLM-L6-v2", batch_size: int = 256, progress: bool = True,
+                 device: str = "auto", drop_empty_captions: bool = False, dtype: str = "float16",
+                 devices: Optional[str] = None, num_processes: Optional[int] = None,
+                 scan_workers: Optional[int] = None) -> Dict[str, int]:
+    """Write every shard's caption embedding column; returns {shard name: rows}. Shards are never
+    modified. Samples with an empty or missing caption are refused (naming shard and key), or left
+    out with ``drop_empty_captions`` (listed in the column json and counted in the record)."""
+    from tqdm.auto import tqdm
+
+    from .embed_files import _shard_list
+    from .semantic import canonical_name
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    model_name = canonical_name(model)
+    paths = [str(p) for p in sorted(_shard_list(data), key=lambda p: (str(p.parent), p.name))]
+    folders = sorted({os.path.dirname(p) for p in paths})
+    if out is None:
+        for folder in folders:
+            if not cp.writable_dir(folder):
+                raise ValueError(f"{folder} is not writable, so the embedding columns cannot go beside its shards; "
+                                 "pass --out DIR")
+    column_dir = lambda path: str(out) if out is not None else os.path.dirname(path)   # noqa: E731
+
+    # 1. scan (reusing the record's entries) for keys, empty captions and where each shard's index starts
+    known = {}
+    for path in paths:
+        known.update(cp.recorded_entries([path], column_dir(path)))
+    workers = scan_workers or min(8, os.cpu_count() or 1)
+    entries, errors = cp.scan_shards(paths, workers=workers, known=known, progress=progress)
+    if errors:
+        raise cp.CorpusError(next(iter(errors.values())))
+    empty = [(p, k) for p in paths for k in entries[p]["empty_caption_keys"]]
+    if empty and not drop_empty_captions:
+        raise refuse(f"shards {data}", [f"{os.path.basename(p)} sample {k}" for p, k in empty],
+                     sum(entries[p]["count"] for p in paths))
+    index_start, start = {}, 0
+    for path in paths:
+        index_start[path] = start
+        start += entries[path]["count"] - len(entries[path]["empty_caption_keys"])
+
+    # 2. which shards still need their column
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    for folder in {column_dir(p) for p in paths}:
+        for stale in stale_temps(folder, "*.emb.*"):
+            stale.unlink()
+    jobs = []
+    for path in paths:
+        dropped = list(entries[path]["empty_caption_keys"])
+        if not _column_is_current(path, column_dir(path), entries[path], model_name, dtype, index_start[path], dropped):
+            jobs.append({"path": path, "column_dir": column_dir(path), "model": model_name, "dtype": dtype,
+                         "dropped": dropped, "index_start": index_start[path],
+                         "keys_sha256": entries[path]["keys_sha256"]})
+    writers = {folder: cp.RecordWriter(folder) for folder in {column_dir(p) for p in paths}}
+
+    def record(path: str) -> None:
+        entry = dict(entries[path], column=cp.column_summary(path, column_dir(path)))
+        entries[path] = entry
+        writers[column_dir(path)].add(path, entry)
+
+    for path in paths:
+        if all(job["path"] != path for job in jobs):
+            record(path)
+
+    # 3. embed: in this process, or one process per device
+    total = sum(entries[j["path"]]["count"] - len(j["dropped"]) for j in jobs)
+    bar = tqdm(total=total, desc="embed captions", unit="caption", unit_scale=True, smoothing=0.1,
+               disable=not progress or not jobs)
+    try:
+        targets = resolve_devices(device, devices, num_processes) if jobs else []
+        if len(targets) <= 1:
+            if jobs:
+                from .semantic import load_sentence_encoder
+
+                encoder = load_sentence_encoder(model, device=targets[0])
+                for job in jobs:
+                    _embed_one(encoder, job, batch_size, bar.update)
+                    record(job["path"])
+        else:
+            _run_on_devices(targets, model, batch_size, jobs, bar, record)
+    finally:
+        bar.close()
+        for writer in writers.values():
+            writer.flush()
+
+    # 4. corpus-wide summary per column directory; sizes.json beside the shards when there is none
+    for folder in {column_dir(p) for p in paths}:
+        mine = [p for p in paths if column_dir(p) == folder]
+        cols = [entries[p]["column"] for p in mine if entries[p].get("column")]
+        dims = {c["dim"] for c in cols}
+        dropped = sum(len(entries[p]["empty_caption_keys"]) for p in mine)
+        from .shards import atomic_write_json
+
+        atomic_write_json(os.path.join(folder, cp.CORPUS_META),
+                          {"model": model_name, "dim": dims.pop() if len(dims) == 1 else None,
+                           "n": int(sum(c["rows"] for c in cols)), "normalized": True, "dtype": dtype,
+                           "layout": "column", **({"dropped_empty_captions": dropped} if dropped else {})})
+    for folder in folders:
+        sizes_path = os.path.join(folder, cp.SIZES_FILE)
+        if not os.path.exists(sizes_path) and cp.writable_dir(folder):
+            from .shards import atomic_write_json
+
+            atomic_write_json(sizes_path, {os.path.basename(p): entries[p]["count"] - len(entries[p]["empty_caption_keys"])
+                                           for p in paths if os.path.dirname(p) == folder})
+    return {os.path.basename(p): entries[p]["count"] - len(entries[p]["empty_caption_keys"]) for p in paths}
+
+
+def _run_on_devices(targets: Sequence[str], model: str, batch_size: int, jobs: List[dict], bar, record) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    job_queue, results = ctx.Queue(), ctx.Queue()
+    for job in jobs:
+        job_queue.put(job)
+    for _ in targets:
+        job_queue.put(None)
+    cpu_share = max(1, (os.cpu_count() or 1) // len(targets))
+    procs = [ctx.Process(target=_device_worker, daemon=True,
+                         args=(d, model, batch_size, job_queue, results, cpu_share if d == "cpu" else None))
+             for d in targets]
+    for proc in procs:
+        proc.start()
+    done = 0
+    try:
+        while done < len(jobs):
+            try:
+                kind, value = results.get(timeout=5)
+            except Exception:                              # queue.Empty: see that the workers still live
+                if not any(p.is_alive() for p in procs):
+                    raise RuntimeError("every embedding process ended before the shards were done") from None
+                continue
+            if kind == "captions":
+                bar.update(value)
+            elif kind == "done":
+                done += 1
+                record(value["path"])
+            else:
+                raise RuntimeError(f"embedding process on {value}")
+    finally:
+        for proc in procs:
+            if proc.is_alive() and done < len(jobs):
+                proc.terminate()
+            proc.join(timeout=30)
