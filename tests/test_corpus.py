@@ -309,3 +309,36 @@ def test_check_vector_names_the_sample():
     with pytest.raises(C.CorpusError, match="width 3, expected 2"):
         C.check_vector("w", np.zeros(3, np.float32), 2)
     assert C.check_vector("w", _npy(np.zeros(5, np.float16)), None) == 5
+
+
+def test_data_check_records_in_parallel_and_resumes(tmp_path, monkeypatch, capsys):
+    from openclip_align.cli import main
+
+    shards = [make_shard(tmp_path / f"s-{i:03d}.tar", plain_samples([f"{i}x{j}" for j in range(3)], first_index=3 * i))
+              for i in range(3)]
+    assert main(["data", "check", "--data", str(tmp_path), "--workers", "2", "--no-progress"]) == 0
+    assert "3 shards, 9 samples" in capsys.readouterr().out
+    record = C.read_record(str(tmp_path))
+    assert {k: (v["count"], v["index_min"], v["index_max"]) for k, v in record["shards"].items()} == \
+        {"s-000.tar": (3, 0, 2), "s-001.tar": (3, 3, 5), "s-002.tar": (3, 6, 8)}
+    C.verify_record(shards, needs_index=True)
+    # a rerun reads only the shard that changed
+    scanned = []
+    real = C.scan_shard
+    monkeypatch.setattr(C, "scan_shard", lambda path, **kw: scanned.append(os.path.basename(path)) or real(path, **kw))
+    make_shard(tmp_path / "s-001.tar", plain_samples(["1x0", "1x1"], captions=["ok", ""], first_index=3))
+    assert main(["data", "check", "--data", str(tmp_path), "--workers", "1", "--no-progress"]) == 1
+    assert scanned == ["s-001.tar"]
+    err = capsys.readouterr().err
+    assert "s-001.tar: 1 samples have an empty or missing caption (1x1)" in err
+
+
+def test_data_check_names_a_damaged_shard_and_goes_on(tmp_path, capsys):
+    from openclip_align.cli import main
+
+    good = make_shard(tmp_path / "a.tar", plain_samples(["a0"]))
+    bad = make_shard(tmp_path / "b.tar", plain_samples([f"b{i}" for i in range(5)]))
+    open(bad, "r+b").truncate(1700)
+    assert main(["data", "check", "--data", str(tmp_path), "--workers", "1", "--no-progress"]) == 1
+    assert "b.tar cannot be read to its end" in capsys.readouterr().err
+    assert list(C.read_record(str(tmp_path))["shards"]) == [os.path.basename(good)]

@@ -4,6 +4,7 @@
     openclip-align data requirements [--size full] [--kind apt|pip]
     openclip-align data add-emoji-group --data DIR     (the emoji-group zero-shot set for an older corpus)
     openclip-align data add-clip-benchmark --data DIR  (the CLIP_benchmark layouts for an older corpus)
+    openclip-align data check --data SHARDS [--workers N] [--out DIR]   (record shards made by other tools)
 """
 from __future__ import annotations
 
@@ -50,6 +51,15 @@ def register(subparsers) -> None:
                                 "into a corpus built without it (no rebuild)")
     bench.add_argument("--data", required=True, help="a finished corpus directory (with manifest.json)")
     bench.set_defaults(func=_add_clip_benchmark)
+
+    check = sub.add_parser("check", help="scan webdataset shards once (in parallel) and record what they hold, so "
+                                         "training verifies them without reading them")
+    check.add_argument("--data", required=True, help="a directory of .tar shards or a pattern (dir/x-{000..099}.tar)")
+    check.add_argument("--workers", type=int, default=None, help="scanning processes (default: the CPU count)")
+    check.add_argument("--out", default=None,
+                       help="where the record goes (default: beside the shards; needed when that is not writable)")
+    check.add_argument("--no-progress", action="store_true", help="no progress bar")
+    check.set_defaults(func=_check)
 
 
 def _build(args) -> int:
@@ -99,6 +109,31 @@ def _add_clip_benchmark(args) -> int:
     sets += [f"wds/{name} ({s['n']} images)" for name, s in entry["zeroshot"].items()]
     print(f"{args.data}: CLIP_benchmark sets {', '.join(sets)}\nrun: {command_for(args.data, entry)}")
     return 0
+
+
+def _check(args) -> int:
+    import os
+
+    from ..data.check import check_shards
+    from ..data.corpus import RECORD_NAME, CorpusError
+
+    try:
+        found = check_shards(args.data, workers=args.workers or os.cpu_count() or 1, out=args.out,
+                             progress=not args.no_progress)
+    except (CorpusError, FileNotFoundError, ValueError) as err:
+        print(f"openclip-align data check: {err}", file=sys.stderr)
+        return 2
+    entries = found["entries"]
+    samples = sum(e["count"] for e in entries.values())
+    indexed = sum(1 for e in entries.values() if e["index_count"] == e["count"])
+    columns = sum(1 for e in entries.values() if e.get("column"))
+    members = sum(1 for e in entries.values() if e["has_emb_member"])
+    print(f"{len(entries)} shards, {samples} samples; KEY.json index in every sample of {indexed} shards; embedding "
+          f"column for {columns}, KEY.emb.npy members in {members}; record: "
+          f"{', '.join(os.path.join(d, RECORD_NAME) for d in found['record_dirs'])}")
+    for problem in found["problems"]:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 1 if found["problems"] else 0
 
 
 def _requirements(args) -> int:

@@ -1,0 +1,56 @@
+"""``openclip-align data check``: scan shards made by other tools (img2dataset ...) once, in parallel
+processes, and record what they hold (:mod:`.corpus`), so the trainer verifies them from the record in
+time proportional to the number of shards. Resumable: shards already recorded with the same bytes and
+mtime are not read again; entries are written as the scan goes."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional
+
+from . import corpus as cp
+
+
+def check_shards(data, workers: int = 1, out: Optional[str] = None, progress: bool = True) -> dict:
+    """Record every shard; returns {"entries": {path: entry}, "errors": {path: msg}, "problems": [str],
+    "record_dirs": [dir]}. Problems: unreadable shards, empty captions, mixed index numbering, bad
+    KEY.emb.npy members, index ranges that overlap or leave [0, N)."""
+    from .embed_files import _shard_list
+
+    paths = [str(p) for p in sorted(_shard_list(data), key=lambda p: (str(p.parent), p.name))]
+    targets = {}
+    for path in paths:
+        folder = os.path.dirname(path)
+        targets[path] = str(out) if out is not None else cp.record_dir_for(folder)
+    known: Dict[str, dict] = {}
+    for path in paths:
+        known.update(cp.recorded_entries([path], targets[path]))
+    writers = {d: cp.RecordWriter(d) for d in set(targets.values())}
+    try:
+        entries, errors = cp.scan_shards(paths, workers=workers, known=known, progress=progress,
+                                         on_entry=lambda path, entry: writers[targets[path]].add(path, entry))
+    finally:
+        for writer in writers.values():
+            writer.flush()
+    problems: List[str] = list(errors.values())
+    for path in paths:
+        entry = entries.get(path)
+        if entry is None:
+            continue
+        problems.extend(entry.get("problems", ()))
+        if entry["empty_caption_keys"]:
+            problems.append(f"shard {path}: {len(entry['empty_caption_keys'])} samples have an empty or missing "
+                            f"caption ({cp.listed(entry['empty_caption_keys'])}); write them, or train with "
+                            "--drop-empty-captions")
+        if 0 < entry["index_count"] < entry["count"]:
+            problems.append(f"shard {path}: only {entry['index_count']} of {entry['count']} samples have a KEY.json "
+                            "\"index\"; losses with a per-pair index need all or none")
+        if not entry["indices_unique"]:
+            problems.append(f"shard {path}: some samples share a KEY.json \"index\"")
+    indexed = [p for p in paths if p in entries and entries[p]["index_count"] == entries[p]["count"] > 0]
+    if indexed and len(indexed) == len(entries):
+        try:
+            cp.check_index_ranges("the shards", [(entries[p]["index_min"], entries[p]["index_max"], f"shard {p}")
+                                                 for p in indexed], sum(entries[p]["count"] for p in paths))
+        except cp.CorpusError as err:
+            problems.append(str(err))
+    return {"entries": entries, "errors": errors, "problems": problems, "record_dirs": sorted(writers)}
