@@ -108,6 +108,24 @@ def test_captions_non_empty_images_decode_indices_stable(corpus):
     assert emb.dtype == np.float32 and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
 
+def test_build_writes_the_column_and_the_record_of_its_shards(corpus):
+    from openclip_align.data import corpus as cp
+
+    out, manifest = corpus
+    emb = np.load(out / "train.emb.npy")
+    shards = [str(p) for p in sh.list_shards(out / "train")]
+    reader = cp.ColumnReader(expected_width=384, expected_model="all-MiniLM-L6-v2")
+    for shard in shards:
+        for key, members in sh.read_tar(shard):
+            i = json.loads(members["json"])["index"]
+            assert np.allclose(reader.lookup(shard, key), emb[i], atol=2e-3)        # float16 of the same row
+            assert reader.index(shard, key) == i
+    check = cp.verify_record(shards, needs_index=True, needs_semantic=True, expected_width=384,
+                             expected_model="all-MiniLM-L6-v2", batch_size=8, workers=2)
+    assert not check.unrecorded and check.samples == len(emb) == manifest["counts"]["train"]
+    assert set(check.semantic_from.values()) == {"column"}
+
+
 def _open_clip_args(argv):
     from open_clip_train.params import parse_args
 
@@ -216,10 +234,22 @@ def test_rebuild_is_byte_identical(corpus, tmp_path):
     out, manifest = corpus
     again = build_corpus(tmp_path, size="small", encoder="all-MiniLM-L6-v2", progress=False)
     assert again == manifest
-    names = [p.relative_to(out) for p in sorted(out.rglob("*")) if p.is_file() and p.suffix != ".csv"]
+    stamped = lambda p: p.name == "openclip_align_record.json" or p.parent.name in ("train", "heldout") and \
+        p.name.endswith(".emb.json")                      # they record the shards' mtimes: compared below
+    names = [p.relative_to(out) for p in sorted(out.rglob("*")) if p.is_file() and p.suffix != ".csv"
+             and not stamped(p)]
     assert any(n.suffix == ".tar" for n in names) and any(n.suffix == ".png" for n in names)
     for rel in names:
         assert (tmp_path / rel).read_bytes() == (out / rel).read_bytes(), rel
+
+    def unstamped(obj):
+        if isinstance(obj, dict):
+            return {k: unstamped(v) for k, v in obj.items() if not k.endswith("mtime_ns") and k != "dir"}
+        return obj
+
+    for path in filter(stamped, out.rglob("*")):
+        rel = path.relative_to(out)
+        assert unstamped(json.loads((tmp_path / rel).read_text())) == unstamped(json.loads(path.read_text())), rel
     for csv in out.rglob("*.csv"):           # csv files differ only in the absolute image paths
         rel = csv.relative_to(out)
         assert (tmp_path / rel).read_text().replace(str(tmp_path), "DIR") == csv.read_text().replace(str(out), "DIR")

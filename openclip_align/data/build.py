@@ -7,6 +7,8 @@ tests and the benchmark call it). The output is plain OpenCLIP input, readable b
     OUT/manifest.json                  sources, licences, versions, counts, split rule, options
     OUT/train/train-000000.tar ...     webdataset shards: KEY.png KEY.txt KEY.json [KEY.emb.npy]
     OUT/train/sizes.json               {"train-000000.tar": n, ...}
+    OUT/train/train-000000.emb.npy/.json   the shard's caption embedding column (float16, row = sample)
+    OUT/train/openclip_align_record.json   what each shard holds, for the trainer's check (data/corpus.py)
     OUT/train.csv                      filepath<TAB>title<TAB>index<TAB>source (absolute PNG paths)
     OUT/train.emb.npy, .emb.json       float32 [N, d], row i = csv row i = sample index i
     OUT/heldout.csv (+ heldout/ shards, heldout.emb.*)    pairs of held-out bases
@@ -320,6 +322,28 @@ def _shard_samples(records: Sequence[Record], emb: Optional[np.ndarray]):
         yield f"{rec.index:09d}", members
 
 
+def _record_shards(writer: Writer, directory: Path, sizes: Dict[str, int], emb: Optional[np.ndarray],
+                   encoder: Optional[str]) -> None:
+    """Beside the shards: each shard's caption embedding column and the corpus record (:mod:`.corpus`),
+    so that training verifies these shards from the record instead of reading them."""
+    from . import corpus
+    from .semantic import canonical_name
+
+    offset = 0
+    for name in sorted(sizes):
+        path = str(directory / name)
+        if emb is not None:
+            keys = [key for key, _ in corpus.iter_samples(path, frozenset())]
+            rows = emb[offset:offset + len(keys)]
+            corpus.write_column(path, None, keys, rows, model=canonical_name(encoder), index_start=offset)
+            writer.written.update(Path(p) for p in corpus.column_paths(path, None))
+            offset += len(keys)
+    corpus.write_record(str(directory), {name: corpus.scan_shard(str(directory / name)) for name in sizes}, replace=True)
+    for leftover in (corpus.RECORD_NAME, corpus.RECORD_NAME + ".lock"):
+        if (directory / leftover).exists():
+            writer.written.add(directory / leftover)
+
+
 def _image_rel(split: str, index: int) -> str:
     return f"images/{split}/{index:09d}.png"
 
@@ -346,6 +370,7 @@ def write_split(writer: Writer, name: str, records: Sequence[Record], emb: Optio
         for shard in sizes:
             writer.written.add(writer.out / name / shard)
         writer.written.add(writer.out / name / sh.SIZES_FILE)
+        _record_shards(writer, writer.out / name, sizes, emb, encoder)
         files.update(shards=os.path.relpath(sh.shard_spec(writer.out / name, sizes), writer.out),
                      sizes=f"{name}/{sh.SIZES_FILE}", num_shards=len(sizes))
     writer.file(f"{name}.csv", sh.tsv_text(CSV_HEADER, rows).encode("utf-8"))   # last: it vouches for the images
