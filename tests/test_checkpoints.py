@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from openclip_align.atomic_files import umask_mode
-from openclip_align.integration import checkpoints, trainer_run
+from openclip_align.integration import checkpoints, run_state
 from _upstream_tree import upstream_tree
 
 PATCHES = Path(__file__).resolve().parent.parent / "patches"
@@ -38,7 +38,7 @@ def run_folder(tmp_path, monkeypatch):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     checkpoints.patch_torch_save()
-    monkeypatch.setattr(trainer_run, "RUN", SimpleNamespace(args=SimpleNamespace(checkpoint_path=str(folder))))
+    monkeypatch.setattr(run_state, "RUN", SimpleNamespace(args=SimpleNamespace(checkpoint_path=str(folder))))
     return folder
 
 
@@ -88,9 +88,9 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_whole(run_folder):
     code = textwrap.dedent(f"""
         import os, signal, torch
         from types import SimpleNamespace
-        from openclip_align.integration import checkpoints, trainer_run
+        from openclip_align.integration import checkpoints, run_state
         checkpoints.patch_torch_save()
-        trainer_run.RUN = SimpleNamespace(args=SimpleNamespace(checkpoint_path={str(run_folder)!r}))
+        run_state.RUN = SimpleNamespace(args=SimpleNamespace(checkpoint_path={str(run_folder)!r}))
         class DiesWhilePickled:
             def __reduce__(self):
                 os.kill(os.getpid(), signal.SIGKILL)

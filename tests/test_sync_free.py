@@ -201,7 +201,7 @@ def test_no_synchronisation_per_step(loss, device, data, recorder, tmp_path):
 
 def test_refine_teacher_is_compiled_with_the_student(data, tmp_path, monkeypatch):
     """--torchcompile: the teacher runs under torch.compile too (dynamo's eager backend keeps this quick)."""
-    from openclip_align.integration import trainer_run
+    from openclip_align.integration import run_state
 
     compile_ = torch.compile
     compiled = []
@@ -212,7 +212,7 @@ def test_refine_teacher_is_compiled_with_the_student(data, tmp_path, monkeypatch
                        "--train-data", str(csv), "--dataset-type", "csv", "--batch-size", "16", "--workers", "0",
                        "--epochs", "1", "--lr", "1e-5", "--precision", "fp32", "--device", "cpu"], tmp_path, "compiled")
     assert compiled == ["CLIP", "TeacherEncoder"]
-    assert isinstance(trainer_run.RUN.teacher_encoder, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(run_state.RUN.teacher_encoder, torch._dynamo.eval_frame.OptimizedModule)
     assert (run / "checkpoints" / "epoch_1.pt").exists()
 
 

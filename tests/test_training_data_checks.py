@@ -1,13 +1,16 @@
-"""Training data refused by name before step 1, never a hang or a silent fallback (issue 16).
+"""Training data refused by name, never a hang or a silent fallback (issues 16 and 23).
 
-Unit level: the host-side scan of shards and the csv dataset, on real digit scans; end to end: the
-trainer stops before its first step with the message, and writes nothing."""
-import io
+What a shard's record vouches for is checked before step 1 in O(shards) (``training_shards``, through
+``corpus.verify_record``); shards without a record are checked sample by sample as upstream's own
+pipeline decodes them. Unit level on real digit scans; end to end: the trainer stops with the message
+naming shard, key and fix, and nothing already written is lost."""
+import builtins
 import json
 import logging
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,10 +20,11 @@ import pytest
 import webdataset as wds
 
 import open_clip_train.data as oc_data
+from openclip_align.data import corpus
 from openclip_align.data.captions import EmptyCaptionError
-from openclip_align.integration import data_checks, trainer_run
-from openclip_align.integration.batch_extras import MissingExtrasError
-from openclip_align.integration.data_checks import TrainingDataError, scan_training_shards
+from openclip_align.data.corpus import CorpusError
+from openclip_align.integration import batch_extras, data_checks, run_state, training_shards
+from openclip_align.integration.data_checks import MissingExtrasError, TrainingDataError
 
 WIDTH = 384
 
@@ -58,120 +62,174 @@ def write_shards(folder: Path, csv: Path, parts, emb=None, sizes=True, meta_widt
 def _args(train_data, **kw):
     base = dict(train_data=train_data, semantic_source="precomputed", semantic_model="all-MiniLM-L6-v2",
                 loss="imsep", batch_size=8, workers=0, world_size=1, train_num_samples=None,
-                dataset_resampled=False, drop_empty_captions=False)
+                dataset_resampled=False, drop_empty_captions=False, semantic_embeddings=None, distributed=False)
     base.update(kw)
     return SimpleNamespace(**base)
 
 
-def _scan(args, semantic=True, index=False):
-    return scan_training_shards(args, semantic, index, oc_data)
+def _record(folder: Path, want_index=True):
+    """What `openclip-align data check` writes: one record entry per shard (corpus.scan_shard)."""
+    corpus.write_record(str(folder), {p.name: corpus.scan_shard(str(p), want_index=want_index)
+                                      for p in sorted(folder.glob("*.tar"))})
 
 
-# --- per-pair extras -----------------------------------------------------------------------------
-def test_clean_shards_pass_and_report_what_they_hold(digits_csv, tmp_path):
+def _plan(args, semantic=True, index=False):
+    needs = ({"semantic", "caption"} if semantic else set()) | ({"index"} if index else set())
+    return training_shards.plan_training_shards(args, needs, oc_data)
+
+
+def _decoded(pattern, args, semantic=True, index=False):
+    """The extras of every training sample as upstream's own webdataset pipeline decodes them (workers 0)."""
+    needs = ({"semantic", "caption"} if semantic else set()) | ({"index"} if index else set())
+    plan = _plan(args, semantic, index)
+    extras = training_shards.ShardSampleExtras(plan, needs, args.semantic_source)
+    keep = training_shards.CaptionFilter(oc_data.filter_no_caption_or_no_image, plan.urls,
+                                         plan.check.dropped if plan.check else frozenset(), args.drop_empty_captions)
+    stream = wds.DataPipeline(wds.SimpleShardList(pattern), oc_data.tarfile_to_samples_nothrow, wds.select(keep),
+                              wds.decode("pilrgb"),
+                              wds.map(lambda s: {"key": s["__key__"], **extras(s)}))
+    return list(stream)
+
+
+# --- per-pair extras: recorded shards, before step 1 ---------------------------------------------------
+def test_clean_recorded_shards_pass_and_report_what_they_hold(digits_csv, tmp_path):
     pattern = write_shards(tmp_path, digits_csv, [range(0, 24), range(24, 48)])
-    scan = _scan(_args(pattern), index=True)
-    assert scan.samples == 48 and scan.width == WIDTH and not scan.without_embedding and not scan.dropped
+    _record(tmp_path)
+    plan = _plan(_args(pattern), index=True)
+    assert plan.total == 48 and plan.width == WIDTH and not plan.unrecorded and not plan.check.dropped
 
 
 @pytest.mark.parametrize("width, meta, match", [
-    (768, WIDTH, r"width 768, but .*embeddings.json records width 384"),          # the .emb.json disagrees
+    (768, WIDTH, r"width 768, but .*embeddings.json records width 384"),          # the metadata disagrees
     (1, None, r"width 1; a 1-wide normalised embedding"),                         # the IMSep term would vanish
     (768, None, None),                                                            # no metadata: nothing to compare
 ])
 def test_embedding_width_against_the_metadata(digits_csv, tmp_path, width, meta, match):
     pattern = write_shards(tmp_path, digits_csv, [range(0, 16)], emb=_vectors(48, width), meta_width=meta)
+    _record(tmp_path)
     if match is None:
-        assert _scan(_args(pattern)).width == 768
+        assert _plan(_args(pattern)).width == 768
     else:
-        with pytest.raises(MissingExtrasError, match=match):
-            _scan(_args(pattern))
+        with pytest.raises(CorpusError, match=match):
+            _plan(_args(pattern))
 
 
 def test_width_against_the_encoder_named_in_the_metadata(digits_csv, tmp_path):
     pattern = write_shards(tmp_path, digits_csv, [range(0, 16)], emb=_vectors(48, 768), meta_width=None)
     (tmp_path / "embeddings.json").write_text(json.dumps({"model": "all-MiniLM-L6-v2"}))    # 384 wide
-    with pytest.raises(MissingExtrasError, match="names the encoder all-MiniLM-L6-v2, whose embeddings have width 384"):
-        _scan(_args(pattern))
+    _record(tmp_path)
+    with pytest.raises(CorpusError, match="names the encoder all-MiniLM-L6-v2, whose embeddings have width 384"):
+        _plan(_args(pattern))
 
 
-def test_one_member_of_another_width_is_named(digits_csv, tmp_path):
-    wide = _vectors(48, 768)
-
-    def edit(i, sample):
-        if i == 13:
-            sample["emb.npy"] = wide[i]
-    pattern = write_shards(tmp_path, digits_csv, [range(0, 24), range(24, 48)], edit=edit)
-    with pytest.raises(MissingExtrasError, match=r"shard-000000.tar sample 000000013: KEY.emb.npy has width 768, "
-                                                 r"the samples before it width 384"):
-        _scan(_args(pattern))
-
-
-def test_a_nan_row_is_refused_before_step_1(digits_csv, tmp_path):
-    emb = _vectors(48)
-    emb[30, 5] = np.nan
-    pattern = write_shards(tmp_path, digits_csv, [range(0, 24), range(24, 48)], emb=emb)
-    with pytest.raises(MissingExtrasError, match=r"shard-000001.tar sample 000000030: KEY.emb.npy holds non-finite"):
-        _scan(_args(pattern))
-
-
-def test_a_sample_without_its_embedding(digits_csv, tmp_path, caplog):
+def test_recorded_shard_without_embeddings_refused_or_embedded_on_the_fly(digits_csv, tmp_path, caplog):
     def edit(i, sample):
         if i in (5, 40):
             del sample["emb.npy"]
     pattern = write_shards(tmp_path, digits_csv, [range(0, 24), range(24, 48)], edit=edit)
-    with pytest.raises(MissingExtrasError, match=r"precomputed: 2 of 48 .*sample 000000005.*sample 000000040.*"
-                                                 r"--semantic-source auto"):
-        _scan(_args(pattern))
-    scan = _scan(_args(pattern, semantic_source="auto"))           # auto: accepted, and said
-    assert len(scan.without_embedding) == 2
-    train = SimpleNamespace(dataloader=SimpleNamespace(num_batches=6))
-    with caplog.at_level(logging.INFO):
-        data_checks.log_on_the_fly(_args(pattern, semantic_source="auto"), train, scan)
-    assert "up to 2 of the 6 batches per epoch are embedded on the fly by --semantic-model all-MiniLM-L6-v2, " \
-           "because 2 of 48 samples have no KEY.emb.npy" in caplog.text
-    assert _scan(_args(pattern, semantic_source="on-the-fly")).without_embedding == []   # members not read
-
-
-def test_auto_mixing_needs_the_same_encoder_width(digits_csv, tmp_path):
-    def edit(i, sample):
-        if i == 3:
-            del sample["emb.npy"]
-    pattern = write_shards(tmp_path, digits_csv, [range(0, 16)], edit=edit)
-    with pytest.raises(MissingExtrasError, match="--semantic-model all-mpnet-base-v2, which embeds the 1 samples"):
-        _scan(_args(pattern, semantic_source="auto", semantic_model="all-mpnet-base-v2"))
+    _record(tmp_path)
+    with pytest.raises(CorpusError, match=r"precomputed: shard .*shard-000000.tar has no embedding column .*"
+                                          r"KEY.emb.npy in only 23 of its 24 samples.*--semantic-source auto"):
+        _plan(_args(pattern))
+    with caplog.at_level(logging.INFO):                                 # auto: accepted, and said
+        plan = _plan(_args(pattern, semantic_source="auto"))
+    assert "the batches of 2 shards without precomputed embeddings" in " ".join(plan.notes)
+    with pytest.raises(CorpusError, match="--semantic-model all-mpnet-base-v2, which embeds the samples of 2 shards"):
+        _plan(_args(pattern, semantic_source="auto", semantic_model="all-mpnet-base-v2"))
 
 
 def test_missing_and_duplicate_indices_are_named(digits_csv, tmp_path):
     def edit(i, sample):
-        if i == 2:
-            sample["json"] = {"caption": "no index"}
         if i == 9:
             sample["json"] = {"index": 8}
     pattern = write_shards(tmp_path, digits_csv, [range(0, 16)], edit=edit)
-    with pytest.raises(MissingExtrasError, match=r"sample 000000002 \(no KEY.json.*sample 000000009 \(index 8 also in"):
-        _scan(_args(pattern, loss="sogclr"), semantic=False, index=True)
+    _record(tmp_path)
+    with pytest.raises(CorpusError, match=r"shard-000000.tar holds samples sharing a KEY.json \"index\""):
+        _plan(_args(pattern, loss="sogclr"), semantic=False, index=True)
+
+
+def test_a_shard_changed_since_its_record_is_named(digits_csv, tmp_path):
+    pattern = write_shards(tmp_path, digits_csv, [range(0, 24)], sizes=False)
+    _record(tmp_path)
+    data = Path(pattern).read_bytes()
+    Path(pattern).write_bytes(data[: len(data) // 2 + 100])            # truncated after it was checked
+    with pytest.raises(CorpusError, match=r"shard-000000.tar changed since it was checked.*data check"):
+        _plan(_args(pattern), semantic=False)
+
+
+# --- per-pair extras: shards without a record, as samples are decoded ---------------------------------
+def test_unrecorded_shards_are_checked_as_decoded(digits_csv, tmp_path):
+    wide = _vectors(48, 768)
+    emb = _vectors(48)
+    emb[30, 5] = np.nan
+
+    def edit(i, sample):
+        if i == 13:
+            sample["emb.npy"] = wide[i]
+    pattern = write_shards(tmp_path, digits_csv, [range(0, 24), range(24, 48)], emb=emb, edit=edit)
+    with pytest.raises(CorpusError, match=r"shard-000000.tar sample 000000013: the caption embedding has width 768, "
+                                          r"expected 384"):
+        _decoded(pattern, _args(pattern))
+    pattern = write_shards(tmp_path / "nan", digits_csv, [range(0, 24), range(24, 48)], emb=emb)
+    with pytest.raises(CorpusError, match=r"shard-000001.tar sample 000000030: the caption embedding holds non-finite"):
+        _decoded(pattern, _args(pattern))
+
+
+def test_unrecorded_sample_without_index_or_embedding(digits_csv, tmp_path):
+    def edit(i, sample):
+        if i == 2:
+            sample["json"] = {"caption": "no index"}
+        if i == 7:
+            del sample["emb.npy"]
+    pattern = write_shards(tmp_path, digits_csv, [range(0, 16)], edit=edit)
+    with pytest.raises(CorpusError, match=r"sample 000000002: the loss needs a per-pair dataset index.*`openclip-align "
+                                          r"embed"):
+        _decoded(pattern, _args(pattern, loss="sogclr"), semantic=False, index=True)
+    with pytest.raises(CorpusError, match=r"shard-000000.tar: no embedding column"):
+        _decoded(pattern, _args(pattern))
+    rows = _decoded(pattern, _args(pattern, semantic_source="auto"))       # auto: that batch is embedded on the fly
+    assert [r["key"] for r in rows if "semantic" not in r] == ["000000007"] and len(rows) == 16
+
+
+def test_unrecorded_index_outside_the_sizes_json_total(digits_csv, tmp_path):
+    def edit(i, sample):
+        if i == 11:
+            sample["json"] = {"index": 16}
+    pattern = write_shards(tmp_path, digits_csv, [range(0, 16)], edit=edit)
+    with pytest.raises(CorpusError, match=r"sample 000000011: dataset index 16 is outside \[0, 16\)"):
+        _decoded(pattern, _args(pattern, loss="sogclr"), semantic=False, index=True)
 
 
 # --- captions --------------------------------------------------------------------------------------
-def test_empty_captions_in_shards_refused_or_dropped_and_counted(digits_csv, tmp_path, caplog):
+def test_empty_captions_in_recorded_shards_refused_or_dropped(digits_csv, tmp_path):
     def edit(i, sample):
         if i == 4:
             sample["txt"] = "   "
         if i == 20:
-            del sample["txt"]
+            sample["txt"] = ""
     pattern = write_shards(tmp_path, digits_csv, [range(0, 24)], edit=edit)
-    with pytest.raises(EmptyCaptionError, match=r"2 of 24 pairs .*sample 000000004.*sample 000000020.*"
-                                                r"--drop-empty-captions"):
-        _scan(_args(pattern), semantic=False)
-    with caplog.at_level(logging.WARNING):
-        scan = _scan(_args(pattern, drop_empty_captions=True), semantic=False)
-    assert scan.dropped == {(pattern, "000000004"), (pattern, "000000020")}
-    assert "dropped 2 of 24 training samples" in caplog.text
-    # the filter upstream's pipeline runs while --drop-empty-captions is on, over the real shard stream
-    keep = data_checks.SkipListed(oc_data.filter_no_caption_or_no_image, scan.dropped)
-    stream = wds.DataPipeline(wds.SimpleShardList(pattern), wds.tarfile_to_samples(), wds.select(keep))
-    assert [s["__key__"] for s in stream] == [f"{i:09d}" for i in range(24) if i not in (4, 20)]
+    _record(tmp_path)
+    with pytest.raises(CorpusError, match=r"2 of 24 recorded samples .*sample 000000004.*sample 000000020.*"
+                                          r"--drop-empty-captions"):
+        _plan(_args(pattern), semantic=False)
+    args = _args(pattern, drop_empty_captions=True)
+    plan = _plan(args, semantic=False)
+    assert plan.check.dropped == {(pattern, "000000004"), (pattern, "000000020")}
+    # the filter upstream's pipeline runs, over the real shard stream
+    assert [r["key"] for r in _decoded(pattern, args, semantic=False)] == [f"{i:09d}" for i in range(24)
+                                                                            if i not in (4, 20)]
+
+
+def test_empty_caption_in_an_unrecorded_shard_stops_or_is_dropped_as_decoded(digits_csv, tmp_path):
+    def edit(i, sample):
+        if i == 6:
+            sample["txt"] = " \n"
+    pattern = write_shards(tmp_path, digits_csv, [range(0, 24)], edit=edit)
+    with pytest.raises(CorpusError, match=r"shard .*shard-000000.tar sample 000000006 has an empty or missing "
+                                          r"caption; .*--drop-empty-captions.*data check"):
+        _decoded(pattern, _args(pattern), semantic=False)
+    rows = _decoded(pattern, _args(pattern, drop_empty_captions=True), semantic=False)
+    assert [r["key"] for r in rows] == [f"{i:09d}" for i in range(24) if i != 6]
 
 
 def _csv_dataset(path):
@@ -186,7 +244,7 @@ def test_empty_csv_caption_refused_with_its_row_or_dropped(digits_csv, tmp_path,
     rows.to_csv(csv, sep="\t", index=False)
     with pytest.raises(EmptyCaptionError, match=r"2 of 48 pairs .*row 3 \(line 5\), row 7 \(line 9\)"):
         _csv_dataset(csv)
-    monkeypatch.setattr(trainer_run, "RUN", SimpleNamespace(args=SimpleNamespace(drop_empty_captions=True)))
+    monkeypatch.setattr(run_state, "RUN", SimpleNamespace(args=SimpleNamespace(drop_empty_captions=True)))
     with caplog.at_level(logging.WARNING):
         dataset = _csv_dataset(csv)
     assert len(dataset) == 46 and "dropped 2 of 48 pairs" in caplog.text
@@ -197,33 +255,30 @@ def test_empty_csv_caption_refused_with_its_row_or_dropped(digits_csv, tmp_path,
 # --- sizes -------------------------------------------------------------------------------------------
 def test_fewer_samples_than_one_batch_is_an_error_not_a_hang(digits_csv, tmp_path):
     pattern = write_shards(tmp_path, digits_csv, [range(0, 29)])
-    with pytest.raises(TrainingDataError, match="hold 29 usable samples, fewer than one batch of 32"):
-        _scan(_args(pattern, batch_size=32), semantic=False)
+    _record(tmp_path)
+    with pytest.raises(CorpusError, match="hold 29 usable samples, fewer than one batch of 32"):
+        _plan(_args(pattern, batch_size=32), semantic=False)
 
 
 def test_a_worker_dealt_too_few_samples_is_an_error(digits_csv, tmp_path):
     pattern = write_shards(tmp_path, digits_csv, [range(0, 24), range(24, 30)])
-    with pytest.raises(TrainingDataError, match="deal a worker as few as 1 shard.* holding 6 samples"):
-        _scan(_args(pattern, batch_size=8, workers=2), semantic=False)
-    assert _scan(_args(pattern, batch_size=8, workers=1), semantic=False).samples == 30
+    with pytest.raises(CorpusError, match="deal a worker as few as 1 shard.* holding 6 samples"):   # from sizes.json
+        _plan(_args(pattern, batch_size=8, workers=2), semantic=False)
+    _record(tmp_path)
+    with pytest.raises(CorpusError, match="deal a worker as few as 1 shard.* holding 6 samples"):   # from the record
+        _plan(_args(pattern, batch_size=8, workers=2), semantic=False)
+    assert _plan(_args(pattern, batch_size=8, workers=1), semantic=False).total == 30
 
 
 def test_shards_holding_fewer_samples_than_sizes_json_claims(digits_csv, tmp_path):
     pattern = write_shards(tmp_path, digits_csv, [range(0, 24), range(24, 40)])
+    _record(tmp_path)
     sizes = tmp_path / "sizes.json"
     sizes.write_text(json.dumps({"shard-000000.tar": 24, "shard-000001.tar": 24}))
-    with pytest.raises(TrainingDataError, match=r"says .*shard-000001.tar holds 24 samples, but it holds 16"):
-        _scan(_args(pattern), semantic=False)
+    with pytest.raises(CorpusError, match=r"says .*shard-000001.tar holds 24 samples, but it holds 16"):
+        _plan(_args(pattern), semantic=False)
     assert json.loads(sizes.read_text())["shard-000001.tar"] == 24         # the file is the user's: untouched
-    assert _scan(_args(pattern, train_num_samples=40), semantic=False).samples == 40   # not read then
-
-
-def test_a_truncated_shard_file_is_named(digits_csv, tmp_path):
-    pattern = write_shards(tmp_path, digits_csv, [range(0, 24)], sizes=False)
-    data = Path(pattern).read_bytes()
-    Path(pattern).write_bytes(data[: len(data) // 2 + 100])
-    with pytest.raises(TrainingDataError, match=r"shard-000000.tar cannot be read to its end .*truncated"):
-        _scan(_args(pattern), semantic=False)
+    assert _plan(_args(pattern, train_num_samples=40), semantic=False).total == 40   # the record's count
 
 
 def test_csv_smaller_than_one_batch():
@@ -242,19 +297,66 @@ def _train(argv, logs: Path, name: str):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_trainer_refuses_bad_shards_before_step_1(digits_csv, tmp_path):
+def test_trainer_refuses_bad_shards_before_step_1_or_as_decoded(digits_csv, tmp_path):
     def edit(i, sample):
         if i == 5:
             del sample["emb.npy"]
+    argv = ["--loss", "imsep", "--dataset-type", "webdataset", "--batch-size", "16", "--semantic-source", "precomputed"]
     pattern = write_shards(tmp_path / "missing", digits_csv, [range(0, 24), range(24, 48)], edit=edit)
-    out = _train(["--loss", "imsep", "--train-data", pattern, "--dataset-type", "webdataset", "--batch-size", "16",
-                  "--semantic-source", "precomputed"], tmp_path / "logs", "missing")
-    assert out.returncode != 0 and "sample 000000005" in out.stderr and "Train Epoch" not in out.stdout + out.stderr
+    out = _train([*argv, "--train-data", pattern], tmp_path / "logs", "unrecorded")       # at that sample
+    assert out.returncode != 0 and not list((tmp_path / "logs").rglob("*.pt"))
+    errors = [line for line in out.stderr.splitlines() if line.startswith("open_clip_train.main: error:")]
+    assert len(errors) == 1 and "shard-000000.tar: no embedding column" in errors[0], out.stderr[-2000:]
+    _record(tmp_path / "missing")
+    out = _train([*argv, "--train-data", pattern], tmp_path / "logs", "recorded")          # before step 1
+    assert out.returncode != 0 and "Train Epoch" not in out.stdout + out.stderr
+    assert "shard-000000.tar has no embedding column" in out.stderr and "KEY.emb.npy in only 23 of its 24" in out.stderr
 
     small = write_shards(tmp_path / "small", digits_csv, [range(0, 29)])       # 29 samples, batch 32: no hang
     out = _train(["--train-data", small, "--dataset-type", "webdataset", "--batch-size", "32"], tmp_path / "logs", "small")
     assert out.returncode != 0 and "fewer than one batch of 32" in out.stderr
     assert not list((tmp_path / "logs").rglob("*.pt"))
+
+
+def test_clip_run_opens_no_shard_before_step_1(digits_csv, tmp_path, monkeypatch):
+    """--loss clip reads nothing of the training data before step 1: no tar is opened until upstream's
+    train_one_epoch starts the epoch (it calls DataInfo.set_epoch first), by anything in the process."""
+    import logging as logging_module
+
+    from open_clip_train.main import main
+
+    pattern = write_shards(tmp_path / "shards", digits_csv, [range(0, 24), range(24, 48)])
+    opened, started = [], []
+    real_open, real_tar_open = builtins.open, tarfile.open
+
+    def watch(name):
+        if str(name).endswith(".tar"):
+            opened.append((str(name), bool(started)))
+
+    def counting_open(file, *args, **kwargs):
+        watch(file)
+        return real_open(file, *args, **kwargs)
+
+    def counting_tar_open(name=None, *args, **kwargs):
+        watch(name if name is not None else getattr(kwargs.get("fileobj"), "name", ""))
+        return real_tar_open(name, *args, **kwargs)
+
+    set_epoch = oc_data.DataInfo.set_epoch
+    monkeypatch.setattr(oc_data.DataInfo, "set_epoch", lambda self, epoch: (started.append(epoch), set_epoch(self, epoch)))
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(tarfile, "open", counting_tar_open)
+    handlers = list(logging_module.root.handlers)
+    try:
+        main(["--model", "AlignCLIP-Tiny", "--train-data", pattern, "--dataset-type", "webdataset", "--batch-size",
+              "16", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--warmup", "1", "--epochs", "1",
+              "--lr", "1e-4", "--logs", str(tmp_path / "logs"), "--name", "clip"])
+    finally:
+        for handler in logging_module.root.handlers[len(handlers):]:
+            handler.close()
+        logging_module.root.handlers[:] = handlers
+    assert started and opened, "the run trained on the shards"
+    assert [name for name, after in opened if not after] == []
+    assert (tmp_path / "logs" / "clip" / "checkpoints" / "epoch_1.pt").exists()
 
 
 def test_trainer_refuses_an_empty_csv_caption_instead_of_training_on_nan(digits_csv, tmp_path):
@@ -267,10 +369,11 @@ def test_trainer_refuses_an_empty_csv_caption_instead_of_training_on_nan(digits_
 
 
 def test_sogclr_on_shards_without_sizes_json_counts_the_shards(digits_csv, tmp_path):
-    """SogCLR sizes its per-sample state by what the shards actually hold when there is no sizes.json."""
+    """SogCLR sizes its per-sample state by what the shards hold (their record) when there is no sizes.json."""
     import torch
 
     pattern = write_shards(tmp_path, digits_csv, [range(0, 16), range(16, 32)], sizes=False)
+    _record(tmp_path)                     # `openclip-align data check`: the record counts the samples
     out = _train(["--loss", "sogclr", "--train-data", pattern, "--dataset-type", "webdataset", "--batch-size", "16",
                   "--train-num-samples", "16"], tmp_path / "logs", "sog")     # one step; the epoch length only
     assert out.returncode == 0, out.stderr[-3000:]

@@ -14,7 +14,9 @@ the model outputs only. So the extras take a side road:
    receives (the last ``accum_freq`` batches when gradient accumulation is on).
 
 Extras formats: csv: an ``index`` column (else the row number) and a row-aligned
-``<csv stem>.emb.npy`` file; webdataset: ``KEY.json`` with ``"index"`` and a ``KEY.emb.npy`` member.
+``<csv stem>.emb.npy`` file; webdataset: ``KEY.json`` with ``"index"``, and the caption embedding in
+the shard's embedding column (joined by shard url and key) or a ``KEY.emb.npy`` member
+(:class:`training_shards.ShardSampleExtras`).
 
 Values are validated on the host, never per step on the training device: the whole csv ``.emb.npy``
 (shape, finite) when the dataset is built, the csv index range against the dataset size before step 1
@@ -24,24 +26,16 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import os
-import tarfile
-from typing import Dict, FrozenSet, List, Optional
+from typing import Dict, FrozenSet, List
 
 import numpy as np
 import torch
 
-CAPTION = "caption"
-INDEX = "index"
-SEMANTIC = "semantic"
+from .data_checks import MissingExtrasError, check_csv_captions, check_embedding_width, csv_meta_path
+from .run_state import CAPTION, INDEX, SEMANTIC
 
-EMB_MEMBER = "emb.npy"          # webdataset member suffix holding the semantic embedding
 EMB_SUFFIX = ".emb.npy"         # csv side file: <csv without .csv> + EMB_SUFFIX
-
-
-class MissingExtrasError(RuntimeError):
-    """The training data lacks something the chosen loss needs (said before the first step)."""
 
 
 # --- what the current dataset construction asks for (set only inside `requesting`) ------------
@@ -73,8 +67,6 @@ def make_csv_dataset_class(upstream_cls):
     class CsvDatasetWithExtras(upstream_cls):
         def __init__(self, input_filename, transforms, img_key, caption_key, sep="\t", tokenizer=None):
             super().__init__(input_filename, transforms, img_key, caption_key, sep=sep, tokenizer=tokenizer)
-            from .data_checks import check_csv_captions, check_embedding_width, csv_meta_path
-
             self.extras = _requested
             self.indices = None
             self.embeddings = None
@@ -190,8 +182,7 @@ class WebdatasetWithExtras:
     def to_tuple(self, *keys, **kwargs):
         if not _requested or keys != ("image", "text"):
             return self._wds.to_tuple(*keys, **kwargs)
-        return self._wds.map(_SampleToTupleWithExtras(_requested, _options.get("index_limit"),
-                                                      _options.get("semantic_precomputed", True)))
+        return self._wds.map(_SampleToTupleWithExtras(_requested, _options.get("shard_extras")))
 
 
 def _remember_caption(sample):
@@ -212,39 +203,21 @@ class _Chained:
 class _SampleToTupleWithExtras:
     """(image, tokens, extras) from a decoded sample; picklable for dataloader workers.
 
-    Checks each sample's extras on the host as it is decoded (the training step then checks nothing):
-    the embedding finite, the index in [0, ``index_limit``) when the dataset size is known.
+    The raw caption is carried when asked for; the index and embedding come from ``shard_extras``
+    (:class:`training_shards.ShardSampleExtras`), which checks them as the sample is decoded.
     """
 
-    def __init__(self, requested, index_limit: Optional[int] = None, precomputed: bool = True):
+    def __init__(self, requested, shard_extras=None):
         self.requested = frozenset(requested)
-        self.index_limit = index_limit
-        self.precomputed = precomputed          # False with --semantic-source on-the-fly: members ignored
+        self.shard_extras = shard_extras
 
     def __call__(self, sample):
         extras = {}
         caption = sample.get(_RAW_CAPTION_FIELD)
-        if caption is not None:
+        if caption is not None and CAPTION in self.requested:
             extras[CAPTION] = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
-        meta = sample.get("json")
-        if isinstance(meta, (bytes, str)):
-            meta = json.loads(meta)
-        where = f"{sample.get('__url__', 'shard')} sample {sample.get('__key__', '?')}"
-        if INDEX in self.requested and isinstance(meta, dict) and "index" in meta:
-            extras[INDEX] = int(meta["index"])
-            if self.index_limit is not None:
-                check_index_range(where, [extras[INDEX]], self.index_limit)
-        if SEMANTIC in self.requested and self.precomputed and EMB_MEMBER in sample:
-            value = sample[EMB_MEMBER]
-            if isinstance(value, bytes):
-                import io
-
-                value = np.load(io.BytesIO(value))
-            value = np.asarray(value, dtype=np.float32)
-            if not np.isfinite(value).all():
-                raise MissingExtrasError(f"{where}: KEY.{EMB_MEMBER} holds non-finite values (NaN or inf); "
-                                         "recompute the shards' embeddings with `openclip-align embed`")
-            extras[SEMANTIC] = torch.from_numpy(value)
+        if self.shard_extras is not None:
+            extras.update(self.shard_extras(sample))
         return sample["image"], sample["text"], extras
 
 
@@ -357,40 +330,3 @@ class ExtrasLoader:
                 images, texts = batch
                 self._stash.push(images, texts, {})
             yield images, texts
-
-
-# --- checking the data before the first step -------------------------------------------------
-def peek_webdataset_members(shards: str) -> List[str]:
-    """Member suffixes of the first sample of the first shard (cheap: reads one tar header run)."""
-    import braceexpand
-
-    first = next(iter(braceexpand.braceexpand(shards.split("::")[0])))
-    if not os.path.exists(first):
-        raise MissingExtrasError(f"training shard {first} does not exist")
-    suffixes, key = [], None
-    with tarfile.open(first) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            stem, _, suffix = os.path.basename(member.name).partition(".")
-            if key is None:
-                key = stem
-            elif stem != key:
-                break
-            suffixes.append(suffix)
-    return suffixes
-
-
-def check_webdataset_extras(shards: str, needs, on_the_fly: bool) -> None:
-    members = set(peek_webdataset_members(shards))
-    if INDEX in needs and "json" not in members:
-        raise MissingExtrasError(
-            f"--loss needs a per-pair dataset index but the shards ({shards}) have no KEY.json member "
-            "with an \"index\" field; add one with `openclip-align embed --data ... --out ...`")
-    if SEMANTIC in needs and EMB_MEMBER not in members and not on_the_fly:
-        raise MissingExtrasError(
-            f"--loss needs semantic caption embeddings but the shards ({shards}) have no KEY.{EMB_MEMBER} "
-            "member; precompute them with `openclip-align embed --data ... --out ...` or pass "
-            "--semantic-source on-the-fly")
-    if SEMANTIC in needs and on_the_fly and "txt" not in members:
-        raise MissingExtrasError(f"--semantic-source on-the-fly needs raw captions (KEY.txt) in {shards}")

@@ -29,6 +29,8 @@ from typing import List, Optional
 
 from openclip_align.atomic_files import atomic_open, stale_temps
 
+from . import run_state
+
 _FLAG = "__openclip_align_atomic_checkpoints__"
 
 
@@ -53,10 +55,8 @@ def patch_torch_save(_module=None) -> None:
 
 
 def _is_run_checkpoint(f) -> bool:
-    from . import trainer_run
-
-    run = trainer_run.RUN
-    folder = getattr(run.args, "checkpoint_path", None) if run is not None else None
+    args = run_state.current_args()
+    folder = getattr(args, "checkpoint_path", None) if args is not None else None
     if not folder or not isinstance(f, (str, os.PathLike)):
         return False
     return os.path.abspath(os.path.dirname(os.fspath(f))) == os.path.abspath(folder)

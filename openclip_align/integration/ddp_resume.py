@@ -32,9 +32,9 @@ def patch_file_utils(file_utils_module) -> None:
 
     def pt_load(file_path, map_location=None):
         checkpoint = upstream(file_path, map_location=map_location)
-        from .trainer_run import RUN
+        from .run_state import current_args
 
-        args = None if RUN is None else RUN.args
+        args = current_args()
         distributed = bool(getattr(args, "distributed", False)) and not getattr(args, "horovod", False)
         return ddp_keys(checkpoint, distributed)
 

@@ -17,6 +17,7 @@ import sys
 
 TRACEBACK_SWITCH = "OPENCLIP_ALIGN_TRACEBACK"
 _INSTALLED = "__openclip_align_excepthook__"
+REMOTE_URL = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)")      # shards the trainer streams, not local files
 
 
 class UserInputError(ValueError):
@@ -26,7 +27,24 @@ class UserInputError(ValueError):
 
 
 def is_user_facing(exc: BaseException) -> bool:
-    return bool(getattr(exc, "user_facing", False))
+    """Marked as such, or a data problem named by :mod:`openclip_align.data` (corpus, captions)."""
+    if getattr(exc, "user_facing", False):
+        return True
+    from openclip_align.data.captions import EmptyCaptionError
+    from openclip_align.data.corpus import CorpusError
+
+    return isinstance(exc, (CorpusError, EmptyCaptionError))
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's own message; a dataloader worker's error comes back as "Caught X in DataLoader worker
+    process N. Original Traceback ...": keep only the original message, its last line."""
+    text = str(exc)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line and not line[0].isspace()][-1]
+    head, _, message = last.partition(": ")
+    return message if message and " " not in head else last
 
 
 def install_excepthook() -> None:
@@ -38,7 +56,7 @@ def install_excepthook() -> None:
     def excepthook(exc_type, exc, tb):
         if not is_user_facing(exc) or os.environ.get(TRACEBACK_SWITCH, "").strip() not in ("", "0"):
             return previous(exc_type, exc, tb)
-        line = f"open_clip_train.main: error: {exc}"
+        line = f"open_clip_train.main: error: {one_line(exc)}"
         for handler in logging.getLogger().handlers:        # the run's out.log, when it exists already
             if isinstance(handler, logging.FileHandler):
                 handler.emit(logging.makeLogRecord({"msg": line, "levelno": logging.ERROR, "levelname": "ERROR"}))
@@ -88,8 +106,6 @@ def _local_files(spec: str):
     """Local paths named by a data flag, expanded as the trainer expands them (``::``-joined sources, brace
     patterns); remote ones (``pipe:``, URLs) are the trainer's to open."""
     from open_clip_train.data import expand_urls
-
-    from .data_checks import REMOTE_URL
 
     return [url for url in expand_urls(spec)[0] if not REMOTE_URL.match(url)]
 

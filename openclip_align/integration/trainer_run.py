@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import itertools
 import logging
 import math
@@ -21,59 +20,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from openclip_align.losses._common import inputs_validated
-from openclip_align.losses.registry import NEEDS_INDEX, NEEDS_SEMANTIC, get_loss_spec
+from openclip_align.losses.registry import NEEDS_INDEX, NEEDS_SEMANTIC
 
-from . import batch_extras, data_checks
-from .batch_extras import CAPTION, INDEX, SEMANTIC, STASH, ExtrasLoader, MissingExtrasError
+from . import batch_extras, data_checks, run_state, training_shards
+from .batch_extras import STASH, ExtrasLoader
 from .checkpoints import fall_back_from_unreadable
+from .data_checks import MissingExtrasError
+from .run_state import CAPTION, INDEX, SEMANTIC, TrainerRun
 from .trainer_args import loss_option_names
 
 CHECKPOINT_KEY = "openclip_align"     # stored inside checkpoint["optimizer"] (see docs/how-it-hooks-in.md)
 
 
-class TrainerRun:
-    """State of the current trainer run (one per process; None outside ``open_clip_train``)."""
-
-    def __init__(self, args):
-        self.args = args
-        self.spec = None if args.loss == "clip" else get_loss_spec(args.loss)
-        self.teacher: Optional[nn.Module] = None
-        self.teacher_sha256: Optional[str] = None
-        self.teacher_encoder: Optional[nn.Module] = None     # the teacher as the loss runs it (maybe compiled)
-        self.num_train_samples: Optional[int] = None
-        self.loss_module = None
-        self.raw_tally = RawFeatureTally()
-        self._attached = False
-        self.resume_latest = getattr(args, "resume", None) == "latest"   # upstream resolves it to a path later
-
-    @property
-    def needs(self):
-        return set() if self.spec is None else set(self.spec.needs)
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.spec is not None and "teacher_image_features" in inspect.signature(self.spec.cls.forward).parameters
-
-    @property
-    def uses_stash(self) -> bool:
-        """Whether the loss reads the batch stash (extras, or raw inputs for the teacher)."""
-        return bool(self.data_extras()) or self.needs_teacher
-
-    def data_extras(self):
-        """Extras the training batches must carry for this loss."""
-        extras = set(self.needs)
-        if NEEDS_SEMANTIC in extras:
-            extras.add(CAPTION)
-        return extras
-
-
-RUN: Optional[TrainerRun] = None
-
-
 def start_run(args) -> TrainerRun:
-    global RUN
-    RUN = TrainerRun(args)
-    return RUN
+    run = run_state.start_run(args)
+    run.raw_tally = RawFeatureTally()
+    return run
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -84,7 +46,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 # --- model creation: snapshot the teacher ------------------------------------------------------
 def wrap_create_model_and_transforms(upstream):
     def create_model_and_transforms(*args, **kwargs):
-        run = RUN
+        run = run_state.RUN
         if run is not None:      # upstream has resolved --resume latest and loads it after this call
             fall_back_from_unreadable(run.args, run.resume_latest)
         result = upstream(*args, **kwargs)
@@ -112,38 +74,38 @@ def state_fingerprint(model: nn.Module) -> str:
 # --- data: make the training batches carry the extras ------------------------------------------
 def wrap_get_data(upstream_get_data, data_module):
     def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
-        run = RUN
+        run = run_state.RUN
         if run is None or not args.train_data or args.dataset_type == "synthetic":
             if run is not None and run.uses_stash and args.dataset_type == "synthetic":
                 raise MissingExtrasError(f"--loss {args.loss} needs captions/indices; synthetic data has none")
             return upstream_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
         dataset_fn = data_module.get_dataset_fn(args.train_data, args.dataset_type)
-        scan = None
-        if dataset_fn is data_module.get_wds_dataset:       # every shard read once, on the host, before step 1
-            scan = data_checks.scan_training_shards(args, NEEDS_SEMANTIC in run.needs, NEEDS_INDEX in run.needs,
-                                                    data_module)
+        plan = None
+        if dataset_fn is data_module.get_wds_dataset:       # no shard is opened here: see training_shards
+            plan = training_shards.plan_training_shards(args, run.data_extras(), data_module)
+            for note in plan.notes:
+                logging.info("openclip-align: %s", note)
+        drop_empty = bool(getattr(args, "drop_empty_captions", False))
         if not run.uses_stash:
-            with data_checks.dropping_listed(data_module, scan):
+            with training_shards.filtering_captions(data_module, plan, drop_empty):
                 data = upstream_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
             if "train" in data:
                 data_checks.check_has_a_batch(args, data["train"])
             return data
         source = args.semantic_source
-        options = dict(csv_index_key=args.csv_index_key, csv_embeddings=args.semantic_embeddings,
+        options = dict(csv_index_key=args.csv_index_key, csv_embeddings=None if plan else args.semantic_embeddings,
                        semantic_precomputed=source != "on-the-fly", semantic_on_the_fly=source != "precomputed")
-        if dataset_fn is data_module.get_wds_dataset:
-            if scan is None:     # remote shards: at least the first sample's members
-                batch_extras.check_webdataset_extras(args.train_data, run.needs, options["semantic_on_the_fly"])
-            if NEEDS_INDEX in run.needs:        # each sample's index is also checked as it is decoded
-                options["index_limit"] = scan.samples if scan is not None else _shards_size(args.train_data,
-                                                                                            data_module)
-        with batch_extras.requesting(run.data_extras(), **options), data_checks.dropping_listed(data_module, scan):
+        if plan is not None:
+            options["shard_extras"] = training_shards.ShardSampleExtras(plan, run.data_extras(), source)
+            run.semantic_width = plan.width
+        with batch_extras.requesting(run.data_extras(), **options), \
+                training_shards.filtering_captions(data_module, plan, drop_empty):
             train = dataset_fn(args, preprocess_fns[0], is_train=True, epoch=epoch, tokenizer=tokenizer)
         data_checks.check_has_a_batch(args, train)
-        if NEEDS_SEMANTIC in run.needs:
-            data_checks.log_on_the_fly(args, train, scan)
+        if NEEDS_SEMANTIC in run.needs and plan is None:
+            data_checks.log_csv_on_the_fly(args, train)
         train.dataloader = ExtrasLoader(train.dataloader)
-        run.num_train_samples = scan.samples if scan is not None else _dataset_size(args, train, data_module)
+        run.num_train_samples = plan.total if plan is not None else _dataset_size(args, train, data_module)
         indices = getattr(getattr(train.dataloader, "dataset", None), "indices", None)
         if NEEDS_INDEX in run.needs and indices is not None and run.num_train_samples:
             batch_extras.check_index_range(f"--loss {args.loss}: {args.train_data}", indices, run.num_train_samples)
@@ -178,7 +140,7 @@ def _shards_size(shards: str, data_module) -> Optional[int]:
 # --- the loss ------------------------------------------------------------------------------------
 def wrap_create_loss(upstream_create_loss):
     def create_loss(args):
-        run = RUN
+        run = run_state.RUN
         if run is None or run.spec is None:
             return upstream_create_loss(args)
         loss = run.spec.cls.from_args(args, num_samples=run.num_train_samples)
@@ -292,7 +254,7 @@ class TrainerLossAdapter(nn.Module):
             if SEMANTIC in batch:
                 out["semantic_features"] = batch[SEMANTIC].to(device=device, dtype=torch.float32, non_blocking=True)
             elif run.args.semantic_source != "precomputed" and CAPTION in batch:
-                out["semantic_features"] = _embed_on_the_fly(run.args.semantic_model, batch[CAPTION], device)
+                out["semantic_features"] = _embed_on_the_fly(run, batch[CAPTION], device)
             else:
                 raise MissingExtrasError(
                     f"--loss {run.args.loss}: this batch has no semantic embeddings (and no raw captions to "
@@ -398,15 +360,29 @@ def _match_tensors(teacher: nn.Module, student: nn.Module) -> None:
 _ENCODERS: Dict[tuple, object] = {}
 
 
-def _embed_on_the_fly(model_name: str, captions, device) -> torch.Tensor:
+def _embed_on_the_fly(run: TrainerRun, captions, device) -> torch.Tensor:
     from openclip_align.data.semantic import embed_captions, load_sentence_encoder
 
+    model_name = run.args.semantic_model
     encoder = load_sentence_encoder(model_name, device=str(device))
     # sentence-transformers returns numpy: it has synchronised already, so the check on the host is free
     vectors = embed_captions(encoder, list(captions), progress=False)
     if not np.isfinite(vectors).all():
         raise ValueError(f"--semantic-model {model_name} produced non-finite caption embeddings")
+    width = run.semantic_width
+    if width is not None and vectors.shape[1] != width:      # auto: precomputed and on-the-fly batches mix
+        raise MissingExtrasError(
+            f"--semantic-source auto: a batch without precomputed embeddings is embedded by --semantic-model "
+            f"{model_name} at width {vectors.shape[1]}, but the precomputed ones have width {width}; pass the "
+            "--semantic-model that made them, or precompute every shard's column with `openclip-align embed`")
+    if (model_name, width) not in _ENCODERS_LOGGED:
+        _ENCODERS_LOGGED.add((model_name, width))
+        logging.info("openclip-align: --semantic-source auto: embedding a batch on the fly with %s (some of its "
+                     "samples have no precomputed embedding)", model_name)
     return torch.from_numpy(vectors).to(device, non_blocking=True)
+
+
+_ENCODERS_LOGGED: set = set()
 
 
 # --- unnormalised features for losses that want them ---------------------------------------------
@@ -490,7 +466,7 @@ def _tallying_eval_forward(model: nn.Module, upstream_forward, tally: RawFeature
 # --- the epoch loop: first-call setup, checkpoint record, resume -----------------------------------
 def wrap_train_one_epoch(upstream):
     def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
-        run = RUN
+        run = run_state.RUN
         if run is not None and not run._attached:
             _attach(run, model, data, optimizer, args)
         if isinstance(loss, TrainerLossAdapter):
@@ -585,7 +561,7 @@ def _restore_from_checkpoint(run: TrainerRun, path: str) -> None:
 def wrap_get_clip_metrics(upstream):
     def get_clip_metrics(image_features, text_features, logit_scale):
         metrics = upstream(image_features, text_features, logit_scale)
-        run = RUN
+        run = run_state.RUN
         if run is not None and run.args.gap_metrics and len(image_features) >= 2:
             try:
                 from openclip_align.metrics import modality_gap_report

@@ -1,0 +1,297 @@
+"""A run's webdataset shards: their record checked once per run, every sample checked as it is decoded.
+
+Nothing here reads a shard before step 1. What can be known per shard (counts, empty captions, index
+ranges, the embedding column's width and completeness, sizes.json, a batch per worker) comes from the
+record that ``data build`` / ``embed`` / ``data check`` wrote beside the shards, verified by
+:func:`openclip_align.data.corpus.verify_record` in time proportional to the number of shards, on rank 0
+only: the other ranks receive its outcome (an error stops every rank with the same message).
+
+Shards without a record entry, and every sample as a second line of defence, are checked in the
+dataloader workers as samples are decoded, inside upstream's own pipeline (its shuffling, resampling
+and worker / node splitting are untouched): an empty caption is dropped (``--drop-empty-captions``) or
+stops the run; the embedding (a ``KEY.emb.npy`` member, or the shard's row in its column, joined by shard
+url and sample key) must be present, finite and of the run's width; the dataset index (``KEY.json``
+``"index"``, or the column's ``index_start`` + row) must lie in [0, N). A problem stops the run naming
+shard, key and fix; checkpoints and logs already written stay as they are.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from openclip_align.data import corpus
+from openclip_align.data.captions import DROP_FLAG, is_empty
+
+from .data_checks import TrainingDataError
+from .run_state import INDEX, SEMANTIC
+from .trainer_errors import REMOTE_URL
+
+FIX_CAPTION = (f"write its caption, pass {DROP_FLAG} to drop such samples, or run `openclip-align data check "
+               "--data SHARDS` once to find them all before training")
+
+
+@dataclass
+class ShardPlan:
+    """What the run knows about its shards before step 1 (sent from rank 0 to the others)."""
+    urls: List[str]
+    check: Optional[corpus.RecordCheck] = None       # None: remote shards, no record looked for
+    column_dir: Optional[str] = None                 # --semantic-embeddings DIR; None: beside each shard
+    width: Optional[int] = None                      # of the precomputed caption embeddings, when known
+    total: Optional[int] = None                      # samples the shards hold (record, else sizes.json)
+    remote: bool = False
+    notes: List[str] = field(default_factory=list)   # what the log says about it
+
+    @property
+    def unrecorded(self) -> List[str]:
+        return self.urls if self.check is None else self.check.unrecorded
+
+
+# --- once per run ---------------------------------------------------------------------------------
+def once_per_run(args, check: Callable[[], object]):
+    """``check()`` on rank 0 only; the other ranks receive its result, or raise the error it raised
+    (same type, same message) instead of waiting for a rank that stopped."""
+    import torch.distributed as dist
+
+    if not (getattr(args, "distributed", False) and dist.is_available() and dist.is_initialized()):
+        return check()
+    box: List[object] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", check())
+        except Exception as err:  # every rank must hear of it, or the others hang in the next collective
+            box[0] = ("error", type(err), str(err))
+    dist.broadcast_object_list(box, src=0)
+    outcome = box[0]
+    if outcome[0] == "ok":
+        return outcome[1]
+    _, kind, message = outcome
+    try:
+        error = kind(message)
+    except Exception:  # an error type that cannot be rebuilt from its message
+        error = corpus.CorpusError(message)
+    raise error
+
+
+# --- before step 1 ----------------------------------------------------------------------------------
+def plan_training_shards(args, needs, data_module) -> ShardPlan:
+    """The run's shards and what their record says, checked once per run (rank 0)."""
+    urls = [str(u) for u in data_module.expand_urls(args.train_data)[0]]
+    column_dir = semantic_dir(args)
+    if any(REMOTE_URL.match(u) for u in urls):
+        plan = ShardPlan(urls, column_dir=column_dir, remote=True,
+                         notes=["remote shards: every sample is checked as it is decoded"])
+        plan.total = _sizes_total(args, data_module)
+        return plan
+    return once_per_run(args, lambda: _check_local(args, urls, needs, column_dir, data_module))
+
+
+def semantic_dir(args) -> Optional[str]:
+    """``--semantic-embeddings DIR`` for shards (a csv's is a .npy file, read by the csv dataset)."""
+    value = getattr(args, "semantic_embeddings", None)
+    if not value:
+        return None
+    if not os.path.isdir(str(value)):
+        raise TrainingDataError(f"--semantic-embeddings {value}: with webdataset shards it names the directory "
+                                "holding their embedding columns (NAME.emb.npy + NAME.emb.json, as `openclip-align "
+                                "embed --data SHARDS --out DIR` writes them); no such directory")
+    return str(value)
+
+
+def _check_local(args, urls: List[str], needs, column_dir: Optional[str], data_module) -> ShardPlan:
+    source = getattr(args, "semantic_source", "auto")
+    wants_semantic = SEMANTIC in needs and source != "on-the-fly"
+    check = corpus.verify_record(
+        urls, needs_index=INDEX in needs, needs_semantic=wants_semantic, column_dir=column_dir,
+        drop_empty_captions=bool(getattr(args, "drop_empty_captions", False)), semantic_source=source,
+        batch_size=args.batch_size, workers=getattr(args, "workers", 1), world_size=getattr(args, "world_size", 1),
+        resampled=bool(getattr(args, "dataset_resampled", False)),
+        train_num_samples=getattr(args, "train_num_samples", None), source=f"--train-data {args.train_data}")
+    plan = ShardPlan(urls, check=check, column_dir=column_dir)
+    plan.total = check.samples if not check.unrecorded else _sizes_total(args, data_module)
+    if check.unrecorded:
+        plan.notes.append(f"{len(check.unrecorded)} of {len(urls)} shards have no record "
+                          f"({corpus.listed(check.unrecorded)}): their samples are checked as they are decoded "
+                          "(`openclip-align data check --data SHARDS` records them)")
+        if not check.recorded:
+            _batch_per_worker_from_sizes(args, urls)
+    if check.dropped:
+        plan.notes.append(f"dropping {len(check.dropped)} of {check.samples} recorded samples with an empty or missing "
+                          f"caption ({DROP_FLAG})")
+    if wants_semantic:
+        plan.width = check.width if check.width is not None else _first_column_width(urls, column_dir)
+        if plan.width is not None:
+            meta = _corpus_meta(urls, column_dir)
+            corpus.check_embedding_width(f"--train-data {args.train_data}", plan.width, meta, corpus.FIX_EMBED)
+            missing = [u for u, how in check.semantic_from.items() if how in ("none", "partial")]
+            if source == "auto" and missing:
+                model = args.semantic_model
+                if corpus.encoder_width(model) != plan.width:
+                    raise corpus.CorpusError(
+                        f"--train-data {args.train_data}: the precomputed embeddings have width {plan.width} but "
+                        f"--semantic-model {model}, which embeds the samples of {len(missing)} shards without one "
+                        f"({corpus.listed(missing)}), has width {corpus.encoder_width(model)}; pass the "
+                        f"--semantic-model that made them, or {corpus.FIX_EMBED}")
+                plan.notes.append(f"--semantic-source auto: the batches of {len(missing)} shards without precomputed "
+                                  f"embeddings ({corpus.listed(missing)}) are embedded on the fly by {model}")
+    return plan
+
+
+def _sizes_total(args, data_module) -> Optional[int]:
+    try:
+        return data_module.get_dataset_size(args.train_data)[0]      # upstream's own sizes.json / __len__
+    except Exception:  # no size file: a loss that needs the size says so when it is built
+        return None
+
+
+def _batch_per_worker_from_sizes(args, urls: List[str]) -> None:
+    """Without a record, the batch-per-worker check runs on what sizes.json claims (O(shards))."""
+    path = os.path.join(os.path.dirname(urls[0]), corpus.SIZES_FILE)
+    if getattr(args, "train_num_samples", None) is not None or not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        claimed = json.load(fh)
+    names = [os.path.basename(u) for u in urls]
+    if all(n in claimed for n in names):
+        corpus.check_batch_per_worker(f"--train-data {args.train_data}", [int(claimed[n]) for n in names],
+                                      args.batch_size, getattr(args, "workers", 1), getattr(args, "world_size", 1),
+                                      bool(getattr(args, "dataset_resampled", False)))
+
+
+def _corpus_meta(urls: List[str], column_dir: Optional[str]) -> Optional[str]:
+    folders = ([column_dir] if column_dir else []) + [os.path.dirname(urls[0])]
+    for folder in folders:
+        path = os.path.join(folder, corpus.CORPUS_META)
+        if os.path.isfile(path):
+            return path
+    legacy = os.path.dirname(urls[0]).rstrip(os.sep) + corpus.COLUMN_META_SUFFIX     # `data build`'s layout
+    return legacy if os.path.isfile(legacy) else None
+
+
+def _first_column_width(urls: List[str], column_dir: Optional[str]) -> Optional[int]:
+    """The width of the first shard's column (one small json), else of the corpus metadata."""
+    meta = corpus.read_column_meta(corpus.column_paths(urls[0], column_dir)[1])
+    if meta is not None:
+        return int(meta["dim"])
+    path = _corpus_meta(urls, column_dir)
+    return corpus.metadata_width(path)[0] if path else None
+
+
+# --- as samples are decoded (picklable: runs in the dataloader workers) ----------------------------
+class CaptionFilter:
+    """Upstream's sample filter, then: a training sample whose caption is empty is dropped (listed by the
+    record, or found now with ``--drop-empty-captions``) or stops the run, naming shard and key."""
+
+    def __init__(self, upstream, train_urls, dropped: FrozenSet[Tuple[str, str]], drop_empty: bool):
+        self.upstream, self.train_urls = upstream, frozenset(train_urls)
+        self.dropped, self.drop_empty = frozenset(dropped), drop_empty
+        self._logged = 0
+
+    def __call__(self, sample) -> bool:
+        if not self.upstream(sample):
+            return False
+        url = str(sample.get("__url__"))
+        if url not in self.train_urls:          # validation shards are upstream's alone
+            return True
+        key = sample.get("__key__")
+        if (url, key) in self.dropped:
+            return False
+        if not is_empty(sample.get("txt")):
+            return True
+        if not self.drop_empty:
+            raise corpus.CorpusError(f"shard {url} sample {key} has an empty or missing caption; {FIX_CAPTION}")
+        if self._logged < 3:
+            self._logged += 1
+            logging.warning("openclip-align: dropped shard %s sample %s: empty caption (%s)", url, key, DROP_FLAG)
+        return False
+
+
+@contextlib.contextmanager
+def filtering_captions(data_module, plan: Optional[ShardPlan], drop_empty: bool):
+    """While the train pipeline is built, its sample filter is :class:`CaptionFilter`."""
+    if plan is None:
+        yield
+        return
+    upstream = data_module.filter_no_caption_or_no_image
+    dropped = plan.check.dropped if plan.check is not None else frozenset()
+    data_module.filter_no_caption_or_no_image = CaptionFilter(upstream, plan.urls, dropped, drop_empty)
+    try:
+        yield
+    finally:
+        data_module.filter_no_caption_or_no_image = upstream
+
+
+class ShardSampleExtras:
+    """A decoded shard sample's dataset index and caption embedding, checked (see the module docstring)."""
+
+    def __init__(self, plan: ShardPlan, requested, semantic_source: str):
+        self.want_index = INDEX in requested
+        self.want_semantic = SEMANTIC in requested and semantic_source != "on-the-fly"
+        self.precomputed_only = semantic_source == "precomputed"
+        self.index_limit = plan.total
+        self.width = plan.width
+        self.columns = corpus.ColumnReader(plan.column_dir, expected_width=plan.width)
+        self.column_dir = plan.column_dir
+        self._has_column: Dict[str, bool] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_has_column"] = {}
+        return state
+
+    def has_column(self, url: str) -> bool:
+        found = self._has_column.get(url)
+        if found is None:
+            found = self._has_column[url] = any(os.path.exists(p) for p in corpus.column_paths(url, self.column_dir))
+        return found
+
+    def __call__(self, sample) -> dict:
+        url, key = str(sample.get("__url__", "shard")), sample.get("__key__", "?")
+        where = f"shard {url} sample {key}"
+        extras = {}
+        if self.want_index:
+            extras[INDEX] = self._index(sample, url, key, where)
+        if self.want_semantic:
+            value = self._embedding(sample, url, key, where)
+            if value is not None:
+                extras[SEMANTIC] = torch.from_numpy(value)
+        return extras
+
+    def _index(self, sample, url: str, key: str, where: str) -> int:
+        meta = sample.get("json")
+        if isinstance(meta, (bytes, str)):
+            meta = json.loads(meta)
+        index = meta.get("index") if isinstance(meta, dict) else None
+        if not isinstance(index, int) or isinstance(index, bool):
+            if not self.has_column(url):
+                raise corpus.CorpusError(
+                    f"{where}: the loss needs a per-pair dataset index, but the sample has no KEY.json \"index\" and "
+                    "its shard has no embedding column recording where its numbering starts; number the pairs with "
+                    "`openclip-align embed --data SHARDS` over all training shards together")
+            index = self.columns.index(url, key)
+        if self.index_limit is not None and not 0 <= index < self.index_limit:
+            raise corpus.CorpusError(
+                f"{where}: dataset index {index} is outside [0, {self.index_limit}); a loss that keeps per-sample "
+                f"state has one slot per training pair ({self.index_limit}), addressed by this index. Number the "
+                "pairs 0..N-1")
+        return int(index)
+
+    def _embedding(self, sample, url: str, key: str, where: str):
+        if corpus.EMB_MEMBER in sample:             # today's format: the embedding inside the shard
+            raw = sample[corpus.EMB_MEMBER]
+            width = corpus.check_vector(where, raw, self.width, "recompute the shards' embeddings with "
+                                        "`openclip-align embed --data SHARDS`")
+            if self.width is None:                   # no metadata: the first sample sets the width
+                self.width = width
+            value = np.load(io.BytesIO(raw), allow_pickle=False) if isinstance(raw, (bytes, bytearray)) else raw
+            return np.asarray(value, dtype=np.float32)
+        if not self.precomputed_only and not self.has_column(url):
+            return None                              # --semantic-source auto: this batch is embedded on the fly
+        return self.columns.lookup(url, key)
