@@ -10,7 +10,7 @@ import importlib
 import re
 import sys
 
-COMMANDS = ("data", "embed", "gap", "study", "benchmark")
+COMMANDS = ("data", "embed", "gap", "convert", "study", "benchmark")
 
 
 DESCRIPTION = ("openclip-align: models, losses and modality-gap metrics for OpenCLIP. "

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from openclip_align.integration.factory_patch import plugin_model_names
 
-BIG = {name for name in plugin_model_names() if "ViT-B" in name}     # 86M-parameter towers: slow on 2 cores
+BIG = {name for name in plugin_model_names() if "ViT-B" in name or "ViT-L" in name}   # 86M+ parameters: slow on 2 cores
 FAST = sorted(set(plugin_model_names()) - BIG)
 
 # one process computes the reference outputs of a list of models; the test recomputes them in another

@@ -82,6 +82,10 @@ def _create_model(args, device):
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=args.pretrained, device=device, precision=args.precision)
+    except ValueError as err:
+        if getattr(err, "user_facing", False):          # e.g. a --pretrained file of another shape or layout
+            raise CommandError(str(err)) from None
+        raise
     except RuntimeError as err:
         if args.pretrained and "pretrained" in str(err).lower():
             raise CommandError(f"cannot load --pretrained {args.pretrained!r} for {name}: {err}. Give a checkpoint "

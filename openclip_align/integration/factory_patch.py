@@ -21,7 +21,9 @@ patches/ for the upstream change that would make them unnecessary):
    config that plain OpenCLIP cannot build carries ``openclip_align_required`` as its first key, so
    without the plugin the model class's error names it; ``package:NAME`` placeholders stay in configs
    (no machine paths get saved) and are resolved when a model or tokenizer is built
-   (:mod:`.hub_fixes` lets ``save_for_hf`` take OpenCLIP's own BPE tokenizer).
+   (:mod:`.hub_fixes` lets ``save_for_hf`` take OpenCLIP's own BPE tokenizer);
+7. ``pretrained=PATH`` recognises checkpoints written by the AlignCLIP authors' code and loads them into
+   the matching SharedCLIP config, or names what does not fit (:mod:`.authors_loading`).
 """
 from __future__ import annotations
 
@@ -199,4 +201,7 @@ def patch_open_clip(open_clip_module) -> None:
     packaged = _packaged_create_model(factory.create_model)
     factory.create_model = packaged                  # create_model_and_transforms looks it up here
     open_clip_module.create_model = packaged
+    from .authors_loading import patch_loading
+
+    patch_loading(open_clip_module)                  # pretrained=PATH of the AlignCLIP authors' checkpoints
     setattr(factory, _PATCHED_FLAG, True)
