@@ -42,13 +42,15 @@ def fakes(monkeypatch):
                            RATE[spec.label] * (1 + 0.01 * seed), RSS[spec.label] - (50 if window else 0), None,
                            10.0, logs)
 
-    def evaluate_model(model, checkpoint, data_dir, device="cpu", plot_path=None, plot_title=None):
-        if plot_path is not None:
-            plots.append((plot_path.name, plot_title))
-        return dict(METRICS)
+    def evaluate_with_posthoc(model, checkpoint, data_dir, kinds, device="cpu", plot_paths=None, plot_titles=None):
+        for kind, path in (plot_paths or {}).items():
+            plots.append((path.name, plot_titles[kind]))
+        # a post-hoc row's gap is smaller than its trained row's, so the rows can be told apart
+        return {kind: {**METRICS, "centroid_gap": METRICS["centroid_gap"] / (2 if kind else 1)}
+                for kind in (None, *kinds)}
 
     monkeypatch.setattr(bench, "train", train)
-    monkeypatch.setattr(bench, "evaluate_model", evaluate_model)
+    monkeypatch.setattr(bench, "evaluate_with_posthoc", evaluate_with_posthoc)
     monkeypatch.setattr(bench, "metric_time_100k", lambda: 1.0)
     return calls, plots
 
@@ -92,7 +94,16 @@ def test_speed_windows_alternate_and_memory_and_corpus_are_recorded(tmp_path, co
     assert "ratio to upstream CLIP (median [min–max] over rounds)" in report
     assert (tmp_path / "out" / "figures" / "quality.png").exists()
     assert json.loads((baseline / "cpu-quick.json").read_text()) == other           # the baseline is never written
-    assert sorted(plots) == [
+    trained = ["upstream CLIP", "SharedCLIP", "AlignCLIP"]
+    posthoc = [f"{label} + {name}" for label in trained for name in ("centring", "standardising", "gap shift")]
+    # each trained row is followed by its post-hoc rows, CLIP-Refine (a refinement of upstream CLIP) has none
+    assert list(track["quality"]) == [row for label in trained for row in (label, *[p for p in posthoc
+                                      if p.startswith(label + " +")])] + ["CLIP-Refine"]
+    assert track["quality"]["SharedCLIP + gap shift"]["centroid_gap"]["mean"] == pytest.approx(0.2)
+    assert track["plan"]["posthoc"] == {"of": trained, "kinds": ["centre", "standardise", "shift"],
+                                        "fitted_on": "train.csv", "train_pairs": 1100, "shift_lambda": 0.5}
+    assert "| AlignCLIP + standardising |" in report and "statistics of its 1,100 training pairs only" in report
+    assert sorted(p for p in plots if "_+_" not in p[0]) == [
         ("pca_scratch_AlignCLIP.png", "AlignCLIP: AlignCLIP-Tiny, --loss imsep\nTrained from scratch (Tiny models), "
                                       "held-out pairs"),
         ("pca_scratch_CLIP-Refine.png", "CLIP-Refine: DualCLIP-Tiny, --loss refine\nTrained from scratch (Tiny models), "
@@ -117,7 +128,8 @@ def test_a_failed_speed_baseline_keeps_the_training_runs_and_the_evaluation(tmp_
     results = bench.run_benchmark(data, tmp_path / "out", quick=True, seeds=[0], tracks=["scratch"])
     track = results["tracks"]["scratch"]
     assert track["speed"] == {} and track["skipped"] == {"speed of upstream CLIP": "MemoryError: out of memory"}
-    assert set(track["quality"]) == {"upstream CLIP", "SharedCLIP", "AlignCLIP", "CLIP-Refine"}
+    assert {label for label in track["quality"] if " + " not in label} == {"upstream CLIP", "SharedCLIP", "AlignCLIP",
+                                                                         "CLIP-Refine"}
     assert "| speed of upstream CLIP | not run: MemoryError: out of memory |" in (tmp_path / "out" / "results.md").read_text()
 
 

@@ -29,6 +29,7 @@ from typing import List, Optional
 from .corpus import corpus_of, corpus_record
 from .figures import plot_quality, replot_pca
 from .readme import update_readme
+from .run import eval_rows
 from .report import markdown, write_json_atomic
 
 MAIN_VARIANT = "cpu"
@@ -69,7 +70,7 @@ def publish_benchmark(run_dir: Path, committed: Path, corpus: Optional[Path] = N
     for picture in sorted((run_dir / "figures").glob("pca_*.png")):
         shutil.copy2(picture, figures / picture.name)
     if redraw_pca is not None:
-        for path in replot_pca(results, run_dir, redraw_pca, figures):
+        for path in replot_pca(results, run_dir, redraw_pca, figures, eval_rows):
             logging.info("publish: redrew %s", path)
     plot_quality(results, figures / "quality.png")
     write_json_atomic(target / "results.json", results)

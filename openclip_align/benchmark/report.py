@@ -14,6 +14,36 @@ LOWER_IS_BETTER = {"centroid_gap", "centroid_gap_sq_per_dim", "rmg", "uniformity
 # descriptive numbers with no better direction: never flagged
 NEUTRAL = {"mean_norm_image", "mean_norm_text", "centroid_gap_sq_per_dim_raw"}
 SPEED_TOLERANCE = 0.05          # a speed ratio more than 5% below the previous run's is flagged
+# how a post-hoc row reads after its trained row's label ("CLIP + centring"), by transform
+POSTHOC_NAMES = {"centre": "centring", "standardise": "standardising", "shift": "gap shift"}
+
+
+def posthoc_label(label: str, kind: str) -> str:
+    """The row of ``label``'s embeddings after the post-hoc transform ``kind`` (no training)."""
+    return f"{label} + {POSTHOC_NAMES[kind]}"
+
+
+def posthoc_base(label: str) -> Optional[str]:
+    """The trained row a post-hoc row transforms (None for a trained row)."""
+    for name in POSTHOC_NAMES.values():
+        if label.endswith(f" + {name}"):
+            return label[:-len(f" + {name}")]
+    return None
+
+
+def posthoc_lines(track: dict) -> List[str]:
+    """What the post-hoc rows are (empty for a run without them)."""
+    plan = track["plan"].get("posthoc")
+    if not plan or not plan.get("of"):
+        return []
+    return [f"Rows `+ centring`, `+ standardising`, `+ gap shift`: no training, the trained row's embeddings "
+            f"transformed after the fact with statistics of its {plan['train_pairs']:,} training pairs only "
+            "(images get the image side, captions and zero-shot class prompts the text side, then every "
+            "embedding is re-normalised): centring subtracts each modality's mean (Zhang et al. 2023), "
+            "standardising also divides by each dimension's standard deviation (I0T), the gap shift moves images "
+            f"by -λΔ and texts by +λΔ along the training gap vector Δ at λ = {plan['shift_lambda']:g}, the λ that "
+            "makes the training centroids coincide before re-normalisation (Liang et al. 2022). They have no "
+            "raw features, hence no raw norms.", ""]
 
 
 def summarise_quality(per_seed: Dict[str, List[Dict[str, float]]]) -> Dict[str, Dict[str, dict]]:
@@ -168,7 +198,7 @@ def track_tables(track: dict) -> List[str]:
         "", "Modality gap and embedding geometry (held-out pairs):", "", *_table(quality, GEOMETRY_COLUMNS),
         "", "Downstream (held-out retrieval, cross-style retrieval, zero-shot classification):", "",
         *_table(quality, DOWNSTREAM_COLUMNS + _zero_shot_columns(quality)),
-        "", *speed_heading(track), "", *speed_table(track["speed"], track.get("skipped"), baseline),
+        "", *posthoc_lines(track), *speed_heading(track), "", *speed_table(track["speed"], track.get("skipped"), baseline),
     ]
 
 

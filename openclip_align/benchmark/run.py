@@ -10,6 +10,9 @@ with identical data, steps, batch, schedule and seed within the track):
   (``DualCLIP-Lite0-MiniLM``), so downstream numbers sit above chance: the same model with
   ``--loss clip`` (upstream's loss), with ``--loss imsep``, and CLIP-Refine on the trained CLIP.
 
+Every trained row but CLIP-Refine is also scored after each post-hoc gap-closing transform
+(:mod:`openclip_align.metrics.posthoc`: centring, standardising, Mind the Gap's shift), fitted on that
+checkpoint's own embeddings of the training pairs: rows without any training, next to the trained ones.
 CLIP-Refine always runs the authors' recipe (:data:`REFINE_RECIPE`). Training speed is measured apart from
 the training runs, with every configuration interleaved in short windows (:mod:`.speed`); a speed-only row
 trains AlignCLIP with caption embeddings computed on the fly.
@@ -29,11 +32,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
 import open_clip
 
 from . import report
 from .corpus import corpus_record, count_rows
-from .evaluate import evaluate_model, metric_time_100k
+from openclip_align.metrics.posthoc import POSTHOC_KINDS, closing_lambda
+
+from .evaluate import evaluate_with_posthoc, metric_time_100k
 from .figures import pca_path, pca_title, plot_quality
 from .regimes import PRETRAINED_LOCKS, PRETRAINED_MODEL, REGIMES
 from .speed import LoadMeter, SpeedPlan, conditions_line, interleave, window_csv
@@ -59,6 +65,7 @@ class Track:
     refine_from: str                   # row whose checkpoint CLIP-Refine starts from (also the speed baseline)
     refine_model: str
     speed_only: List[TrainSpec] = field(default_factory=list)
+    posthoc_of: List[str] = field(default_factory=list)   # rows also scored after each post-hoc transform
 
     def refine_spec(self, start_checkpoint: Path) -> TrainSpec:
         return TrainSpec("CLIP-Refine", self.refine_model, loss="refine",
@@ -91,7 +98,7 @@ def scratch_track(runs_dir: Path, quick: bool, gpu: bool) -> Track:
     return Track("scratch", f"Trained from scratch ({size} models)", specs,
                  {"upstream CLIP": baseline, "SharedCLIP": f"SharedCLIP-{size}", "AlignCLIP": f"AlignCLIP-{size}",
                   "CLIP-Refine": baseline},
-                 budget, refine_from="upstream CLIP", refine_model=baseline, speed_only=speed)
+                 budget, refine_from="upstream CLIP", refine_model=baseline, speed_only=speed, posthoc_of=list(specs))
 
 
 def pretrained_track(quick: bool) -> Track:
@@ -103,7 +110,7 @@ def pretrained_track(quick: bool) -> Track:
     }
     return Track("pretrained", f"Pretrained towers from packages ({PRETRAINED_MODEL})", specs,
                  {"CLIP": PRETRAINED_MODEL, "AlignCLIP loss": PRETRAINED_MODEL, "CLIP-Refine": PRETRAINED_MODEL},
-                 budget, refine_from="CLIP", refine_model=PRETRAINED_MODEL)
+                 budget, refine_from="CLIP", refine_model=PRETRAINED_MODEL, posthoc_of=list(specs))
 
 
 TRACKS = ("scratch", "pretrained")
@@ -237,21 +244,29 @@ def run_track(track: Track, train_csv: Path, data_dir: Path, out_dir: Path, runs
     quality: Dict[str, List[Dict[str, float]]] = {}
     figures = out_dir / "figures"
     figures.mkdir(exist_ok=True)
-    logging.info("benchmark %s: evaluating %d checkpoints", track.name, sum(map(len, trained.values())))
+    logging.info("benchmark %s: evaluating %d checkpoints (post-hoc transforms of %s fitted on their training "
+                 "pairs)", track.name, sum(map(len, trained.values())), ", ".join(track.posthoc_of))
     for label, results in trained.items():
         spec = track.specs.get(label)
         loss = "refine" if label == "CLIP-Refine" else ("clip (OpenCLIP alone)" if spec.upstream else spec.loss)
+        kinds = POSTHOC_KINDS if label in track.posthoc_of else ()
+        rows = {None: label, **{kind: report.posthoc_label(label, kind) for kind in kinds}}
         for i, result in enumerate(results):
             first = i == 0
-            quality.setdefault(label, []).append(evaluate_model(
-                track.eval_models[label], result.checkpoint, data_dir, device=track.budget.device,
-                plot_path=pca_path(figures, track.name, label) if first else None,
-                plot_title=pca_title(track.title, label, track.eval_models[label], loss)))
+            titles = {kind: pca_title(track.title, row, track.eval_models[label], loss) for kind, row in rows.items()}
+            paths = {kind: pca_path(figures, track.name, row) for kind, row in rows.items()} if first else {}
+            scored = evaluate_with_posthoc(track.eval_models[label], result.checkpoint, data_dir, kinds,
+                                           device=track.budget.device, plot_paths=paths, plot_titles=titles)
+            for kind, row in rows.items():
+                quality.setdefault(row, []).append(scored[kind])
     return {
         "title": track.title,
         "plan": {"seeds": seeds, "budget": track.budget.__dict__, "refine_recipe": REFINE_RECIPE,
                  "rows": {label: {"model": spec.model, "loss": spec.loss, "extra": spec.extra}
-                          for label, spec in track.specs.items()}},
+                          for label, spec in track.specs.items()},
+                 "posthoc": {"of": list(track.posthoc_of), "kinds": list(POSTHOC_KINDS),
+                             "fitted_on": "train.csv", "train_pairs": count_rows(train_csv),
+                             "shift_lambda": closing_lambda(np.ones(1))}},
         "quality": report.summarise_quality(quality),
         **speed,
         "train_seconds": train_seconds,
