@@ -14,6 +14,8 @@ from typing import List, Sequence
 
 from openclip_align.losses.registry import get_loss_spec, loss_names
 
+from . import temperature
+
 SEMANTIC_SOURCES = ("auto", "precomputed", "on-the-fly")
 OPT_ALIASES = {
     # --opt NAME -> the timm optimizer OpenCLIP 3.3 already supports as --opt timm/NAME
@@ -50,6 +52,7 @@ def build_plugin_parser() -> argparse.ArgumentParser:
     group.add_argument("--log-root", default=None, metavar="DIR",
                        help="the same as upstream's --logs DIR, in a spelling torchrun does not read as an "
                             "abbreviation of its own --logs-specs (see docs/training.md)")
+    temperature.add_args(group)
     for name in loss_names():
         if name != "clip":
             spec = get_loss_spec(name)
@@ -118,6 +121,7 @@ def _finish(parser: argparse.ArgumentParser, args) -> None:
             if args.momentum is None:
                 args.momentum = 0.9
         logging.info("--opt %s runs as --opt %s", opt, args.opt)
+    temperature.check_args(parser, args)
     if args.loss == "clip":
         return
     conflicts = [flag for flag, on in (("--siglip", args.siglip), ("--distill-model", getattr(args, "distill_model", None)),

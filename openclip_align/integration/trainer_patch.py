@@ -18,13 +18,14 @@ def _once(module) -> bool:
 
 def patch_open_clip_trainer_api(open_clip_module) -> None:
     """``create_loss`` / ``create_model_and_transforms`` as ``open_clip_train.main`` imports them."""
+    from . import temperature
     from .trainer_errors import wrap_model_errors
     from .trainer_run import wrap_create_loss, wrap_create_model_and_transforms
 
     if _once(open_clip_module.factory):
         open_clip_module.create_loss = wrap_create_loss(open_clip_module.create_loss)
-        open_clip_module.create_model_and_transforms = wrap_create_model_and_transforms(
-            wrap_model_errors(open_clip_module.create_model_and_transforms))
+        open_clip_module.create_model_and_transforms = temperature.wrap_create_model_and_transforms(
+            wrap_create_model_and_transforms(wrap_model_errors(open_clip_module.create_model_and_transforms)))
 
 
 def patch_params(params_module) -> None:
