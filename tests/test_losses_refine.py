@@ -66,6 +66,43 @@ def test_hycd_hand_worked_case():
     assert got.item() == pytest.approx(expected, rel=1e-12)
 
 
+def cosines(a, b):
+    unit = lambda rows: [[v / math.sqrt(sum(w * w for w in row)) for v in row] for row in rows]   # noqa: E731
+    return matmul_t(unit(a), unit(b))
+
+
+@pytest.mark.parametrize("scale", [1.0, 14.3])
+def test_hycd_logit_scale_variant_is_soft_cross_entropy_on_scaled_cosines(scale):
+    f, g = random_raw(seed=5)
+    tf, tg = random_raw(seed=6)
+    got = HyCDLoss(alpha=0.5, logit_scale=scale)(f, g, tf, tg)
+    expected = 0.0
+    for student, teacher in ((cosines(f.tolist(), g.tolist()), cosines(tf.tolist(), tg.tolist())),
+                             (cosines(g.tolist(), f.tolist()), cosines(tg.tolist(), tf.tolist()))):
+        for i, (s_row, t_row) in enumerate(zip(student, teacher)):
+            q = log_softmax_row([scale * v for v in s_row])
+            t = [math.exp(v) for v in log_softmax_row([scale * v for v in t_row])]
+            p = [0.5 * (j == i) + 0.5 * t[j] for j in range(len(t))]
+            expected += -sum(pj * qj for pj, qj in zip(p, q)) / len(student)
+    assert got.item() == pytest.approx(expected / 2, rel=1e-10)
+    # the raw norms no longer matter: rescaling every feature leaves the variant unchanged
+    assert HyCDLoss(alpha=0.5, logit_scale=scale)(3 * f, 0.2 * g, 5 * tf, tg).item() == pytest.approx(expected / 2,
+                                                                                                       rel=1e-10)
+
+
+def test_refine_reads_the_logit_scale_flag_and_defaults_to_the_authors_raw_features():
+    import argparse
+
+    from openclip_align.integration.trainer_args import build_plugin_parser
+
+    default = build_plugin_parser().parse_known_args(["--loss", "refine"])[0]
+    assert CLIPRefineLoss.from_args(default).hycd.logit_scale is None
+    scaled = build_plugin_parser().parse_known_args(["--loss", "refine", "--hycd-logit-scale", "15"])[0]
+    assert CLIPRefineLoss.from_args(scaled).hycd.logit_scale == 15.0
+    with pytest.raises(ValueError, match="--hycd-logit-scale must be positive"):
+        CLIPRefineLoss.from_args(argparse.Namespace(hycd_logit_scale=0.0))
+
+
 def test_hycd_alpha_zero_is_cross_entropy_to_the_teacher_distribution():
     f, g = random_raw(seed=3)
     tf, tg = random_raw(seed=4)

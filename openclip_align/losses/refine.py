@@ -15,7 +15,9 @@ image / caption features, F, G the frozen teacher's (the model before refinement
             (s = --rafa-scale)
     loss  = HyCD + w * RaFA                                               (w = --rafa-weight)
 
-With a = 1, HyCD is the symmetric InfoNCE loss on unscaled logits. The paper writes the loss as
+With a = 1, HyCD is the symmetric InfoNCE loss on unscaled logits. ``--hycd-logit-scale S`` is a variant,
+not the authors' loss: every logit above becomes S x cos (f_i, g_j) (teacher likewise), so HyCD runs at
+temperature 1/S instead of the effective 1 / (|f| |g|) of raw features. The paper writes the loss as
 KL(P || Q) (docs/methods.md); we report the soft-target cross-entropy, which differs by the target's entropy H(P), a constant
 for the student: gradients are identical, and the value is easy to check by hand (with a = 0 and
 student == teacher the value is the teacher distribution's entropy, the KL part being zero).
@@ -55,23 +57,35 @@ def hycd_direction(student_logits: torch.Tensor, teacher_logits: torch.Tensor, a
     return -(target * student_logits.log_softmax(dim=-1)).sum(dim=-1).mean()
 
 
-def hycd_terms(f, g, f_all, g_all, tf, tg, tf_all, tg_all, alpha: float, offset: int) -> torch.Tensor:
+def hycd_terms(f, g, f_all, g_all, tf, tg, tf_all, tg_all, alpha: float, offset: int,
+               logit_scale: Optional[float] = None) -> torch.Tensor:
+    """Both HyCD directions. ``logit_scale`` None: logits are raw-feature dot products (the authors'); a
+    number s: logits are s times cosine similarities, for student and teacher alike."""
+    if logit_scale is not None:
+        f, g, f_all, g_all, tf, tg, tf_all, tg_all = (
+            F.normalize(t, dim=-1) for t in (f, g, f_all, g_all, tf, tg, tf_all, tg_all))
+    scale = 1.0 if logit_scale is None else float(logit_scale)
     labels = targets(f.shape[0], offset, f.device)
-    image_to_text = hycd_direction(f @ g_all.T, tf @ tg_all.T, alpha, labels)
-    text_to_image = hycd_direction(g @ f_all.T, tg @ tf_all.T, alpha, labels)
+    image_to_text = hycd_direction(scale * f @ g_all.T, scale * tf @ tg_all.T, alpha, labels)
+    text_to_image = hycd_direction(scale * g @ f_all.T, scale * tg @ tf_all.T, alpha, labels)
     return (image_to_text + text_to_image) / 2
 
 
 class HyCDLoss(AlignLoss):
-    """Hybrid contrastive distillation (the HyCD term of CLIP-Refine) on raw features, no temperature."""
+    """Hybrid contrastive distillation (the HyCD term of CLIP-Refine) on raw features, no temperature; with
+    ``logit_scale`` s, on s x cosine similarities instead (a variant: HyCD at the temperature 1/s)."""
 
     loss_name = "refine"
 
-    def __init__(self, alpha: float = 0.5, dist: Optional[DistributedConfig] = None):
+    def __init__(self, alpha: float = 0.5, dist: Optional[DistributedConfig] = None,
+                 logit_scale: Optional[float] = None):
         super().__init__(dist)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"--hycd-alpha must lie in [0, 1], got {alpha}")
+        if logit_scale is not None and not logit_scale > 0:
+            raise ValueError(f"--hycd-logit-scale must be positive, got {logit_scale}")
         self.alpha = float(alpha)
+        self.logit_scale = None if logit_scale is None else float(logit_scale)
 
     def forward(self, image_features, text_features, teacher_image_features=None, teacher_text_features=None,
                 **kwargs) -> torch.Tensor:
@@ -90,7 +104,7 @@ class HyCDLoss(AlignLoss):
         tf_rows, tg_rows = d.anchors(tf, tf_all), d.anchors(tg, tg_all)
         return hycd_terms(*(t.to(device=f.device, dtype=dtype)
                             for t in (f, g, f_all, g_all, tf_rows, tg_rows, tf_all, tg_all)),
-                          alpha=self.alpha, offset=d.row_offset(batch))
+                          alpha=self.alpha, offset=d.row_offset(batch), logit_scale=self.logit_scale)
 
 
 class RaFALoss(AlignLoss):
@@ -168,9 +182,10 @@ class CLIPRefineLoss(AlignLoss):
     loss_name = "refine"
 
     def __init__(self, alpha: float = 0.5, rafa_weight: float = 1.0, rafa_scale: float = 1.0, seed: int = 0,
-                 accum_freq: int = 1, dist: Optional[DistributedConfig] = None):
+                 accum_freq: int = 1, dist: Optional[DistributedConfig] = None,
+                 hycd_logit_scale: Optional[float] = None):
         super().__init__(dist)
-        self.hycd = HyCDLoss(alpha, self.dist)
+        self.hycd = HyCDLoss(alpha, self.dist, logit_scale=hycd_logit_scale)
         self.rafa = RaFALoss(rafa_scale, seed, accum_freq, self.dist)
         self.rafa_weight = float(rafa_weight)
 
@@ -179,6 +194,9 @@ class CLIPRefineLoss(AlignLoss):
         float_flag(group, "--hycd-alpha", 0.5, "HyCD: weight of the identity in the target distribution")
         float_flag(group, "--rafa-weight", 1.0, "weight of the RaFA term")
         float_flag(group, "--rafa-scale", 1.0, "RaFA: standard deviation of the Gaussian reference")
+        group.add_argument("--hycd-logit-scale", type=float, default=None, metavar="S",
+                           help="HyCD on S x cosine similarities (student and teacher) instead of the authors' "
+                                "unscaled raw-feature dot products, i.e. at temperature 1/S (default: the authors')")
         group.add_argument("--rafa-seed", type=int, default=None,
                            help="RaFA: seed of the reference generator, the same on every rank (default: --seed)")
 
@@ -190,7 +208,8 @@ class CLIPRefineLoss(AlignLoss):
         return cls(alpha=getattr(args, "hycd_alpha", 0.5), rafa_weight=getattr(args, "rafa_weight", 1.0),
                    rafa_scale=getattr(args, "rafa_scale", 1.0), seed=seed,
                    accum_freq=getattr(args, "accum_freq", 1) or 1,
-                   dist=DistributedConfig.from_args(args, cls.loss_name))
+                   dist=DistributedConfig.from_args(args, cls.loss_name),
+                   hycd_logit_scale=getattr(args, "hycd_logit_scale", None))
 
     def forward(self, image_features, text_features, logit_scale, teacher_image_features=None,
                 teacher_text_features=None, output_dict=False, **kwargs):
