@@ -49,10 +49,10 @@ def wrap_create_model_and_transforms(upstream):
     state = {"done": False}
 
     def create_model_and_transforms(*args, **kwargs):
-        from . import trainer_run
+        from . import run_state
 
         result = upstream(*args, **kwargs)
-        run = trainer_run.RUN
+        run = run_state.RUN
         temperature = None if run is None else getattr(run.args, "fixed_temperature", None)
         if temperature is not None and not state["done"]:
             state["done"] = True
