@@ -322,6 +322,7 @@ def test_data_check_records_in_parallel_and_resumes(tmp_path, monkeypatch, capsy
     assert {k: (v["count"], v["index_min"], v["index_max"]) for k, v in record["shards"].items()} == \
         {"s-000.tar": (3, 0, 2), "s-001.tar": (3, 3, 5), "s-002.tar": (3, 6, 8)}
     C.verify_record(shards, needs_index=True)
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"s-000.tar": 3, "s-001.tar": 3, "s-002.tar": 3}
     # a rerun reads only the shard that changed
     scanned = []
     real = C.scan_shard

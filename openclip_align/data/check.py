@@ -31,6 +31,7 @@ def check_shards(data, workers: int = 1, out: Optional[str] = None, progress: bo
     finally:
         for writer in writers.values():
             writer.flush()
+    _write_sizes_where_missing(paths, entries)
     problems: List[str] = list(errors.values())
     for path in paths:
         entry = entries.get(path)
@@ -54,3 +55,16 @@ def check_shards(data, workers: int = 1, out: Optional[str] = None, progress: bo
         except cp.CorpusError as err:
             problems.append(str(err))
     return {"entries": entries, "errors": errors, "problems": problems, "record_dirs": sorted(writers)}
+
+
+def _write_sizes_where_missing(paths: List[str], entries: Dict[str, dict]) -> None:
+    """Upstream needs ``sizes.json`` beside the shards (or --train-num-samples); write it where there is
+    none and every shard of the folder was read (an existing one is checked by the trainer, not replaced)."""
+    from .shards import atomic_write_json
+
+    for folder in sorted({os.path.dirname(p) for p in paths}):
+        mine = [p for p in paths if os.path.dirname(p) == folder]
+        target = os.path.join(folder, cp.SIZES_FILE)
+        if os.path.exists(target) or not cp.writable_dir(folder) or any(p not in entries for p in mine):
+            continue
+        atomic_write_json(target, {os.path.basename(p): entries[p]["count"] for p in mine})

@@ -492,8 +492,8 @@ def check_sizes_file(source: str, urls: Sequence[str], counts: Mapping[str, int]
         return
     with open(path) as fh:
         claimed = json.load(fh)
-    fix = "rebuild sizes.json (`openclip-align data check --data SHARDS --write-sizes` writes one), or delete it " \
-          "and pass --train-num-samples"
+    fix = "delete it and rerun `openclip-align data check --data SHARDS` (it writes one where there is none), or " \
+          "delete it and pass --train-num-samples"
     for url in urls:
         name = os.path.basename(url)
         if name not in claimed:
