@@ -219,15 +219,22 @@ def write_column(shard_path: str, column_dir: Optional[str], keys: Sequence[str]
     return meta
 
 
-def read_column_meta(json_path: str) -> Optional[dict]:
-    """A column's json, or None when it does not exist (the column is then missing or incomplete)."""
+def _read_json(path: str, fix: str):
+    """The json at ``path``, or None when there is no file; a damaged file is named with ``fix``."""
     try:
-        with open(json_path, "rb") as fh:
-            meta = json.load(fh)
+        with open(path, "rb") as fh:
+            return json.load(fh)
     except FileNotFoundError:
         return None
     except ValueError as err:
-        raise CorpusError(f"{json_path} is not valid json ({err}); delete it and {FIX_EMBED}") from err
+        raise CorpusError(f"{path} is not valid json ({err}); delete it and {fix}") from err
+
+
+def read_column_meta(json_path: str) -> Optional[dict]:
+    """A column's json, or None when it does not exist (the column is then missing or incomplete)."""
+    meta = _read_json(json_path, FIX_EMBED)
+    if meta is None:
+        return None
     if not isinstance(meta, dict) or meta.get("format") != COLUMN_FORMAT:
         raise CorpusError(f"{json_path} is not an embedding column's json (no format {COLUMN_FORMAT!r}); {FIX_EMBED}")
     return meta
@@ -384,13 +391,9 @@ def _same_model(a: Optional[str], b: Optional[str]) -> Optional[bool]:
 def read_record(directory: str) -> Optional[dict]:
     """The record in ``directory``, or None when there is none."""
     path = os.path.join(str(directory), RECORD_NAME)
-    try:
-        with open(path, "rb") as fh:
-            record = json.load(fh)
-    except FileNotFoundError:
+    record = _read_json(path, FIX_CHECK)
+    if record is None:
         return None
-    except ValueError as err:
-        raise CorpusError(f"{path} is not valid json ({err}); delete it and {FIX_CHECK}") from err
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or not isinstance(record.get("shards"), dict):
         raise CorpusError(f"{path} is not an openclip-align record (format {RECORD_FORMAT!r}); delete it and {FIX_CHECK}")
     return record
