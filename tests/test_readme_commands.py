@@ -5,6 +5,11 @@ value): a small corpus of real digit scans, batch 16, one epoch, and a warmup th
 own warmup fraction of its schedule on the embedded default. The checks: the command's warmup ends
 within its schedule on the default corpus, the logged learning rate reaches the command's ``--lr``,
 the weights moved (and locked towers did not), and the gap command writes its report.
+
+The commands of "Use the authors' checkpoints" (they name AUTHORS_FILE) run the same way, with a file in the
+AlignCLIP authors' layout at Tiny dimensions and ``--model AlignCLIP-Tiny`` (the config of that shape)
+appended; their clip_benchmark and convert commands run too. That section's Python lines are
+``create_model_and_transforms(NAME, pretrained=FILE)``, which tests/test_authors_checkpoints.py runs.
 """
 import json
 import math
@@ -21,6 +26,7 @@ import torch
 from conftest import write_digits_corpus
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+AUTHORS_FILE = "alignclip_vitb16.pt"          # README's name for a checkpoint downloaded from the authors
 SCALED_BATCH, SCALED_PAIRS = 16, 64
 
 
@@ -41,6 +47,22 @@ def trainer_commands():
 
 def gap_commands():
     return [c[2:] for c in readme_commands() if c[:2] == ["openclip-align", "gap"]]
+
+
+def authors_commands(*head):
+    """README commands that start with ``head`` and use the authors' checkpoint (``head`` dropped)."""
+    return [c[len(head):] for c in readme_commands() if list(head) == c[:len(head)] and AUTHORS_FILE in c]
+
+
+@pytest.fixture(scope="module")
+def authors_file(tmp_path_factory):
+    """A checkpoint in the AlignCLIP authors' layout (their names, shapes, training-script dict), Tiny dims."""
+    from test_authors_checkpoints import TINY, save_as_their_script, their_state_dict
+
+    return save_as_their_script(their_state_dict(**TINY), tmp_path_factory.mktemp("authors") / AUTHORS_FILE)
+
+
+AUTHORS_SCALED = ["--model", "AlignCLIP-Tiny"]     # the plugin config of the Tiny file's shape
 
 
 def flag(argv, name, default=None):
@@ -66,6 +88,9 @@ def command_id(argv):
 
 def test_readme_shows_the_commands_this_file_checks():
     assert len(trainer_commands()) >= 3 and len(gap_commands()) >= 1
+    for head in (["openclip-align", "gap"], ["clip_benchmark", "eval"], ["python", "-m", "open_clip_train.main"],
+                 ["openclip-align", "convert"]):
+        assert authors_commands(*head), f"README's authors' section shows {' '.join(head)}"
 
 
 @pytest.mark.parametrize("argv", trainer_commands(), ids=command_id)
@@ -119,10 +144,13 @@ def initial_state(argv):
 
 
 @pytest.mark.parametrize("argv", trainer_commands(), ids=command_id)
-def test_trainer_command_trains_as_written(argv, corpus, trained_checkpoint, tmp_path):
+def test_trainer_command_trains_as_written(argv, corpus, trained_checkpoint, tmp_path, request):
     scaled_steps = math.ceil(SCALED_PAIRS / SCALED_BATCH)
     warmup = math.ceil(int(flag(argv, "--warmup")) * scaled_steps / full_schedule_steps(argv))
     extra = ["--pretrained", str(trained_checkpoint)] if flag(argv, "--pretrained") else []
+    if AUTHORS_FILE in argv:            # the authors' checkpoint, Tiny, on this CPU
+        extra = [*AUTHORS_SCALED, "--pretrained", str(request.getfixturevalue("authors_file")),
+                 "--precision", "fp32", "--device", "cpu"]
     run = run_trainer(argv, corpus, tmp_path, "readme", epochs=1, warmup=warmup, extra=extra)
     argv = [*argv, *extra]
 
@@ -144,12 +172,15 @@ def test_trainer_command_trains_as_written(argv, corpus, trained_checkpoint, tmp
 
 
 @pytest.mark.parametrize("argv", gap_commands(), ids=lambda a: flag(a, "--model"))
-def test_gap_command_writes_its_report(argv, corpus, tmp_path):
+def test_gap_command_writes_its_report(argv, corpus, tmp_path, request):
     import open_clip
 
     ckpt = tmp_path / "model.pt"
-    torch.manual_seed(0)
-    torch.save({"state_dict": open_clip.create_model(flag(argv, "--model")).state_dict()}, ckpt)
+    if AUTHORS_FILE in argv:
+        argv, ckpt = [*argv, *AUTHORS_SCALED], request.getfixturevalue("authors_file")
+    else:
+        torch.manual_seed(0)
+        torch.save({"state_dict": open_clip.create_model(flag(argv, "--model")).state_dict()}, ckpt)
     out_dir = tmp_path / "report"
     appended = ["--pretrained", str(ckpt), "--data", str(corpus / "heldout.csv"),
                 "--classes", str(corpus / "zeroshot" / "digits.csv"),
@@ -162,6 +193,38 @@ def test_gap_command_writes_its_report(argv, corpus, tmp_path):
     metrics = json.loads(reports[0].read_text())
     flat = json.dumps(metrics)
     assert "centroid_gap" in flat
+
+
+def run_tool(argv, cwd):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("OPENCLIP_ALIGN_DISABLE", None)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, cwd=cwd)
+
+
+@pytest.mark.parametrize("argv", authors_commands("clip_benchmark", "eval"), ids=lambda a: flag(a, "--task"))
+def test_authors_clip_benchmark_command_runs(argv, corpus, authors_file, tmp_path):
+    from openclip_align.data.clip_benchmark_sets import write_clip_benchmark_sets
+
+    write_clip_benchmark_sets(corpus)                          # the layouts a corpus build writes
+    cli = Path(sys.executable).with_name("clip_benchmark")
+    done = run_tool([str(cli) if cli.exists() else "clip_benchmark", "eval", *argv, *AUTHORS_SCALED,
+                     "--pretrained", str(authors_file), "--dataset", "wds/digits",
+                     "--dataset_root", f"{corpus}/clip_benchmark/{{dataset}}", "--output", "{dataset}.json"], tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "digits.json").read_text())["metrics"]
+    assert 0 <= metrics["acc1"] <= metrics["acc5"] <= 1
+
+
+@pytest.mark.parametrize("argv", authors_commands("openclip-align", "convert"), ids=lambda a: flag(a, "--model"))
+def test_authors_convert_command_writes_a_checkpoint_that_loads(argv, authors_file, tmp_path):
+    import open_clip
+
+    done = run_tool([sys.executable, "-m", "openclip_align.cli", "convert", *argv, *AUTHORS_SCALED,
+                     "--from-authors", str(authors_file)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = torch.load(authors_file, map_location="cpu", weights_only=True)["state_dict"]
+    model = open_clip.create_model("AlignCLIP-Tiny", pretrained=str(tmp_path / flag(argv, "--out")))
+    assert torch.equal(model.proj.weight, theirs["projection"].T)
 
 
 def docs_trainer_commands():
