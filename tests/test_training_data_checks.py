@@ -400,3 +400,34 @@ def test_csv_embeddings_of_the_wrong_width(digits_csv, tmp_path, width, meta_dim
     np.save(tmp_path / "train.emb.npy", _vectors(48, 384))               # the right file passes
     with batch_extras.requesting({"semantic", "caption"}, semantic_precomputed=True, semantic_on_the_fly=False):
         assert _csv_dataset(csv)[0][2]["semantic"].shape == (384,)
+
+
+# --- once per run, not once per rank ------------------------------------------------------------------
+def _once_per_run_worker(rank, world, folder, fail):
+    out = Path(folder)
+
+    def check():
+        (out / f"checked-by-rank{rank}").write_text("")
+        if fail:
+            raise CorpusError("shard s-000003.tar sample 000000017: broken; rerun `openclip-align data check`")
+        return {"samples": 48}
+
+    try:
+        result = training_shards.once_per_run(SimpleNamespace(distributed=True), check)
+        (out / f"result{rank}").write_text(json.dumps(result))
+    except CorpusError as err:
+        (out / f"error{rank}").write_text(str(err))
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_the_record_is_checked_on_rank_0_and_every_rank_gets_its_outcome(tmp_path, fail):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _dist import spawn
+
+    spawn(_once_per_run_worker, 2, str(tmp_path), fail, timeout=120)
+    assert sorted(p.name for p in tmp_path.glob("checked-by-*")) == ["checked-by-rank0"]
+    if fail:       # the same one-line error on every rank, no rank left waiting
+        messages = {(tmp_path / f"error{r}").read_text() for r in range(2)}
+        assert messages == {"shard s-000003.tar sample 000000017: broken; rerun `openclip-align data check`"}
+    else:
+        assert {(tmp_path / f"result{r}").read_text() for r in range(2)} == {json.dumps({"samples": 48})}

@@ -23,6 +23,8 @@ from openclip_align.models.authors_layout import (
     shape_differences, shapes_of_authors_file, shapes_of_config, to_plugin_state_dict,
 )
 
+from .factory_patch import with_context
+
 _PATCHED = "__openclip_align_authors_loading__"
 _TARGET = contextvars.ContextVar("openclip_align_checkpoint_target", default=None)   # (model, path)
 _MODEL_NAME = contextvars.ContextVar("openclip_align_model_name", default=None)
@@ -87,17 +89,12 @@ def adapt_state_dict(state_dict, model, path, model_name=None):
     return state_dict
 
 
-def _loading_checkpoint(upstream):
-    @functools.wraps(upstream)
-    def load_checkpoint(model, checkpoint_path, *args, **kwargs):
-        token = _TARGET.set((model, str(checkpoint_path)))
-        try:
-            return upstream(model, checkpoint_path, *args, **kwargs)
-        finally:
-            _TARGET.reset(token)
+def _target(model, checkpoint_path, *args, **kwargs):
+    return model, str(checkpoint_path)
 
-    load_checkpoint.__wrapped_upstream__ = upstream
-    return load_checkpoint
+
+def _model_name(model_name, *args, **kwargs):
+    return model_name if isinstance(model_name, str) else None
 
 
 def _adapting_load_state_dict(upstream):
@@ -114,19 +111,6 @@ def _adapting_load_state_dict(upstream):
     return load_state_dict
 
 
-def _naming_create_model(upstream):
-    @functools.wraps(upstream)
-    def create_model(model_name, *args, **kwargs):
-        token = _MODEL_NAME.set(model_name if isinstance(model_name, str) else None)
-        try:
-            return upstream(model_name, *args, **kwargs)
-        finally:
-            _MODEL_NAME.reset(token)
-
-    create_model.__wrapped_upstream__ = upstream
-    return create_model
-
-
 def patch_loading(open_clip_module) -> None:
     """Wrap ``load_checkpoint``, ``load_state_dict`` and ``create_model`` of ``open_clip.factory`` (idempotent).
 
@@ -136,8 +120,8 @@ def patch_loading(open_clip_module) -> None:
     if getattr(factory, _PATCHED, False):
         return
     factory.load_state_dict = _adapting_load_state_dict(factory.load_state_dict)
-    factory.load_checkpoint = _loading_checkpoint(factory.load_checkpoint)
+    factory.load_checkpoint = with_context(_TARGET, _target, factory.load_checkpoint)
     open_clip_module.load_checkpoint = factory.load_checkpoint
-    factory.create_model = _naming_create_model(factory.create_model)
+    factory.create_model = with_context(_MODEL_NAME, _model_name, factory.create_model)
     open_clip_module.create_model = factory.create_model
     setattr(factory, _PATCHED, True)
