@@ -140,17 +140,23 @@ def _checked_get_model_config(upstream_get_model_config):
     return get_model_config
 
 
-def _resolving_get_tokenizer(upstream_get_tokenizer):
-    @functools.wraps(upstream_get_tokenizer)
-    def get_tokenizer(*args, **kwargs):
-        token = _RESOLVE_PACKAGES.set(True)        # the tokenizer needs the installed folder, not the placeholder
+def with_context(var, value_of, upstream):
+    """``upstream`` with the context variable ``var`` set to ``value_of(its arguments)`` while it runs."""
+    @functools.wraps(upstream)
+    def wrapper(*args, **kwargs):
+        token = var.set(value_of(*args, **kwargs))
         try:
-            return upstream_get_tokenizer(*args, **kwargs)
+            return upstream(*args, **kwargs)
         finally:
-            _RESOLVE_PACKAGES.reset(token)
+            var.reset(token)
 
-    get_tokenizer.__wrapped_upstream__ = upstream_get_tokenizer
-    return get_tokenizer
+    wrapper.__wrapped_upstream__ = upstream
+    return wrapper
+
+
+def _resolving_get_tokenizer(upstream_get_tokenizer):
+    # the tokenizer needs the installed folder, not the placeholder
+    return with_context(_RESOLVE_PACKAGES, lambda *args, **kwargs: True, upstream_get_tokenizer)
 
 
 def _packaged_create_model(upstream_create_model):
