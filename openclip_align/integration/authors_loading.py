@@ -23,7 +23,7 @@ from openclip_align.models.authors_layout import (
     shape_differences, shapes_of_authors_file, shapes_of_config, to_plugin_state_dict,
 )
 
-from .factory_patch import with_context
+from .factory_patch import CONFIG_DIR, with_context
 
 _PATCHED = "__openclip_align_authors_loading__"
 _TARGET = contextvars.ContextVar("openclip_align_checkpoint_target", default=None)   # (model, path)
@@ -34,8 +34,6 @@ AUTHORS_PREFIX = "AlignCLIP-Authors-"
 def configs_with_shapes(shapes):
     """Plugin config names whose SharedCLIP builds exactly these tensor shapes, AlignCLIP-Authors-* first."""
     from openclip_align.models.config import parse_shared_config
-
-    from .factory_patch import CONFIG_DIR
 
     names = []
     for path in sorted(CONFIG_DIR.glob("*.json")):
