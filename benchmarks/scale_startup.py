@@ -224,7 +224,11 @@ def report(results: list, cpu: str) -> str:
                  + " | ".join(f"{r['embed_captions_per_s']:.0f}" for r in results) + " | - |")
     lines += ["", "Load average (1 min) seen: " + "; ".join(
         f"{r['samples']:,}: {r['load_average_1min']['before']} before, at most {r['load_average_1min']['during_max']} "
-        "during the runs" for r in results) + " (2 cores shared with other work).", ""]
+        "during the runs" for r in results) + " (2 cores shared with other work).",
+              "", f"Noise: identical runs varied by up to about 2 s on this machine (upstream clip: 22.0 s at 4,000 "
+              f"samples in a trial run, 23.2 and 21.4 s here), so a change within +-{NOISE_S:g} s between the sizes is "
+              "not extrapolated (a straight line through noise says nothing about 10M). `data check` and "
+              "`embed` read every caption, once per dataset, outside the training launch.", ""]
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ from openclip_align.models.authors_layout import (
     shape_differences, shapes_of_authors_file, shapes_of_config, to_plugin_state_dict,
 )
 
-from .factory_patch import CONFIG_DIR, with_context
+from .wrapping import CONFIG_DIR, with_context
 
 _PATCHED = "__openclip_align_authors_loading__"
 _TARGET = contextvars.ContextVar("openclip_align_checkpoint_target", default=None)   # (model, path)

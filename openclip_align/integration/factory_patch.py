@@ -33,7 +33,7 @@ import functools
 import json
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "models" / "configs"
+from .wrapping import CONFIG_DIR, with_context  # noqa: E402  (shared with authors_loading)
 PLUGIN_PREFIXES = ("SharedCLIP-", "AlignCLIP-", "DualCLIP-")
 _PATCHED_FLAG = "__openclip_align_patched__"
 # first key of a plugin config that plain OpenCLIP cannot build: its class then fails with
@@ -138,20 +138,6 @@ def _checked_get_model_config(upstream_get_model_config):
 
     get_model_config.__wrapped_upstream__ = upstream_get_model_config
     return get_model_config
-
-
-def with_context(var, value_of, upstream):
-    """``upstream`` with the context variable ``var`` set to ``value_of(its arguments)`` while it runs."""
-    @functools.wraps(upstream)
-    def wrapper(*args, **kwargs):
-        token = var.set(value_of(*args, **kwargs))
-        try:
-            return upstream(*args, **kwargs)
-        finally:
-            var.reset(token)
-
-    wrapper.__wrapped_upstream__ = upstream
-    return wrapper
 
 
 def _resolving_get_tokenizer(upstream_get_tokenizer):
