@@ -368,12 +368,16 @@ def test_indices_outside_the_dataset_are_refused_before_the_first_step(data, tmp
 
 
 def test_shard_samples_are_checked_as_they_are_decoded():
-    from openclip_align.integration.batch_extras import MissingExtrasError, _SampleToTupleWithExtras
+    from openclip_align.data.corpus import CorpusError
+    from openclip_align.integration.batch_extras import _SampleToTupleWithExtras
+    from openclip_align.integration.training_shards import ShardPlan, ShardSampleExtras
 
-    to_tuple = _SampleToTupleWithExtras({"index", "semantic"}, index_limit=10)
+    plan = ShardPlan(urls=[], total=10)
+    to_tuple = _SampleToTupleWithExtras({"index", "semantic"},
+                                        ShardSampleExtras(plan, {"index", "semantic"}, "precomputed"))
     sample = {"__key__": "k", "image": 0, "text": 1, "json": {"index": 9}, "emb.npy": np.ones(4, np.float32)}
     assert to_tuple(sample)[2]["index"] == 9
-    with pytest.raises(MissingExtrasError, match="sample k: dataset index 10 is outside"):
+    with pytest.raises(CorpusError, match="sample k: dataset index 10 is outside"):
         to_tuple({**sample, "json": {"index": 10}})
-    with pytest.raises(MissingExtrasError, match="sample k: KEY.emb.npy holds non-finite"):
+    with pytest.raises(CorpusError, match="sample k: the caption embedding holds non-finite"):
         to_tuple({**sample, "emb.npy": np.array([1.0, np.nan, 0.0, 0.0], np.float32)})

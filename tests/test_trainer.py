@@ -143,7 +143,7 @@ def test_non_finite_loss_stops_with_a_clear_error_and_no_checkpoint(embedded_csv
 
 
 def test_imsep_on_webdataset_shards_with_precomputed_embeddings(embedded_csv, tmp_path):
-    """The shard path: KEY.emb.npy members reach the loss (and a shard without them is refused up front)."""
+    """The shard path: KEY.emb.npy members reach the loss (and a shard with neither those members nor a column is refused at its first sample, by name)."""
     import pandas as pd
     import webdataset as wds
 
@@ -168,4 +168,5 @@ def test_imsep_on_webdataset_shards_with_precomputed_embeddings(embedded_csv, tm
         sink.write({"__key__": "000000000", "png": Path(rows.filepath[0]).read_bytes(), "txt": rows.title[0]})
     argv[argv.index("--train-data") + 1] = str(tmp_path / "bare-000000.tar")
     out = train(argv, tmp_path / "logs", "bare", check=False)
-    assert out.returncode != 0 and "no KEY.emb.npy member" in out.stderr
+    assert out.returncode != 0, out.stderr[-1500:]
+    assert "bare-000000.tar: no embedding column" in out.stderr and "openclip-align embed" in out.stderr

@@ -77,7 +77,8 @@ def test_state_survives_resume_exactly(digits_csv, tmp_path, loss, term):
 
 
 def test_sogclr_refuses_shards_without_an_index(digits_csv, tmp_path):
-    """A webdataset sample has no stable index unless the shards carry one: a clear error before step 1."""
+    """A webdataset sample has no stable index unless the shards carry one (KEY.json or a column's numbering):
+    a clear error at the first sample, and no checkpoint."""
     import pandas as pd
     import webdataset as wds
 
@@ -85,9 +86,10 @@ def test_sogclr_refuses_shards_without_an_index(digits_csv, tmp_path):
     with wds.TarWriter(str(tmp_path / "bare-000000.tar")) as sink:
         for i in range(32):
             sink.write({"__key__": f"{i:09d}", "png": Path(rows.filepath[i]).read_bytes(), "txt": rows.title[i]})
+    (tmp_path / "sizes.json").write_text('{"bare-000000.tar": 32}')     # the size is known; the index is not
     out = train(["--model", "DualCLIP-Tiny", "--loss", "sogclr", "--train-data", str(tmp_path / "bare-000000.tar"),
                  "--train-num-samples", "32", *base(dataset_type="webdataset"), "--epochs", "1"],
                 tmp_path, "run", check=False)
     assert out.returncode != 0
-    assert "needs a per-pair dataset index" in out.stderr and "KEY.json" in out.stderr
+    assert "needs a per-pair dataset index" in out.stderr and "KEY.json" in out.stderr, out.stderr[-1200:]
     assert not (tmp_path / "run" / "checkpoints" / "epoch_1.pt").exists()

@@ -97,9 +97,9 @@ class SogCLRLoss(AlignLoss):
             raise ValueError(
                 f"--loss sogclr keeps a moving average per training sample and needs the training set size "
                 f"(num_samples) to size that state; got {num_samples!r}. The trainer reads it as the csv's row "
-                "count, or as the number of samples local shards hold (counted before step 1); for remote "
-                "shards, which are not counted, from a sizes.json beside them (--train-num-samples only sets "
-                "the epoch length, not this size)")
+                "count, or for shards from their record (`openclip-align data check --data SHARDS` writes it, and "
+                "a sizes.json) or a sizes.json beside them; shards are never counted before step 1 "
+                "(--train-num-samples only sets the epoch length, not this size)")
         self.num_samples = int(num_samples)
         self.gamma = check_rate(self.loss_name, "--sogclr-gamma", gamma)
         self.tau = check_positive(self.loss_name, "--sogclr-tau", tau)
