@@ -15,8 +15,9 @@ already where it looks. Two of its loaders take local files:
   shard).
 
 With ``--dataset_root 'DIR/clip_benchmark/{dataset}'`` one command reaches all of them (CLIP_benchmark
-fills ``{dataset}`` with the name after ``wds/``); its 1.6.2 classification run stops at the accuracy step
-under NumPy 2.4 (docs/notes.md), so the manifest's command is the retrieval one. Everything is written from the corpus's csv/json files,
+fills ``{dataset}`` with the name after ``wds/``). The manifest's command is the retrieval one; the zero-shot
+sets run with ``--task zeroshot_classification`` and the same template (CLIP_benchmark 1.6.2 needs NumPy < 2.4
+for that task, which the dev extra pins: docs/notes.md). Everything is written from the corpus's csv/json files,
 so a fresh build and :func:`add_clip_benchmark` on an existing corpus write the same bytes.
 """
 from __future__ import annotations
@@ -115,8 +116,8 @@ def write_clip_benchmark_sets(out, written: Optional[set] = None) -> dict:
 
 def command_for(out, entry: dict, model: str = "MODEL", checkpoint: str = "CHECKPOINT") -> str:
     """The ``clip_benchmark eval`` command for the held-out retrieval set of ``entry``. The zero-shot sets
-    (``wds/NAME``) take the same ``--dataset_root`` template, but CLIP_benchmark 1.6.2's accuracy step fails
-    under NumPy 2.4 (docs/notes.md), so they are listed in the entry rather than put in the command."""
+    (``wds/NAME``) take the same ``--dataset_root`` template with ``--task zeroshot_classification``; they are
+    listed in the entry (README shows that command)."""
     datasets = [s["dataset"] for s in entry["retrieval"].values() if s["root"].endswith("/mscoco_captions")]
     return (f"clip_benchmark eval --model {model} --pretrained {checkpoint} --dataset {' '.join(datasets)} "
             f"--dataset_root '{Path(out) / FOLDER}/{{dataset}}' --recall_k 1 5 --no_amp --num_workers 0 "
