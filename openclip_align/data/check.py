@@ -21,9 +21,7 @@ def check_shards(data, workers: int = 1, out: Optional[str] = None, progress: bo
     for path in paths:
         folder = os.path.dirname(path)
         targets[path] = str(out) if out is not None else cp.record_dir_for(folder)
-    known: Dict[str, dict] = {}
-    for path in paths:
-        known.update(cp.recorded_entries([path], targets[path]))
+    known = cp.recorded_entries_by_folder(paths, targets.__getitem__)
     writers = {d: cp.RecordWriter(d) for d in set(targets.values())}
     try:
         entries, errors = cp.scan_shards(paths, workers=workers, known=known, progress=progress,

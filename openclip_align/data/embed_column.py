@@ -132,9 +132,7 @@ def embed_shards(data, out=None, model: str = "all-MiniLM-L6-v2", batch_size: in
     column_dir = lambda path: str(out) if out is not None else os.path.dirname(path)   # noqa: E731
 
     # 1. scan (reusing the record's entries) for keys, empty captions and where each shard's index starts
-    known = {}
-    for path in paths:
-        known.update(cp.recorded_entries([path], column_dir(path)))
+    known = cp.recorded_entries_by_folder(paths, column_dir)
     workers = scan_workers or min(8, os.cpu_count() or 1)
     entries, errors = cp.scan_shards(paths, workers=workers, known=known, progress=progress)
     if errors:
@@ -168,8 +166,9 @@ def embed_shards(data, out=None, model: str = "all-MiniLM-L6-v2", batch_size: in
         entries[path] = entry
         writers[column_dir(path)].add(path, entry)
 
+    to_embed = {job["path"] for job in jobs}
     for path in paths:
-        if all(job["path"] != path for job in jobs):
+        if path not in to_embed:
             record(path)
 
     # 3. embed: in this process, or one process per device
