@@ -160,3 +160,61 @@ def test_readme_block_states_the_run_time_the_results_record():
     assert readme._duration(results, "t") == " This track: 11.5 min (training 10.0); the whole run: 33.3 min."
     del results["total_seconds"]
     assert readme._duration(results, "t") == ""          # results from before the record: no claim
+
+
+def init_table():
+    """A hand-made initialisation table: two models, the cells the report should print worked out below."""
+    def row(gap, cone):
+        return {"centroid_gap": stat(gap, 0.02), "alignment_score": stat(0.1234, 0.005), "cone_image": stat(cone),
+                "cone_text": stat(0.95, 0.001), "effective_rank_image": stat(12.34, 0.56),
+                "effective_rank_text": stat(3.0, 0.04), "pairs": 64}
+    return {"models": {"DualCLIP-Tiny": row(0.8123, 0.9), "SharedCLIP-Tiny": row(0.2, 0.5)}, "seeds": [0, 1, 2, 3, 4],
+            "seconds": 41.6, "note": "ViT-B-16 left out on CPU."}
+
+
+def test_markdown_has_the_initialisation_section_after_the_tracks():
+    res = results(scratch=track(0.4, 0.05))
+    res["initialisation"] = init_table()
+    text = report.markdown(res)
+    assert ("| DualCLIP-Tiny | 64 | 0.812 ± 0.020 | 0.123 ± 0.005 | 0.900 ± 0.010 | 0.950 ± 0.001 | 12.3 ± 0.6 | "
+            "3.0 ± 0.0 |") in text
+    assert "| SharedCLIP-Tiny | 64 | 0.200 ± 0.020 | 0.123 ± 0.005 | 0.500 ± 0.010 |" in text
+    assert "seeds [0, 1, 2, 3, 4]" in text and "Measured in 42 s." in text and "ViT-B-16 left out on CPU." in text
+    assert text.index("## T") < text.index("## At initialisation") < text.index("## Regressions")
+
+
+def test_results_without_the_initialisation_table_still_render():
+    text = report.markdown(results(scratch=track(0.4, 0.05)))       # a results.json from before the table
+    assert "At initialisation" not in text and "| CLIP | 0.400 ± 0.010 |" in text
+
+
+README_WITH_INIT = ("intro\n<!-- benchmark:scratch:start -->\nOLD\n<!-- benchmark:scratch:end -->\nmiddle\n"
+                    "<!-- benchmark:initialisation:start -->\n<!-- benchmark:initialisation:end -->\noutro\n")
+
+
+def test_readme_initialisation_block_is_filled_between_its_markers(tmp_path):
+    readme, path = tmp_path / "README.md", tmp_path / "results.json"
+    readme.write_text(README_WITH_INIT)
+    res = results(scratch=track(0.4, 0.05))
+    res["initialisation"] = init_table()
+    path.write_text(json.dumps(res))
+    assert update_readme(readme, path) == ["scratch", "initialisation"]
+    text = readme.read_text()
+    start = text.index("<!-- benchmark:initialisation:start -->\n") + len("<!-- benchmark:initialisation:start -->\n")
+    block = text[start:text.index("<!-- benchmark:initialisation:end -->")]
+    assert block.startswith("From `openclip-align benchmark --data d`, 2026-11-24 12:00:00 (cpu).\n")
+    assert "| DualCLIP-Tiny | 64 | 0.812 ± 0.020 |" in block and "| SharedCLIP-Tiny | 64 |" in block
+    assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("<!-- benchmark:initialisation:end "
+                                                                                "-->\noutro\n")
+
+
+def test_readme_initialisation_block_is_left_alone_without_a_measured_table(tmp_path):
+    readme, path = tmp_path / "README.md", tmp_path / "results.json"
+    for init in (None, {"skipped": "RuntimeError: out of memory"}):
+        readme.write_text(README_WITH_INIT)
+        res = results(scratch=track(0.4, 0.05))
+        if init is not None:
+            res["initialisation"] = init
+        path.write_text(json.dumps(res))
+        assert update_readme(readme, path) == ["scratch"]
+        assert "<!-- benchmark:initialisation:start -->\n<!-- benchmark:initialisation:end -->" in readme.read_text()

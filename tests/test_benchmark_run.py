@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from openclip_align.benchmark import run as bench
+from openclip_align.benchmark.initialisation import INIT_KEYS
 from openclip_align.benchmark.training import TrainResult
 
 RATE = {"upstream CLIP": 400.0, "SharedCLIP": 380.0, "AlignCLIP": 360.0, "CLIP-Refine": 300.0,
@@ -28,7 +29,22 @@ def corpus(tmp_path):
 
 
 @pytest.fixture
-def fakes(monkeypatch):
+def fake_init(monkeypatch):
+    """The initialisation table, faked: records what it was asked to measure."""
+    asked = []
+
+    def measure_initialisation(data_dir, models, seeds, limit=None, device="cpu"):
+        asked.append((data_dir, tuple(models), tuple(seeds), limit, device))
+        row = {key: {"mean": 0.8, "std": 0.02, "values": [0.8] * len(seeds)} for key in INIT_KEYS}
+        row["pairs"] = limit or 200
+        return {"models": {name: row for name in models}, "seeds": list(seeds), "seconds": 3.0}
+
+    monkeypatch.setattr(bench, "measure_initialisation", measure_initialisation)
+    return asked
+
+
+@pytest.fixture
+def fakes(monkeypatch, fake_init):
     calls, plots = [], []
 
     def train(spec, train_data, budget, seed, logs, name=None, keep_checkpoint=True, progress=False, **_):
@@ -55,7 +71,7 @@ def fakes(monkeypatch):
     return calls, plots
 
 
-def test_speed_windows_alternate_and_memory_and_corpus_are_recorded(tmp_path, corpus, fakes, caplog):
+def test_speed_windows_alternate_and_memory_and_corpus_are_recorded(tmp_path, corpus, fakes, fake_init, caplog):
     data, manifest_sha = corpus
     calls, plots = fakes
     baseline = tmp_path / "baselines"
@@ -113,6 +129,12 @@ def test_speed_windows_alternate_and_memory_and_corpus_are_recorded(tmp_path, co
         ("pca_scratch_upstream_CLIP.png", "upstream CLIP: DualCLIP-Tiny, --loss clip (OpenCLIP alone)\nTrained from "
                                           "scratch (Tiny models), held-out pairs")]
     assert "every run's live log is under" in caplog.text and "speed round 2/2" in caplog.text
+    # the table at initialisation: once per run, 5 seeds whatever the tracks' seeds, --quick caps the pairs at 256
+    assert fake_init == [(data, ("DualCLIP-Tiny", "SharedCLIP-Tiny"), (0, 1, 2, 3, 4), 256, "cpu")]
+    assert results["initialisation"]["device"] == "cpu" and results["initialisation"]["limit"] == 256
+    assert "\n## At initialisation\n" in report and "| SharedCLIP-Tiny | 256 | 0.800 ± 0.020 |" in report
+    assert "measured by the GPU variant (`--gpu`) only" in report and "Measured in 3 s." in report
+    assert report.index("## At initialisation") < report.index("## Regressions against the baseline")
 
 
 def test_a_failed_speed_baseline_keeps_the_training_runs_and_the_evaluation(tmp_path, corpus, fakes, monkeypatch):
@@ -178,3 +200,27 @@ def test_parallel_runs_default_two_on_cpu_one_on_gpu(monkeypatch):
     assert bench.parallel_runs_default("cpu") == 2 and bench.parallel_runs_default("cuda") == 1
     monkeypatch.setattr(bench.os, "cpu_count", lambda: 1)
     assert bench.parallel_runs_default("cpu") == 1
+
+
+@pytest.mark.parametrize("device, quick, models, limit", [
+    ("cpu", False, ("DualCLIP-Tiny", "SharedCLIP-Tiny"), None),          # every held-out pair
+    ("cuda", False, ("ViT-B-16", "SharedCLIP-ViT-B-16"), 512),
+    ("cuda", True, ("ViT-B-16", "SharedCLIP-ViT-B-16"), 256),
+])
+def test_initialisation_models_and_pairs_per_variant_always_five_seeds(tmp_path, fake_init, device, quick, models,
+                                                                        limit):
+    init = bench.initialisation(tmp_path, device, quick)
+    assert fake_init == [(tmp_path, models, (0, 1, 2, 3, 4), limit, device)]
+    assert init["limit"] == limit and init["device"] == device
+    assert ("note" in init) == (device == "cpu")          # only a CPU run says ViT-B-16 was left out
+
+
+def test_a_failed_initialisation_is_recorded_and_reported_not_raised(tmp_path, monkeypatch):
+    from openclip_align.benchmark.initialisation import initialisation_lines
+
+    def fail(*args, **kwargs):
+        raise FileNotFoundError("heldout.csv")
+    monkeypatch.setattr(bench, "measure_initialisation", fail)
+    init = bench.initialisation(tmp_path, "cpu", False)
+    assert init["skipped"] == "FileNotFoundError: heldout.csv" and "models" not in init
+    assert initialisation_lines(init) == ["Not measured: FileNotFoundError: heldout.csv."]

@@ -12,11 +12,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import torch
-
-from openclip_align.evaluation import embed_pairs
-from openclip_align.metrics import modality_gap_report
-
 INIT_KEYS = ("centroid_gap", "alignment_score", "cone_image", "cone_text", "effective_rank_image",
              "effective_rank_text")
 INIT_MODELS = {"cpu": ("DualCLIP-Tiny", "SharedCLIP-Tiny"), "cuda": ("ViT-B-16", "SharedCLIP-ViT-B-16")}
@@ -28,7 +23,11 @@ INIT_COLUMNS = [("centroid_gap", "centroid gap", 3), ("alignment_score", "align.
 def measure_initialisation(data_dir: Path, models: Sequence[str], seeds: Sequence[int] = (0, 1, 2, 3, 4),
                            limit: Optional[int] = None, device: str = "cpu") -> dict:
     """{model: {metric: {mean, std, values}}} over ``seeds`` on the first ``limit`` held-out pairs (all: None)."""
-    import open_clip
+    import open_clip           # here, not at the top: the report and README render the table without torch
+    import torch
+
+    from openclip_align.evaluation import embed_pairs
+    from openclip_align.metrics import modality_gap_report
 
     started = time.time()
     table: Dict[str, dict] = {}
@@ -50,14 +49,19 @@ def measure_initialisation(data_dir: Path, models: Sequence[str], seeds: Sequenc
 
 
 def initialisation_lines(init: Optional[dict]) -> List[str]:
-    """The report's table of :func:`measure_initialisation` (empty for a run without it)."""
+    """The report's table of :func:`measure_initialisation` (empty for a run without it; one line for a run
+    whose measurement failed); a ``note`` the benchmark adds follows the table."""
     if not init:
         return []
+    if "models" not in init:
+        return [f"Not measured: {init.get('skipped', 'no table in the results')}."]
+    took = f" Measured in {init['seconds']:.0f} s." if "seconds" in init else ""
     lines = [f"Randomly initialised models (no training), held-out pairs, seeds {init['seeds']} (mean ± std): the "
-             "gap Mind the Gap finds at initialisation (cone = mean cosine between two embeddings of one modality).",
+             "gap Mind the Gap finds at initialisation (cone = mean cosine between two embeddings of one modality)."
+             + took,
              "", "| model | pairs | " + " | ".join(c[1] for c in INIT_COLUMNS) + " |",
              "|---|---|" + "---|" * len(INIT_COLUMNS)]
     for name, row in init["models"].items():
         cells = [f"{row[key]['mean']:.{digits}f} ± {row[key]['std']:.{digits}f}" for key, _, digits in INIT_COLUMNS]
         lines.append(f"| {name} | {row['pairs']} | " + " | ".join(cells) + " |")
-    return lines
+    return lines + (["", init["note"]] if init.get("note") else [])

@@ -1,7 +1,9 @@
 """README's benchmark tables, regenerated from a run's results.json (never edited by hand).
 
 The README keeps one block per benchmark track between ``<!-- benchmark:TRACK:start -->`` and
-``<!-- benchmark:TRACK:end -->``, and the study's grid between ``<!-- study:start -->`` and
+``<!-- benchmark:TRACK:end -->``, the table at initialisation between
+``<!-- benchmark:initialisation:start -->`` and ``<!-- benchmark:initialisation:end -->`` (left as it is for
+results without a measured table), and the study's grid between ``<!-- study:start -->`` and
 ``<!-- study:end -->``; everything outside the markers is left as it is.
 
     python -m openclip_align.benchmark.readme README.md benchmark/results.json [study/results.json]
@@ -14,12 +16,18 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from .initialisation import initialisation_lines
 from .report import track_tables
 
 
 def block(results: dict, track: str) -> str:
     where = f"From `{results['command']}`, {results['created']} ({results['machine']['device']})."
     return "\n".join([where + _duration(results, track), "", *track_tables(results["tracks"][track])])
+
+
+def initialisation_block(results: dict) -> str:
+    where = f"From `{results['command']}`, {results['created']} ({results['machine']['device']})."
+    return "\n".join([where, "", *initialisation_lines(results["initialisation"])])
 
 
 def _duration(results: dict, track: str) -> str:
@@ -55,6 +63,9 @@ def update_readme(readme: Path, results_json: Optional[Path], study_json: Option
     for track in results["tracks"]:
         text, found = _replace(text, f"benchmark:{track}", block(results, track))
         done += [track] if found else []
+    if (results.get("initialisation") or {}).get("models"):       # older runs, or a failed measurement: skip
+        text, found = _replace(text, "benchmark:initialisation", initialisation_block(results))
+        done += ["initialisation"] if found else []
     if study_json is not None:
         text, found = _replace(text, "study", study_block(json.loads(Path(study_json).read_text())))
         done += ["study"] if found else []

@@ -8,6 +8,8 @@ from typing import Dict, List, Optional
 
 from openclip_align.atomic_files import atomic_write_text
 
+from .initialisation import initialisation_lines
+
 # metrics where smaller is better; every other quality metric is better when larger
 LOWER_IS_BETTER = {"centroid_gap", "centroid_gap_sq_per_dim", "rmg", "uniformity_joint", "separability",
                    "crossstyle_drop_R@1", "top2_variance_share_image", "top2_variance_share_text"}
@@ -214,6 +216,9 @@ def markdown(results: dict) -> str:
     ]
     for name, track in results["tracks"].items():
         lines += ["", f"## {track['title']}", "", *track_tables(track)]
+    init = initialisation_lines(results.get("initialisation"))      # absent in runs from before the table
+    if init:
+        lines += ["", "## At initialisation", "", *init]
     lines += ["", f"Modality-gap report on 100k pairs of 768-d: {results['metric_seconds_100k_pairs_768d']:.2f} s.",
               "", "## Regressions against the baseline", "", *regression_lines(results),
               "", "Figures: `figures/quality.png` (bars: mean over seeds, error bars: ± one std over seeds) and one "

@@ -15,7 +15,8 @@ Every trained row but CLIP-Refine is also scored after each post-hoc gap-closing
 checkpoint's own embeddings of the training pairs: rows without any training, next to the trained ones.
 CLIP-Refine always runs the authors' recipe (:data:`REFINE_RECIPE`). Training speed is measured apart from
 the training runs, with every configuration interleaved in short windows (:mod:`.speed`); a speed-only row
-trains AlignCLIP with caption embeddings computed on the fly.
+trains AlignCLIP with caption embeddings computed on the fly. After the tracks, the run measures the gap of
+randomly initialised dual- and shared-tower models once (:mod:`.initialisation`).
 
 Output goes to ``--out`` (``runs/benchmark`` by default, untracked); the committed copy under ``benchmark/``
 changes only through :mod:`.publish`.
@@ -41,6 +42,7 @@ from openclip_align.metrics.posthoc import POSTHOC_KINDS, closing_lambda
 
 from .evaluate import evaluate_with_posthoc, metric_time_100k
 from .figures import pca_path, pca_title, plot_quality
+from .initialisation import INIT_MODELS, measure_initialisation
 from .regimes import PRETRAINED_LOCKS, PRETRAINED_MODEL, REGIMES
 from .speed import LoadMeter, SpeedPlan, conditions_line, interleave, window_csv
 from .training import Budget, TrainResult, TrainSpec, train, write_local_dir_config
@@ -52,6 +54,13 @@ from .training import Budget, TrainResult, TrainSpec, train, write_local_dir_con
 REFINE_RECIPE = {"epochs": 1, "lr": 1e-6, "warmup": 0, "wd": 0.1, "batch_size": 512, "precision": "fp32"}
 # torch's AdamW defaults, which the authors keep (open_clip_train would pick 0.98 / 1e-6 for ViTs)
 REFINE_EXTRA = ["--lr-scheduler", "const", "--beta1", "0.9", "--beta2", "0.999", "--eps", "1e-8"]
+# The initialisation table (:mod:`.initialisation`): always 5 seeds; on a CPU the Tiny pair on every held-out
+# pair, on a GPU the ViT-B-16 pair on the first 512; --quick caps the pairs, never the seeds.
+INIT_SEEDS = (0, 1, 2, 3, 4)
+INIT_LIMIT = {"cpu": None, "cuda": 512}
+INIT_QUICK_LIMIT = 256
+INIT_CPU_NOTE = ("ViT-B-16 and SharedCLIP-ViT-B-16 at initialisation are measured by the GPU variant (`--gpu`) only: "
+                 "on a CPU their 5 seeds do not fit the benchmark's time budget.")
 
 
 
@@ -312,6 +321,7 @@ def run_benchmark(data_dir: Path, out_dir: Path, quick: bool = False, gpu: bool 
         results["tracks"][name] = run_track(builders[name](), train_csv, data_dir, out_dir, runs_dir, seeds, speed_plan,
                                             parallel_runs)
         results["tracks"][name]["parallel_runs"] = parallel_runs
+    results["initialisation"] = initialisation(data_dir, "cuda" if gpu else "cpu", quick)
     results["total_seconds"] = time.time() - started
     results["metric_seconds_100k_pairs_768d"] = metric_time_100k()
     # The regression baseline is a run of the same variant (a 1-epoch run says nothing about a 3-epoch one).
@@ -323,6 +333,26 @@ def run_benchmark(data_dir: Path, out_dir: Path, quick: bool = False, gpu: bool 
     (out_dir / "results.md").write_text(report.markdown(results))
     plot_quality(results, out_dir / "figures" / "quality.png")
     return results
+
+
+def initialisation(data_dir: Path, device: str, quick: bool) -> dict:
+    """The initialisation table of this run (once per run, after the tracks); a failure is recorded, not
+    raised, so the trained tracks still get their report."""
+    limit = INIT_LIMIT[device]
+    if quick:
+        limit = min(limit or INIT_QUICK_LIMIT, INIT_QUICK_LIMIT)
+    models = INIT_MODELS[device]
+    logging.info("benchmark: %s at initialisation, %d seeds, %s held-out pairs", " and ".join(models),
+                 len(INIT_SEEDS), "all" if limit is None else f"the first {limit}")
+    try:
+        init = measure_initialisation(data_dir, models, INIT_SEEDS, limit=limit, device=device)
+    except Exception as err:            # noqa: BLE001 - the tracks' results matter more than this table
+        logging.error("benchmark: initialisation not measured: %s", err)
+        return {"skipped": f"{type(err).__name__}: {err}"[:200], "models_planned": list(models)}
+    init.update(device=device, limit=limit)
+    if device == "cpu":
+        init["note"] = INIT_CPU_NOTE
+    return init
 
 
 def load_baseline(baseline: Optional[Path], variant: str) -> Optional[dict]:
