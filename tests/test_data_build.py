@@ -96,7 +96,7 @@ def test_captions_non_empty_images_decode_indices_stable(corpus):
             with Image.open(path) as im:
                 assert im.mode == "RGB" and im.size == (SIZE, SIZE)
         for key, members in _shard_samples(out / name):
-            assert set(members) == {"png", "txt", "json", "emb.npy"}
+            assert set(members) == {"png", "txt", "json"}     # caption embeddings: the column beside, never inside
             info = json.loads(members["json"])
             row = df.iloc[info["index"]]
             assert key == f"{info['index']:09d}"
@@ -124,6 +124,24 @@ def test_build_writes_the_column_and_the_record_of_its_shards(corpus):
                              expected_model="all-MiniLM-L6-v2", batch_size=8, workers=2)
     assert not check.unrecorded and check.samples == len(emb) == manifest["counts"]["train"]
     assert set(check.semantic_from.values()) == {"column"}
+
+
+def test_training_finds_the_column_of_built_shards_by_default(corpus):
+    """imsep/sogclr on `data build` shards without --semantic-embeddings: the plan comes from the record
+    and every decoded sample gets the embedding of its own index (train.emb.npy's row, float16 away)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_training_data_checks import _args, _decoded
+
+    out, manifest = corpus
+    emb = np.load(out / "train.emb.npy")
+    pattern = str(out / manifest["files"]["train"]["shards"])
+    rows = _decoded(pattern, _args(pattern, loss="sogclr", semantic_embeddings=None), index=True)
+    indices = [r["index"] for r in rows]
+    assert sorted(indices) == list(range(len(emb)))
+    assert [r["key"] for r in rows] == [f"{i:09d}" for i in indices]
+    np.testing.assert_allclose(np.stack([r["semantic"].numpy() for r in rows]), emb[indices], atol=2e-3)
 
 
 def _open_clip_args(argv):
@@ -194,22 +212,30 @@ def test_csv_round_trip_through_open_clip_train(corpus):
     assert images.shape == (64, 3, SIZE, SIZE)
 
 
-def test_plain_webdataset_keeps_index_and_embedding(corpus):
+def test_plain_webdataset_keeps_index_and_the_column_lines_up(corpus):
+    """A plain webdataset reader sees image, caption and index; each shard's column row r is the embedding
+    of the shard's r-th sample (float16 of train.emb.npy's row of that sample's index)."""
     import webdataset as wds
 
     out, manifest = corpus
     emb = np.load(out / "train.emb.npy")
     titles = _csv(out / "train.csv")["title"].tolist()
     ds = wds.WebDataset(str(out / manifest["files"]["train"]["shards"]), shardshuffle=False).decode("pil")
-    seen = []
+    seen, rows = [], {}
     for sample in ds:
         i = sample["json"]["index"]
         seen.append(i)
         assert sample["__key__"] == f"{i:09d}"
         assert sample["txt"] == titles[i]
-        assert sample["emb.npy"].dtype == np.float32 and np.array_equal(sample["emb.npy"], emb[i])
+        assert "emb.npy" not in sample
         assert sample["png"].size == (SIZE, SIZE)
+        rows.setdefault(Path(sample["__url__"]).with_suffix(".emb.npy"), []).append(i)
     assert seen == list(range(len(emb)))
+    assert len(rows) == len(sh.list_shards(out / "train"))
+    for column, indices in rows.items():
+        values = np.load(column)
+        assert values.dtype == np.float16 and values.shape == (len(indices), emb.shape[1])
+        np.testing.assert_allclose(values.astype(np.float32), emb[indices], atol=2e-3)
 
 
 def test_zero_shot_sets(corpus):

@@ -5,7 +5,7 @@ tests and the benchmark call it). The output is plain OpenCLIP input, readable b
 ``open_clip_train`` unchanged:
 
     OUT/manifest.json                  sources, licences, versions, counts, split rule, options
-    OUT/train/train-000000.tar ...     webdataset shards: KEY.png KEY.txt KEY.json [KEY.emb.npy]
+    OUT/train/train-000000.tar ...     webdataset shards: KEY.png KEY.txt KEY.json (no embeddings inside)
     OUT/train/sizes.json               {"train-000000.tar": n, ...}
     OUT/train/train-000000.emb.npy/.json   the shard's caption embedding column (float16, row = sample)
     OUT/train/openclip_align_record.json   what each shard holds, for the trainer's check (data/corpus.py)
@@ -314,12 +314,11 @@ def _compact_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def _shard_samples(records: Sequence[Record], emb: Optional[np.ndarray]):
-    for i, rec in enumerate(records):
-        members = [("png", rec.png), ("txt", rec.item.caption.encode("utf-8")), ("json", _compact_json(_sample_meta(rec)))]
-        if emb is not None:
-            members.append(("emb.npy", sh.npy_bytes(emb[i])))
-        yield f"{rec.index:09d}", members
+def _shard_samples(records: Sequence[Record]):
+    """Image, caption and metadata only: caption embeddings go in the column beside the shard (issue 23)."""
+    for rec in records:
+        yield f"{rec.index:09d}", [("png", rec.png), ("txt", rec.item.caption.encode("utf-8")),
+                                   ("json", _compact_json(_sample_meta(rec)))]
 
 
 def _record_shards(writer: Writer, directory: Path, sizes: Dict[str, int], emb: Optional[np.ndarray],
@@ -365,7 +364,7 @@ def write_split(writer: Writer, name: str, records: Sequence[Record], emb: Optio
         writer.file(f"{name}.emb.json", sh.json_bytes(embedding_meta(encoder, emb)))
         files.update(embeddings=f"{name}.emb.npy", embeddings_meta=f"{name}.emb.json")
     if shard_size:
-        sizes = sh.write_shards(writer.out / name, name, _shard_samples(records, emb), shard_size,
+        sizes = sh.write_shards(writer.out / name, name, _shard_samples(records), shard_size,
                                 progress=progress, total=len(records), desc=f"write {name} shards")
         for shard in sizes:
             writer.written.add(writer.out / name / shard)
