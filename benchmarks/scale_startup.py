@@ -13,9 +13,11 @@ corpus record (``openclip-align data check``). Then, on the same shards, starts
 All runs train upstream's ViT-B-32 at --image-size pixels on the CPU. Peak RSS is the trainer
 process's VmHWM plus its dataloader worker's when the first step is logged (pages the
 forked worker shares are counted twice). Writes
-benchmarks/scale_startup.md (and .json). Run it nice'd; it states the load average it saw:
+benchmarks/scale_startup.md (and .json); ``--readme`` also rewrites README.md's
+``<!-- benchmark:scale:start -->`` block from them (``--report-only --readme``: from the last .json, no run).
+Run it nice'd; it states the load average it saw:
 
-    nice -n 10 python benchmarks/scale_startup.py --sizes 20000 200000
+    nice -n 10 python benchmarks/scale_startup.py --sizes 20000 200000 --readme
 """
 from __future__ import annotations
 
@@ -193,14 +195,18 @@ def extrapolate(xs, ys, x):
     return ys[-1] + slope * (x - xs[-1])
 
 
-def report(results: list, cpu: str) -> str:
+def _header(results: list, cpu: str) -> str:
     sizes = [r["samples"] for r in results]
-    lines = ["# Time to the first training step at scale", "",
-             f"`python benchmarks/scale_startup.py --sizes {' '.join(map(str, sizes))}` on {cpu}; upstream ViT-B-32 at "
-             "64 px, --batch-size 32, --workers 1, CPU. Synthetic img2dataset-like shards "
-             f"({results[0]['shards'] and results[0]['samples'] // results[0]['shards']} samples each). "
-             "Last column: a straight line through the measured sizes, at 10M samples.", "",
-             "| | " + " | ".join(f"{n:,} samples" for n in sizes) + " | 10M (extrapolated) |",
+    return (f"`python benchmarks/scale_startup.py --sizes {' '.join(map(str, sizes))}` on {cpu}; upstream ViT-B-32 "
+            "at 64 px, --batch-size 32, --workers 1, CPU. Synthetic img2dataset-like shards "
+            f"({results[0]['shards'] and results[0]['samples'] // results[0]['shards']} samples each). "
+            "Last column: a straight line through the measured sizes, at 10M samples.")
+
+
+def table(results: list) -> list:
+    """The measured table, one markdown line per row (the .md and README's block both show it)."""
+    sizes = [r["samples"] for r in results]
+    lines = ["| | " + " | ".join(f"{n:,} samples" for n in sizes) + " | 10M (extrapolated) |",
              "|---|" + "---|" * (len(sizes) + 1)]
 
     def row(label, values, digits=1, noise=None):
@@ -222,14 +228,41 @@ def report(results: list, cpu: str) -> str:
     row("`openclip-align data check --workers 2` (s, once per dataset)", [r["data_check_s"] for r in results])
     lines.append("| `openclip-align embed` all-MiniLM-L6-v2, captions/s (one shard, model load included) | "
                  + " | ".join(f"{r['embed_captions_per_s']:.0f}" for r in results) + " | - |")
-    lines += ["", "Load average (1 min) seen: " + "; ".join(
+    return lines
+
+
+def _load_line(results: list) -> str:
+    return "Load average (1 min) seen: " + "; ".join(
         f"{r['samples']:,}: {r['load_average_1min']['before']} before, at most {r['load_average_1min']['during_max']} "
-        "during the runs" for r in results) + " (2 cores shared with other work).",
-              "", f"Noise: identical runs varied by up to about 2 s on this machine (upstream clip: 22.0 s at 4,000 "
-              f"samples in a trial run, 23.2 and 21.4 s here), so a change within +-{NOISE_S:g} s between the sizes is "
-              "not extrapolated (a straight line through noise says nothing about 10M). `data check` and "
-              "`embed` read every caption, once per dataset, outside the training launch.", ""]
+        "during the runs" for r in results) + " (2 cores shared with other work)."
+
+
+def report(results: list, cpu: str) -> str:
+    lines = ["# Time to the first training step at scale", "", _header(results, cpu), "", *table(results),
+             "", _load_line(results),
+             "", f"Noise: identical runs varied by up to about 2 s on this machine (upstream clip: 22.0 s at 4,000 "
+             f"samples in a trial run, 23.2 and 21.4 s here), so a change within +-{NOISE_S:g} s between the sizes is "
+             "not extrapolated (a straight line through noise says nothing about 10M). `data check` and "
+             "`embed` read every caption, once per dataset, outside the training launch.", ""]
     return "\n".join(lines)
+
+
+README_MARKER = "benchmark:scale"      # README.md: <!-- benchmark:scale:start --> ... <!-- benchmark:scale:end -->
+
+
+def readme_block(results: list, cpu: str) -> str:
+    return "\n".join([_header(results, cpu), "", *table(results), "", _load_line(results) + " Details: "
+                      "[benchmarks/scale_startup.md](benchmarks/scale_startup.md)."])
+
+
+def update_readme(readme: Path, results: list, cpu: str) -> bool:
+    """Rewrite README's scale block from ``results`` (the .json this script wrote); False without markers."""
+    from openclip_align.benchmark.readme import _replace
+
+    text, found = _replace(Path(readme).read_text(), README_MARKER, readme_block(results, cpu))
+    if found:
+        Path(readme).write_text(text)
+    return found
 
 
 def main() -> None:
@@ -242,11 +275,17 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=None, help="where the shards go (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "scale_startup.md")
     parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json of the last run")
+    parser.add_argument("--readme", type=Path, nargs="?", const=Path(__file__).resolve().parents[1] / "README.md",
+                        default=None, help="also rewrite the README's benchmark:scale block (default: the repo's "
+                        "README.md); with --report-only, from the .json of the last run")
     args = parser.parse_args()
     cpu = f"{os.cpu_count()} CPU cores"
     if args.report_only:
-        args.out.write_text(report(json.loads(args.out.with_suffix(".json").read_text()), cpu))
+        results = json.loads(args.out.with_suffix(".json").read_text())
+        args.out.write_text(report(results, cpu))
         print(args.out.read_text())
+        if args.readme is not None and not update_readme(args.readme, results, cpu):
+            sys.exit(f"{args.readme}: no <!-- {README_MARKER}:start --> / :end markers")
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or Path(tmp)
@@ -258,6 +297,8 @@ def main() -> None:
     args.out.write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     print(text)
+    if args.readme is not None and not update_readme(args.readme, results, cpu):
+        sys.exit(f"{args.readme}: no <!-- {README_MARKER}:start --> / :end markers")
 
 
 if __name__ == "__main__":
