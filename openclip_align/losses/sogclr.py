@@ -42,8 +42,9 @@ from .distributed import DistributedConfig, compute_dtype, no_autocast, touch
 from .registry import NEEDS_INDEX, register_loss
 
 INDEX_HINT = ("--loss {name} needs a per-sample dataset index (a stable integer per training pair, passed as "
-              "index=...) to keep its per-sample state; give the csv an index column or the shards KEY.json "
-              "files with an \"index\" field (`openclip-align embed`)")
+              "index=...) to keep its per-sample state; give the csv an index column, or the shards KEY.json "
+              "files with an \"index\" field or embedding columns, whose json records where each shard's "
+              "numbering starts (`openclip-align embed --data SHARDS` writes them beside the shards)")
 
 
 def check_index(name: str, index, batch: int, num_samples: int, device) -> torch.Tensor:
