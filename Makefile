@@ -4,9 +4,11 @@ DATA ?= data/default
 SMALL_DATA ?= data/small
 BENCH_OUT ?= runs/benchmark
 STUDY_OUT ?= runs/study
+STUDY_TEMPERATURE_OUT ?= runs/study-temperature
 PUBLISH_FLAGS ?=     # e.g. --corpus data/default --redraw-pca data/default for a run an older version made
 
-.PHONY: install test test-all data data-small benchmark benchmark-quick benchmark-publish study study-publish
+.PHONY: install test test-all data data-small benchmark benchmark-quick benchmark-publish study study-publish \
+	study-temperature study-temperature-publish
 
 install:            ## torch from the local wheel pair, the plugin (editable) with its dev extra, the Debian data packages
 	$(PYTHON) -m pip install torch==2.14.1 torchvision==0.29.1
@@ -45,3 +47,10 @@ study:              ## losses x optimizers grid of the course study (pretrained 
 
 study-publish:      ## make the study in $(STUDY_OUT) the committed copy: study/ and README's grid
 	$(PYTHON) -m openclip_align.benchmark.publish --study $(STUDY_OUT)
+
+study-temperature:  ## Mind the Gap's temperatures: the pretrained-tower CLIP fine-tuned at each fixed T, CLIP-Refine beside it
+	$(PYTHON) -m openclip_align.cli study --data $(DATA) --out $(STUDY_TEMPERATURE_OUT) \
+		--temperatures 0.01 0.02 0.0333 0.05 0.1 1
+
+study-temperature-publish:  ## make $(STUDY_TEMPERATURE_OUT) the committed copy: study/temperature/ and README's block
+	$(PYTHON) -m openclip_align.benchmark.publish --temperature-study $(STUDY_TEMPERATURE_OUT)

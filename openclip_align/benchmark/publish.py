@@ -6,14 +6,16 @@ the repository. Publishing copies one run into the tracked folders and rewrites 
 * benchmark: ``results.json`` (also ``baselines/<variant>.json``, what later runs are compared with),
   ``results.md`` and ``figures/`` into ``benchmark/`` for the default ``cpu`` variant, into
   ``benchmark/<variant>/`` for the others (``cpu-quick``, ``gpu``, ...);
-* study: ``results.json``, ``results.md`` and ``study.png`` into ``study/``.
+* study: ``results.json``, ``results.md`` and ``study.png`` into ``study/``;
+* temperature study: ``results.json``, ``results.md`` and ``temperature.png`` into ``study/temperature/``.
 
 results.md and quality.png are drawn again by this version (so a run made by an older one reads like a new
 one); the pair pictures are copied, or drawn again from the run's checkpoints with ``--redraw-pca DATA``.
 A run from before corpus records gets one with ``--corpus DATA`` when DATA still holds as many training
 pairs as the run read (marked as added at publish time).
 
-    python -m openclip_align.benchmark.publish --benchmark runs/benchmark [--study runs/study] [--readme README.md]
+    python -m openclip_align.benchmark.publish --benchmark runs/benchmark [--study runs/study]
+        [--temperature-study runs/study-temperature] [--readme README.md]
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from typing import List, Optional
 
 from .corpus import corpus_of, corpus_record
 from .figures import plot_quality, replot_pca
-from .readme import update_readme
+from .readme import update_readme, update_temperature_block
 from .run import eval_rows
 from .report import markdown, write_json_atomic
 
@@ -94,6 +96,19 @@ def publish_study(run_dir: Path, committed: Path) -> Path:
     return committed / "results.json"
 
 
+def publish_temperature_study(run_dir: Path, committed: Path) -> Path:
+    """The temperature study's results.json as it is; results.md and temperature.png drawn again by this version."""
+    from .temperature import markdown as temperature_markdown, plot
+
+    results = load_results(run_dir, "study-temperature")
+    committed.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(committed / "results.json", results)
+    (committed / "results.md").write_text(temperature_markdown(results))
+    plot(results, committed / "temperature.png")
+    logging.info("publish: %s -> %s", run_dir, committed)
+    return committed / "results.json"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m openclip_align.benchmark.publish",
                                      description="Make a finished run (`make benchmark` / `make study` write "
@@ -101,10 +116,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                  "README's tables.")
     parser.add_argument("--benchmark", type=Path, metavar="RUN", help="a finished benchmark run's --out folder")
     parser.add_argument("--study", type=Path, metavar="RUN", help="a finished study run's --out folder")
+    parser.add_argument("--temperature-study", type=Path, metavar="RUN",
+                        help="a finished temperature study's --out folder (`openclip-align study --temperatures ...`)")
     parser.add_argument("--to-benchmark", type=Path, default=Path("benchmark"), metavar="DIR",
                         help="the committed benchmark folder (default: %(default)s)")
     parser.add_argument("--to-study", type=Path, default=Path("study"), metavar="DIR",
                         help="the committed study folder (default: %(default)s)")
+    parser.add_argument("--to-temperature-study", type=Path, default=Path("study/temperature"), metavar="DIR",
+                        help="the committed temperature study folder (default: %(default)s)")
     parser.add_argument("--readme", type=Path, default=Path("README.md"),
                         help="README whose marked tables are rewritten from what was published (default: %(default)s)")
     parser.add_argument("--corpus", type=Path, metavar="DATA",
@@ -112,8 +131,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--redraw-pca", type=Path, metavar="DATA",
                         help="draw the pair pictures again from the run's checkpoints on this corpus's held-out pairs")
     args = parser.parse_args(argv)
-    if not args.benchmark and not args.study:
-        parser.error("nothing to publish: pass --benchmark RUN and/or --study RUN")
+    if not args.benchmark and not args.study and not args.temperature_study:
+        parser.error("nothing to publish: pass --benchmark RUN, --study RUN and/or --temperature-study RUN")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     bench = publish_benchmark(args.benchmark, args.to_benchmark, args.corpus, args.redraw_pca) \
         if args.benchmark else None
@@ -121,6 +140,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if (bench or study) and args.readme.exists():
         done = update_readme(args.readme, bench, study)
         print(f"{args.readme}: rewrote {', '.join(done) or 'nothing (no markers)'}")
+    if args.temperature_study:
+        temperature = publish_temperature_study(args.temperature_study, args.to_temperature_study)
+        if args.readme.exists():
+            found = update_temperature_block(args.readme, temperature)
+            print(f"{args.readme}: {'rewrote study:temperature' if found else 'no study:temperature markers'}")
     return 0
 
 

@@ -73,6 +73,24 @@ def update_readme(readme: Path, results_json: Optional[Path], study_json: Option
     return done
 
 
+def temperature_block(results: dict) -> str:
+    from .temperature import reference_line, table_lines, title
+
+    return "\n".join([f"From `{results['command']}`, {results['created']} ({title(results)}; "
+                      f"{results['seconds'] / 60:.0f} min).", "", *table_lines(results), "", reference_line(results),
+                      "", "![temperature study](study/temperature/temperature.png)"])
+
+
+def update_temperature_block(readme: Path, results_json: Path) -> bool:
+    """Rewrite the temperature study's block, between ``<!-- study:temperature:start -->`` and
+    ``<!-- study:temperature:end -->``, from its published results.json; False when README has no markers."""
+    text, found = _replace(Path(readme).read_text(), "study:temperature",
+                           temperature_block(json.loads(Path(results_json).read_text())))
+    if found:
+        Path(readme).write_text(text)
+    return found
+
+
 if __name__ == "__main__":
     rewritten = update_readme(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)
     print(f"{sys.argv[1]}: rewrote {', '.join(rewritten) or 'nothing (no markers)'}")

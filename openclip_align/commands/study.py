@@ -1,4 +1,5 @@
-"""``openclip-align study``: losses x optimizers grid (see :mod:`openclip_align.benchmark.study`)."""
+"""``openclip-align study``: losses x optimizers grid (see :mod:`openclip_align.benchmark.study`), or with
+``--temperatures`` the temperature study (see :mod:`openclip_align.benchmark.temperature`)."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +17,22 @@ def _lr_pair(text: str):
         raise argparse.ArgumentTypeError(f"expected OPTIMIZER=LR such as sgd=0.05, got {text!r}") from None
 
 
+def _temperature(text: str) -> float:
+    from openclip_align.benchmark.temperature import check_temperatures
+
+    try:
+        return check_temperatures([float(text)])[0]
+    except ValueError as err:
+        message = str(err) if "must lie" in str(err) else f"expected a number such as 0.05, got {text!r}"
+        raise argparse.ArgumentTypeError(message.replace("--temperatures ", "T = ", 1)) from None
+
+
+# identity tells a --out not given (this very object) from an explicit `--out runs/study`
+DEFAULT_OUT = Path("runs/study")
+# grid flags the temperature study has no use for: it refuses them rather than ignore them
+_GRID_FLAGS = ("losses", "optimizers", "regime", "model", "epochs", "batch_size", "seeds", "lr")
+
+
 def register(subparsers) -> None:
     from openclip_align.benchmark.regimes import REGIMES
     from openclip_align.benchmark.study import DEFAULT_LR, STUDY_LOSSES, STUDY_OPTIMIZERS
@@ -26,12 +43,17 @@ def register(subparsers) -> None:
                       "(R@1 both ways, zero-shot top-1, their average, centroid gap) and a heat map",
         description="The course study's grid: every --losses x --optimizers cell trained by "
                     "`python -m open_clip_train.main` on one corpus, evaluated on its held-out pairs and "
-                    "zero-shot sets; writes results.json, results.md and study.png into --out.")
+                    "zero-shot sets; writes results.json, results.md and study.png into --out. With "
+                    "--temperatures: the temperature study instead (Mind the Gap's experiment): the pretrained-track "
+                    "CLIP (or --start) fine-tuned one epoch at each fixed temperature, CLIP-Refine rows beside it; "
+                    "writes results.json, results.md and temperature.png.")
     parser.add_argument("--data", type=Path, default=Path("data/default"),
                         help="a corpus laid out like the embedded default (train.csv, heldout.csv, zeroshot/)")
-    parser.add_argument("--out", type=Path, default=Path("runs/study"),
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="folder for results.json, results.md, study.png and each cell's run (default: "
-                             "%(default)s, untracked; `make study-publish` copies it into the committed study/)")
+                             "runs/study, or runs/study-temperature with --temperatures; untracked; "
+                             "`make study-publish` / `make study-temperature-publish` copy them into the committed "
+                             "study/ / study/temperature/)")
     parser.add_argument("--losses", nargs="+", default=list(STUDY_LOSSES), choices=loss_names(), metavar="LOSS")
     parser.add_argument("--optimizers", nargs="+", default=list(STUDY_OPTIMIZERS), choices=sorted(DEFAULT_LR),
                         metavar="OPT", help="any of %(choices)s")
@@ -45,12 +67,28 @@ def register(subparsers) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--lr", type=_lr_pair, nargs="+", default=[], metavar="OPT=LR",
                         help=f"per-optimizer learning rate (defaults {DEFAULT_LR})")
+    temperature = parser.add_argument_group(
+        "temperature study", "--temperatures switches to it; the grid flags (--losses, --optimizers, --regime, "
+                             "--model, --epochs, --batch-size, --seeds, --lr) are then refused: it runs its own plan "
+                             "(DualCLIP-Lite0-MiniLM with the pretrained regime's locks, seed 0)")
+    temperature.add_argument("--temperatures", type=_temperature, nargs="+", default=None, metavar="T",
+                             help="fine-tune the start model one epoch with --loss clip --fixed-temperature T for "
+                                  "each T in [0.01, 1] (Mind the Gap's: 0.01 0.02 0.0333 0.05 0.1 1), plus "
+                                  "CLIP-Refine with raw-feature HyCD, HyCD x the start's own scale and HyCD x 1")
+    temperature.add_argument("--start", type=Path, default=None, metavar="CHECKPOINT",
+                             help="start from this DualCLIP-Lite0-MiniLM checkpoint (e.g. a benchmark run's "
+                                  "pretrained CLIP epoch_2.pt) instead of training the benchmark's pretrained-track "
+                                  "CLIP row first")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.temperatures is not None:
+        return run_temperatures(args)
+    if args.start is not None:
+        raise SystemExit("--start is the temperature study's start model: pass --temperatures too")
     import open_clip
 
     from openclip_align.benchmark.regimes import REGIMES
@@ -80,6 +118,47 @@ def run(args) -> int:
     results = run_study(args.data, args.out, plan, command="openclip-align study " + " ".join(_argv(args)))
     print((args.out / "results.md").read_text())
     return 1 if any(cell["status"] == "failed" for cell in results["cells"]) else 0
+
+
+def run_temperatures(args) -> int:
+    from dataclasses import replace
+
+    from openclip_align.benchmark.temperature import TemperaturePlan, check_temperatures, run_temperature_study
+
+    defaults = vars(_defaults())
+    given = [f"--{name.replace('_', '-')}" for name in _GRID_FLAGS if getattr(args, name) != defaults[name]]
+    if given:
+        raise SystemExit(f"--temperatures runs the temperature study with its own plan; {', '.join(given)} "
+                         "belong to the losses x optimizers grid: drop them (or drop --temperatures)")
+    try:
+        temperatures = check_temperatures(args.temperatures)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    if args.start is not None and not args.start.is_file():
+        raise SystemExit(f"--start {args.start}: no such checkpoint file")
+    from openclip_align.benchmark.study import check_corpus
+
+    try:
+        check_corpus(args.data)
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
+    if args.out is DEFAULT_OUT:
+        args.out = Path("runs/study-temperature")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    plan = TemperaturePlan(temperatures=temperatures, start=args.start)
+    plan.start_budget = replace(plan.start_budget, device=args.device, precision=args.precision)
+    command = (f"openclip-align study --data {args.data} --out {args.out} --temperatures "
+               + " ".join(f"{t:g}" for t in temperatures) + (f" --start {args.start}" if args.start else ""))
+    results = run_temperature_study(args.data, args.out, plan, command=command)
+    print((args.out / "results.md").read_text())
+    return 1 if any(row["status"] == "failed" for row in results["rows"]) else 0
+
+
+def _defaults():
+    """The study parser's defaults (what a flag not given is)."""
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    return parser.parse_args(["study"])
 
 
 def _argv(args) -> list:
