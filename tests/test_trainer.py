@@ -52,10 +52,22 @@ def embedded_csv(digits_csv, tmp_path_factory):
     return csv
 
 
-def test_imsep_trains_logs_both_terms_checkpoints_and_resumes(embedded_csv, tmp_path):
-    argv = ["--model", "AlignCLIP-Tiny", "--loss", "imsep", "--train-data", str(embedded_csv), *BASE]
-    train([*argv, "--epochs", "1", "--val-data", str(embedded_csv)], tmp_path, "run")
-    run = tmp_path / "run"
+def imsep_argv(csv):
+    return ["--model", "AlignCLIP-Tiny", "--loss", "imsep", "--train-data", str(csv), *BASE]
+
+
+@pytest.fixture(scope="module")
+def imsep_run(embedded_csv, tmp_path_factory):
+    """One imsep epoch (batch 16, --semantic-source auto, --val-data) that three tests read: the run itself,
+    the precomputed side of the on-the-fly comparison and the whole-batch side of the --accum-freq one
+    (validation runs after the epoch, so the logged training steps are those of a run without it)."""
+    logs = tmp_path_factory.mktemp("imsep")
+    train([*imsep_argv(embedded_csv), "--epochs", "1", "--val-data", str(embedded_csv)], logs, "run")
+    return logs / "run"
+
+
+def test_imsep_trains_logs_both_terms_checkpoints_and_resumes(embedded_csv, imsep_run, tmp_path):
+    run = imsep_run
     results = [json.loads(line) for line in (run / "checkpoints" / "results.jsonl").read_text().splitlines()]
     assert 0 <= results[-1]["gap/centroid_gap"] <= 2 and "image_to_text_R@1" in results[-1]   # gap metrics live
     assert 1 <= results[-1]["gap/effective_rank_image"] <= 128 and 1 <= results[-1]["gap/effective_rank_text"] <= 128
@@ -80,29 +92,29 @@ def test_imsep_trains_logs_both_terms_checkpoints_and_resumes(embedded_csv, tmp_
     assert checkpoint["optimizer"]["openclip_align"]["options"]["imsep_weight"] == 0.25
     assert checkpoint["optimizer"]["openclip_align"]["options"]["imsep_text"] is True
 
-    resumed = train([*argv, "--epochs", "2", "--resume", str(run / "checkpoints" / "epoch_1.pt")], tmp_path, "resumed")
+    resumed = train([*imsep_argv(embedded_csv), "--epochs", "2", "--resume", str(run / "checkpoints" / "epoch_1.pt")],
+                    tmp_path, "resumed")
     text = (tmp_path / "resumed" / "out.log").read_text()
     assert "resuming checkpoint" in text and "Start epoch 1" in text
     assert (tmp_path / "resumed" / "checkpoints" / "epoch_2.pt").exists(), resumed.stdout[-2000:]
 
 
-def test_imsep_on_the_fly_matches_precomputed(embedded_csv, digits_csv, tmp_path):
-    common = ["--model", "AlignCLIP-Tiny", "--loss", "imsep", *BASE, "--epochs", "1"]
-    train([*common, "--train-data", str(embedded_csv), "--semantic-source", "precomputed"], tmp_path, "pre")
-    train([*common, "--train-data", str(digits_csv), "--semantic-source", "on-the-fly",
+def test_imsep_on_the_fly_matches_precomputed(imsep_run, digits_csv, tmp_path):
+    # the shared run's --semantic-source auto found train.emb.npy for every row: it is the precomputed side
+    assert "0 batches are embedded on the fly" in (imsep_run / "out.log").read_text()
+    train([*imsep_argv(digits_csv), "--epochs", "1", "--semantic-source", "on-the-fly",
            "--semantic-model", "all-MiniLM-L6-v2"], tmp_path, "fly")
-    pre = logged(tmp_path / "pre" / "out.log", "Imsep_loss")
+    pre = logged(imsep_run / "out.log", "Imsep_loss")
     fly = logged(tmp_path / "fly" / "out.log", "Imsep_loss")
     assert len(pre) == 3 and np.allclose(pre, fly, atol=2e-4)
 
 
-def test_accum_freq_sees_the_whole_batch(embedded_csv, tmp_path):
-    """Steps of batch 16 and steps of 2 x 8 with --accum-freq 2 compute the same losses."""
+def test_accum_freq_sees_the_whole_batch(embedded_csv, imsep_run, tmp_path):
+    """Steps of batch 16 (the shared run) and steps of 2 x 8 with --accum-freq 2 compute the same losses."""
     common = ["--model", "AlignCLIP-Tiny", "--loss", "imsep", "--train-data", str(embedded_csv), "--epochs", "1"]
-    train([*common, *base(16)], tmp_path, "whole")
     train([*common, *base(8), "--accum-freq", "2"], tmp_path, "accum")
     for term in ("Contrastive_loss", "Imsep_loss"):
-        whole = logged(tmp_path / "whole" / "out.log", term)
+        whole = logged(imsep_run / "out.log", term)
         acc = logged(tmp_path / "accum" / "out.log", term)
         assert len(whole) == 3 and len(acc) == 3, (term, whole, acc)
         assert abs(whole[0] - acc[0]) < 1e-5, (term, whole, acc)              # same batch, same weights
@@ -110,8 +122,16 @@ def test_accum_freq_sees_the_whole_batch(embedded_csv, tmp_path):
 
 
 def test_clip_loss_identical_with_and_without_plugin(digits_csv, tmp_path):
-    argv = ["--model", "ViT-S-32", "--force-image-size", "32", "--train-data", str(digits_csv), *BASE,
-            "--epochs", "1"]
+    """Both runs train the same small upstream-class CLIP: DualCLIP-Tiny saved as OpenCLIP's hub folder, which
+    loads without the plugin as --model local-dir:DIR (upstream's smallest ViT-S-32 took minutes on 2 cores)."""
+    import open_clip
+    from open_clip.push_to_hf_hub import save_for_hf
+
+    torch.manual_seed(0)
+    name = "DualCLIP-Tiny"
+    save_for_hf(open_clip.create_model(name), open_clip.get_tokenizer(name), open_clip.get_model_config(name),
+                tmp_path / "model")
+    argv = ["--model", f"local-dir:{tmp_path / 'model'}", "--train-data", str(digits_csv), *BASE, "--epochs", "1"]
     train([*argv, "--loss", "clip"], tmp_path, "plugin")
     train(argv, tmp_path, "upstream", disable=True)
     with_plugin = logged(tmp_path / "plugin" / "out.log", "Contrastive_loss")
@@ -119,10 +139,15 @@ def test_clip_loss_identical_with_and_without_plugin(digits_csv, tmp_path):
     assert len(with_plugin) == 3 and with_plugin == upstream
 
 
-def test_unknown_loss_lists_valid_names(tmp_path):
-    out = train(["--loss", "nope", "--train-data", "x.csv"], tmp_path, "bad", check=False)
-    assert out.returncode == 2
-    assert "invalid choice: 'nope'" in out.stderr and "imsep" in out.stderr and "clip" in out.stderr
+def test_unknown_loss_lists_valid_names(capsys):
+    """Upstream's parser with the plugin's --loss (in this process: every run here parses it in a fresh one)."""
+    import open_clip_train.params as params
+
+    with pytest.raises(SystemExit) as exit_:
+        params.parse_args(["--loss", "nope", "--train-data", "x.csv"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "invalid choice: 'nope'" in err and "imsep" in err and "clip" in err
 
 
 def test_missing_embeddings_fail_before_the_first_step(digits_csv, tmp_path):
