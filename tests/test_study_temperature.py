@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from openclip_align.benchmark import publish, temperature
+from openclip_align.benchmark import publish, study, temperature
 from openclip_align.benchmark.readme import update_temperature_block
 from openclip_align.benchmark.training import Budget, TrainResult
 from openclip_align.cli import main
@@ -44,8 +44,9 @@ def fake_runs(monkeypatch, tmp_path):
         return {"centroid_gap": 0.5, "alignment_score": 0.4, "image_to_text_R@1": 0.1, "text_to_image_R@1": 0.2,
                 "zeroshot_a_top1": 0.3, "zeroshot_b_top1": 0.5, "rmg": 0.1}
 
-    monkeypatch.setattr(temperature, "train", fake_train)
-    monkeypatch.setattr(temperature, "evaluate_model", fake_evaluate)
+    for module in (temperature, study):          # the start model here, the rows through study.train_and_score
+        monkeypatch.setattr(module, "train", fake_train)
+        monkeypatch.setattr(module, "evaluate_model", fake_evaluate)
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.csv").write_text("filepath\ttitle\n")

@@ -14,7 +14,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -68,21 +68,30 @@ def run_cell(plan: StudyPlan, loss: str, optimizer: str, seed: int, data_dir: Pa
     spec = TrainSpec(f"{loss}-{optimizer}", plan.model, loss=loss, extra=["--opt", optimizer, *plan.extra],
                      budget_override={"lr": plan.lr[optimizer]})
     cell = {"loss": loss, "optimizer": optimizer, "seed": seed, "lr": plan.lr[optimizer]}
+    outcome = train_and_score(spec, plan.model, plan.budget, seed, data_dir, runs_dir, score)
+    outcome.pop("checkpoint", None)
+    return {**cell, **outcome}
+
+
+def train_and_score(spec: TrainSpec, model: str, budget: Budget, seed: int, data_dir: Path, runs_dir: Path,
+                    score_of: Callable[[Dict[str, float]], Dict[str, float]]) -> dict:
+    """One trainer run scored on the corpus: {"status": "ok", **score_of(metrics)}, or "diverged" (a non-finite
+    loss, weights or score) or "failed" with the trainer's last line; never raises for either."""
     try:
-        result = train(spec, str(data_dir / "train.csv"), plan.budget, seed, runs_dir, progress=True)
+        result = train(spec, str(data_dir / "train.csv"), budget, seed, runs_dir, progress=True)
     except RuntimeError as err:
         if any(mark in str(err) for mark in _DIVERGED_MARKS):
-            return {**cell, "status": "diverged"}
+            return {"status": "diverged"}
         lines = [line for line in str(err).splitlines() if line.strip()]
-        return {**cell, "status": "failed", "reason": lines[-1][:300] if lines else str(err)[:300]}
-    cell.update(samples_per_second=result.samples_per_second, wall_seconds=result.wall_seconds)
+        return {"status": "failed", "reason": (lines[-1] if lines else str(err))[:300]}
+    out = {"samples_per_second": result.samples_per_second, "wall_seconds": result.wall_seconds,
+           "checkpoint": str(result.checkpoint)}
     if not weights_are_finite(result.checkpoint):
-        return {**cell, "status": "diverged"}
-    metrics = evaluate_model(plan.model, result.checkpoint, data_dir, device=plan.budget.device)
-    scores = score(metrics)
-    if not all(v == v for v in scores.values()):      # NaN anywhere: the embeddings collapsed to NaN
-        return {**cell, "status": "diverged"}
-    return {**cell, "status": "ok", **scores}
+        return {**out, "status": "diverged"}
+    values = score_of(evaluate_model(model, result.checkpoint, data_dir, device=budget.device))
+    if not all(v == v for v in values.values()):      # NaN anywhere: the embeddings collapsed to NaN
+        return {**out, "status": "diverged"}
+    return {**out, "status": "ok", **values}
 
 
 def summarise(cells: List[dict]) -> Dict[str, Dict[str, dict]]:

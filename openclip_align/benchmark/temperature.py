@@ -26,11 +26,11 @@ import torch
 from .evaluate import evaluate_model
 from .regimes import PRETRAINED_LOCKS, PRETRAINED_MODEL
 from .report import write_json_atomic
+from openclip_align.integration.temperature import MAX_TEMPERATURE, MIN_TEMPERATURE   # --fixed-temperature's range
 from .run import REFINE_EXTRA, REFINE_RECIPE, pretrained_track
-from .study import check_corpus, score, weights_are_finite
+from .study import check_corpus, score, train_and_score
 from .training import Budget, TrainSpec, train
 
-MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1.0      # as --fixed-temperature: upstream clamps log(1/T) to [0, log 100]
 DEFAULT_TEMPERATURES = (0.01, 0.02, 0.0333, 0.05, 0.1, 1.0)   # Mind the Gap's 1/100, 1/50, 1/30, 1/20, 1/10, 1
 # The fine-tuning budget of every temperature (over the start model's batch 64 and weight decay 0.1). Mind the Gap
 # fine-tuned OpenAI CLIP with Adam at lr 1e-5 (1/50 of CLIP's pre-training peak) for 5 epochs of 50k pairs; one
@@ -41,7 +41,6 @@ FINETUNE_RECIPE = {"epochs": 1, "lr": 1e-4, "warmup": 10}
 MIND_THE_GAP = {"model": "OpenAI CLIP", "data": "MSCOCO", "start_gap": 0.83,
                 "gaps": {0.01: 1.00, 0.02: 0.80, 1 / 30: 0.64, 0.05: 0.55, 0.1: 0.30, 1.0: 0.24}}
 COLUMNS = ("centroid_gap", "alignment_score", "image_to_text_R@1", "text_to_image_R@1", "zeroshot_top1")
-_DIVERGED_MARKS = ("became non-finite", "the training diverged")
 
 
 def check_temperatures(temperatures) -> List[float]:
@@ -129,20 +128,7 @@ def _train_row(plan: TemperaturePlan, row: dict, data_dir: Path, runs_dir: Path)
     """Train and score one row; a diverged or failed run is recorded, never raised."""
     spec = row.pop("spec")
     row.update(argv_extra=spec.extra, budget=plan.budget_of(spec).__dict__)
-    try:
-        result = train(spec, str(data_dir / "train.csv"), plan.start_budget, plan.seed, runs_dir, progress=True)
-    except RuntimeError as err:
-        if any(mark in str(err) for mark in _DIVERGED_MARKS):
-            return {**row, "status": "diverged"}
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        return {**row, "status": "failed", "reason": (lines[-1] if lines else str(err))[:300]}
-    row.update(wall_seconds=result.wall_seconds, checkpoint=str(result.checkpoint))
-    if not weights_are_finite(result.checkpoint):
-        return {**row, "status": "diverged"}
-    values = scores(evaluate_model(plan.model, result.checkpoint, data_dir, device=plan.start_budget.device))
-    if not all(v == v for v in values.values()):
-        return {**row, "status": "diverged"}
-    return {**row, "status": "ok", **values}
+    return {**row, **train_and_score(spec, plan.model, plan.start_budget, plan.seed, data_dir, runs_dir, scores)}
 
 
 def run_temperature_study(data_dir: Path, out_dir: Path, plan: Optional[TemperaturePlan] = None,
