@@ -106,13 +106,41 @@ def corpus(tmp_path_factory):
     return write_digits_corpus(tmp_path_factory.mktemp("readme"), n_train=SCALED_PAIRS, n_heldout=32)
 
 
+def towers_command():
+    """README's command that trains DualCLIP-Lite0-MiniLM from the packaged towers (no --pretrained)."""
+    found = [c for c in trainer_commands()
+             if flag(c, "--model") == "DualCLIP-Lite0-MiniLM" and flag(c, "--pretrained") is None]
+    assert found, "README trains a CLIP from the packaged towers"
+    return found[0]
+
+
 @pytest.fixture(scope="module")
-def trained_checkpoint(corpus, tmp_path_factory):
-    """A DualCLIP-Lite0-MiniLM checkpoint for the commands that start from PATH."""
-    out = tmp_path_factory.mktemp("ckpt")
-    run_trainer(["--model", "DualCLIP-Lite0-MiniLM", "--lock-image", "--lock-text", "--lr", "1e-3"],
-                corpus, out, "base", epochs=1, warmup=1)
-    return out / "base" / "checkpoints" / "epoch_1.pt"
+def readme_runs(corpus, authors_file, tmp_path_factory):
+    """Each README trainer command run once, scaled down; cached, because the checkpoint of the packaged-towers
+    command is the PATH the commands that start from PATH are given (one run less)."""
+    cache = {}
+
+    def run(argv):
+        key = tuple(argv)
+        if key not in cache:
+            scaled_steps = math.ceil(SCALED_PAIRS / SCALED_BATCH)
+            warmup = math.ceil(int(flag(argv, "--warmup")) * scaled_steps / full_schedule_steps(argv))
+            extra = []
+            if AUTHORS_FILE in argv:            # the authors' checkpoint, Tiny, on this CPU
+                extra = [*AUTHORS_SCALED, "--pretrained", str(authors_file), "--precision", "fp32", "--device", "cpu"]
+            elif flag(argv, "--pretrained"):
+                start, _ = run(towers_command())
+                extra = ["--pretrained", str(start / "checkpoints" / "epoch_1.pt")]
+            if flag(argv, "--loss") == "imsep" and flag(argv, "--semantic-model") is None:
+                # the digits corpus has no train.emb.npy, so captions are embedded on the fly; the default
+                # encoder (mpnet) is installed by `make data`, not `make install`, so a fresh venv scales
+                # down to MiniLM
+                extra = [*extra, "--semantic-model", "all-MiniLM-L6-v2"]
+            logs = tmp_path_factory.mktemp("readme-run")
+            cache[key] = run_trainer(argv, corpus, logs, "readme", epochs=1, warmup=warmup, extra=extra), [*argv, *extra]
+        return cache[key]
+
+    return run
 
 
 def run_trainer(argv, corpus, logs, name, epochs, warmup, extra=()):
@@ -144,19 +172,9 @@ def initial_state(argv):
 
 
 @pytest.mark.parametrize("argv", trainer_commands(), ids=command_id)
-def test_trainer_command_trains_as_written(argv, corpus, trained_checkpoint, tmp_path, request):
+def test_trainer_command_trains_as_written(argv, readme_runs):
     scaled_steps = math.ceil(SCALED_PAIRS / SCALED_BATCH)
-    warmup = math.ceil(int(flag(argv, "--warmup")) * scaled_steps / full_schedule_steps(argv))
-    extra = ["--pretrained", str(trained_checkpoint)] if flag(argv, "--pretrained") else []
-    if AUTHORS_FILE in argv:            # the authors' checkpoint, Tiny, on this CPU
-        extra = [*AUTHORS_SCALED, "--pretrained", str(request.getfixturevalue("authors_file")),
-                 "--precision", "fp32", "--device", "cpu"]
-    if flag(argv, "--loss") == "imsep" and flag(argv, "--semantic-model") is None:
-        # the digits corpus has no train.emb.npy, so captions are embedded on the fly; the default encoder
-        # (mpnet) is installed by `make data`, not `make install`, so a fresh venv scales down to MiniLM
-        extra = [*extra, "--semantic-model", "all-MiniLM-L6-v2"]
-    run = run_trainer(argv, corpus, tmp_path, "readme", epochs=1, warmup=warmup, extra=extra)
-    argv = [*argv, *extra]
+    run, argv = readme_runs(argv)
 
     lrs = logged_lrs(run)
     assert len(lrs) == scaled_steps
