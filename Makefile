@@ -22,7 +22,7 @@ install:            ## torch from the local wheel pair, the plugin (editable) wi
 	fi
 
 test:               ## the test suite (CPU only, a few minutes; the slow multi-process runs are skipped)
-	$(PYTHON) -m pytest -m "not slow"
+	$(PYTHON) -m pytest -m "not slow" --durations=25
 
 test-all:           ## the whole test suite, slow multi-process training runs included
 	$(PYTHON) -m pytest
