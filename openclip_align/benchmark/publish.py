@@ -85,26 +85,24 @@ def publish_benchmark(run_dir: Path, committed: Path, corpus: Optional[Path] = N
 
 
 def publish_study(run_dir: Path, committed: Path) -> Path:
-    from .study import markdown as study_markdown, plot
+    from .study import markdown, plot
 
-    results = load_results(run_dir, "study")
-    committed.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(committed / "results.json", results)
-    (committed / "results.md").write_text(study_markdown(results))
-    plot(results, committed / "study.png")
-    logging.info("publish: %s -> %s", run_dir, committed)
-    return committed / "results.json"
+    return _publish_folder(run_dir, committed, "study", markdown, plot, "study.png")
 
 
 def publish_temperature_study(run_dir: Path, committed: Path) -> Path:
-    """The temperature study's results.json as it is; results.md and temperature.png drawn again by this version."""
-    from .temperature import markdown as temperature_markdown, plot
+    from .temperature import markdown, plot
 
-    results = load_results(run_dir, "study-temperature")
+    return _publish_folder(run_dir, committed, "study-temperature", markdown, plot, "temperature.png")
+
+
+def _publish_folder(run_dir: Path, committed: Path, kind: str, markdown, plot, figure: str) -> Path:
+    """A study's results.json as it is; its results.md and figure drawn again by this version."""
+    results = load_results(run_dir, kind)
     committed.mkdir(parents=True, exist_ok=True)
     write_json_atomic(committed / "results.json", results)
-    (committed / "results.md").write_text(temperature_markdown(results))
-    plot(results, committed / "temperature.png")
+    (committed / "results.md").write_text(markdown(results))
+    plot(results, committed / figure)
     logging.info("publish: %s -> %s", run_dir, committed)
     return committed / "results.json"
 
