@@ -257,12 +257,9 @@ def readme_block(results: list, cpu: str) -> str:
 
 def update_readme(readme: Path, results: list, cpu: str) -> bool:
     """Rewrite README's scale block from ``results`` (the .json this script wrote); False without markers."""
-    from openclip_align.benchmark.readme import _replace
+    from openclip_align.benchmark.readme import replace_block
 
-    text, found = _replace(Path(readme).read_text(), README_MARKER, readme_block(results, cpu))
-    if found:
-        Path(readme).write_text(text)
-    return found
+    return replace_block(readme, README_MARKER, readme_block(results, cpu))
 
 
 def main() -> None:

@@ -84,8 +84,12 @@ def temperature_block(results: dict) -> str:
 def update_temperature_block(readme: Path, results_json: Path) -> bool:
     """Rewrite the temperature study's block, between ``<!-- study:temperature:start -->`` and
     ``<!-- study:temperature:end -->``, from its published results.json; False when README has no markers."""
-    text, found = _replace(Path(readme).read_text(), "study:temperature",
-                           temperature_block(json.loads(Path(results_json).read_text())))
+    return replace_block(readme, "study:temperature", temperature_block(json.loads(Path(results_json).read_text())))
+
+
+def replace_block(readme: Path, marker: str, content: str) -> bool:
+    """Rewrite one marked block of ``readme`` in place; False (file untouched) when it has no such markers."""
+    text, found = _replace(Path(readme).read_text(), marker, content)
     if found:
         Path(readme).write_text(text)
     return found
