@@ -29,7 +29,7 @@ from typing import List, Optional
 
 from openclip_align.atomic_files import atomic_open, stale_temps
 
-from . import run_state
+from . import rank_agreement, run_state
 
 _FLAG = "__openclip_align_atomic_checkpoints__"
 
@@ -102,31 +102,39 @@ def non_finite_tensors(state: dict) -> List[str]:
 
 # --- resuming -------------------------------------------------------------------------------------
 def fall_back_from_unreadable(args, resume_latest: bool) -> None:
-    """After ``--resume latest`` chose ``args.resume``: keep it if readable, else the newest readable one."""
+    """After ``--resume latest`` chose ``args.resume``: keep it if every rank can read it, else the newest
+    checkpoint that every rank can read (rank 0's list of the folder decides the order). Each rank tries
+    each candidate itself (a node may see a truncated copy others do not); the findings are exchanged, so
+    every rank resumes from the same file, or every rank stops with each rank's reason."""
     chosen = getattr(args, "resume", None)
-    if not resume_latest or not chosen or "://" in str(chosen) or not os.path.isfile(chosen):
+    if not resume_latest or not chosen or "://" in str(chosen):
         return
-    problem = unreadable(chosen)
-    if problem is None:
-        return
-    logging.warning("openclip-align: --resume latest: skipping %s, which cannot be read (%s); it may be a "
-                    "checkpoint whose writing was interrupted", chosen, problem)
-    skipped = [f"{chosen} ({problem})"]
-    for candidate in newest_first(os.path.dirname(chosen)):
-        if os.path.samefile(candidate, chosen):
-            continue
-        problem = unreadable(candidate)
+    folder = os.path.dirname(chosen)
+    candidates = rank_agreement.broadcast(
+        [chosen] + [c for c in newest_first(folder) if os.path.abspath(c) != os.path.abspath(chosen)])
+    skipped = []
+    for candidate in candidates:
+        problem = rank_agreement.describe(rank_agreement.gather(_problem_reading(candidate)))
         if problem is None:
-            logging.warning("openclip-align: --resume latest: resuming from %s instead", candidate)
-            args.resume = candidate
+            if candidate != chosen:
+                logging.warning("openclip-align: --resume latest: resuming from %s instead", candidate)
+                args.resume = candidate
             return
-        logging.warning("openclip-align: --resume latest: skipping %s, which cannot be read (%s)",
-                        candidate, problem)
+        logging.warning("openclip-align: --resume latest: skipping %s, which cannot be read (%s)%s", candidate,
+                        problem, "; it may be a checkpoint whose writing was interrupted" if not skipped else "")
         skipped.append(f"{candidate} ({problem})")
-    raise RuntimeError(
-        "--resume latest: no checkpoint in " + os.path.dirname(chosen) + " can be read: " + "; ".join(skipped)
+    error = RuntimeError(
+        "--resume latest: no checkpoint in " + folder + " can be read: " + "; ".join(skipped)
         + ". Move the unreadable files away and start again without --resume, or pass --resume PATH of a "
         "good copy.")
+    error.shared = True            # every rank raises it
+    raise error
+
+
+def _problem_reading(path: str) -> Optional[str]:
+    if not os.path.isfile(path):
+        return "no such file"
+    return unreadable(path)
 
 
 def newest_first(folder: str) -> List[str]:
@@ -151,3 +159,37 @@ def unreadable(path: str) -> Optional[str]:
     except Exception as err:  # any failure to read is a reason to skip it
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
     return None
+
+
+# --- read once per rank -------------------------------------------------------------------------------
+PLUGIN_KEY = "openclip_align"        # the plugin's record inside checkpoint["optimizer"]
+_RESUMED = {}                         # path -> the plugin record taken from upstream's resume load
+
+
+def load_once(upstream_pt_load, path, map_location=None):
+    """Upstream's resume load, read once for upstream and the plugin alike.
+
+    A local checkpoint in torch's zip format is memory-mapped: tensors are read from the page cache when
+    they are used (the model's weights when upstream copies them in; the loss state when the loss adopts
+    it), never held twice in anonymous memory. The plugin's record is taken out of the optimizer state
+    (the optimizer does not want it) and kept for :func:`take_resumed_record`.
+    """
+    import torch
+
+    local = isinstance(path, (str, os.PathLike)) and "://" not in str(path) and os.path.isfile(path)
+    if local and zipfile.is_zipfile(path):
+        checkpoint = torch.load(path, map_location=map_location, mmap=True)
+    else:
+        checkpoint = upstream_pt_load(path, map_location=map_location)
+    optimizer = checkpoint.get("optimizer") if isinstance(checkpoint, dict) else None
+    _RESUMED[str(path)] = optimizer.pop(PLUGIN_KEY, None) if isinstance(optimizer, dict) else None
+    return checkpoint
+
+
+NOT_LOADED = object()
+
+
+def take_resumed_record(path):
+    """The plugin record (None: the checkpoint has none) of ``path`` as the resume load found it, once;
+    :data:`NOT_LOADED` if no resume load of ``path`` happened in this process."""
+    return _RESUMED.pop(str(path), NOT_LOADED)

@@ -7,6 +7,9 @@ under torchrun (``load_state_dict`` misses every ``module.*`` key). Wrapping
 ``open_clip_train.file_utils.pt_load`` (which ``main`` imports by name, and uses only to resume) adds
 the prefix when the run is distributed with DDP and the checkpoint's keys lack it; every other load is
 passed through unchanged. ``patches/open_clip-resume-any-world-size.patch`` is the upstream fix.
+
+The same wrapper makes the run's resume load the only one (see :func:`.checkpoints.load_once`): the
+plugin takes its record (a stateful loss's per-sample state) from it instead of reading the file again.
 """
 from __future__ import annotations
 
@@ -31,10 +34,14 @@ def patch_file_utils(file_utils_module) -> None:
     upstream = file_utils_module.pt_load
 
     def pt_load(file_path, map_location=None):
-        checkpoint = upstream(file_path, map_location=map_location)
+        from .checkpoints import load_once
         from .run_state import current_args
 
         args = current_args()
+        if args is not None and getattr(args, "resume", None) and str(file_path) == str(args.resume):
+            checkpoint = load_once(upstream, file_path, map_location=map_location)   # the run's resume
+        else:
+            checkpoint = upstream(file_path, map_location=map_location)
         distributed = bool(getattr(args, "distributed", False)) and not getattr(args, "horovod", False)
         return ddp_keys(checkpoint, distributed)
 

@@ -5,7 +5,8 @@ or a ``--pretrained`` checkpoint of another architecture used to end in a 10-20 
 pandas or ``load_state_dict``. The plugin checks what it can right after the arguments are parsed
 (before anything is built) and installs an exception hook that prints errors marked
 :class:`UserInputError` as ``open_clip_train.main: error: ...``. ``OPENCLIP_ALIGN_TRACEBACK=1`` brings
-the full traceback back.
+the full traceback back. In a distributed run the hook also tells the other ranks why this one stops
+(:mod:`.rank_agreement`), so they end at once with the cause in their logs.
 """
 from __future__ import annotations
 
@@ -54,6 +55,15 @@ def install_excepthook() -> None:
     previous = sys.excepthook
 
     def excepthook(exc_type, exc, tb):
+        try:
+            _show(exc_type, exc, tb)
+        finally:
+            if not getattr(exc, "shared", False):           # the other ranks stop too, naming this cause
+                from .rank_agreement import announce_failure
+
+                announce_failure(f"{exc_type.__name__}: {one_line(exc)}"[:2000])
+
+    def _show(exc_type, exc, tb):
         if not is_user_facing(exc) or os.environ.get(TRACEBACK_SWITCH, "").strip() not in ("", "0"):
             return previous(exc_type, exc, tb)
         line = f"open_clip_train.main: error: {one_line(exc)}"

@@ -22,14 +22,14 @@ from torch import nn
 from openclip_align.losses._common import inputs_validated
 from openclip_align.losses.registry import NEEDS_INDEX, NEEDS_SEMANTIC
 
-from . import batch_extras, data_checks, run_state, training_shards
+from . import batch_extras, checkpoints, data_checks, rank_agreement, run_state, training_shards
 from .batch_extras import STASH, ExtrasLoader
 from .checkpoints import fall_back_from_unreadable
 from .data_checks import MissingExtrasError
 from .run_state import CAPTION, INDEX, SEMANTIC, TrainerRun
 from .trainer_args import loss_option_names
 
-CHECKPOINT_KEY = "openclip_align"     # stored inside checkpoint["optimizer"] (see docs/how-it-hooks-in.md)
+CHECKPOINT_KEY = checkpoints.PLUGIN_KEY     # stored inside checkpoint["optimizer"] (see docs/how-it-hooks-in.md)
 
 
 def start_run(args) -> TrainerRun:
@@ -47,7 +47,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def wrap_create_model_and_transforms(upstream):
     def create_model_and_transforms(*args, **kwargs):
         run = run_state.RUN
-        if run is not None:      # upstream has resolved --resume latest and loads it after this call
+        if run is not None:      # distributed init is done; upstream loads --resume after this call
+            rank_agreement.watch_for_failures()
             fall_back_from_unreadable(run.args, run.resume_latest)
         result = upstream(*args, **kwargs)
         if run is not None and run.needs_teacher and run.teacher is None:
@@ -305,17 +306,25 @@ class TrainerLossAdapter(nn.Module):
         every = max(1, int(getattr(args, "log_every_n_steps", 100) or 1))
         return step % every == 0 or step + 1 == self._batches_per_epoch
 
-    def check_finite(self) -> None:
+    def check_finite(self, shared: bool = True) -> None:
         """Raise if any loss value so far was NaN/inf (one device sync): at log steps, at the end of an
-        epoch and before a checkpoint is written, so that no checkpoint of a diverged model exists."""
+        epoch and before a checkpoint is written, so that no checkpoint of a diverged model exists.
+        ``shared``: called on every rank at the same step, so all ranks stop together (rank_agreement)."""
+        problem = self.problem()
+        if shared:
+            rank_agreement.agree(problem, FloatingPointError)
+        elif problem is not None:
+            raise FloatingPointError(problem)
+
+    def problem(self) -> Optional[str]:
+        """None while every loss value was finite, else what became non-finite, where, and what to do."""
         found = self.watch.read()
         if found is None:
-            return
+            return None
         names, values, call = found
-        raise FloatingPointError(
-            f"--loss {self.run.args.loss} became non-finite ({', '.join(names)}) {self._where(call)}: "
-            f"{values}; stopping before any checkpoint of the diverged model is written, so the checkpoints "
-            "already written stay intact. Try a lower --lr or --precision fp32.")
+        return (f"--loss {self.run.args.loss} became non-finite ({', '.join(names)}) {self._where(call)}: "
+                f"{values}; stopping before any checkpoint of the diverged model is written, so the checkpoints "
+                "already written stay intact. Try a lower --lr or --precision fp32.")
 
     def _where(self, call: int) -> str:
         before, epoch = max(((b, e) for b, e in self._epochs if b < call), default=(0, None))
@@ -473,12 +482,26 @@ def wrap_train_one_epoch(upstream):
             batches = getattr(data["train"].dataloader, "num_batches", None)
             loss.start_epoch(epoch, None if batches is None else batches // max(1, args.accum_freq))
         result = upstream(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=tb_writer)
-        if isinstance(loss, TrainerLossAdapter):
-            loss.check_finite()           # the epoch's last step, before evaluation and the checkpoint
+        check_after_epoch(model, loss, epoch)   # every rank, before evaluation and the checkpoint
         return result
 
     train_one_epoch.__wrapped__ = upstream
     return train_one_epoch
+
+
+def check_after_epoch(model, loss, epoch: int) -> None:
+    """Finite loss and finite weights, checked by every rank and agreed on (rank_agreement) before upstream
+    evaluates and rank 0 saves: a rank that would refuse to go on never leaves the others waiting."""
+    if run_state.RUN is None:
+        return
+    problems = [loss.problem()] if isinstance(loss, TrainerLossAdapter) else []
+    bad = checkpoints.non_finite_tensors(_unwrap(model).state_dict())
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        problems.append(f"the model's weights after epoch {epoch + 1} hold NaN/inf values ({shown}); the training "
+                        "diverged. No checkpoint of the diverged model is written and the checkpoints already "
+                        "written stay as they are. Try a lower --lr or --precision fp32.")
+    rank_agreement.agree("; ".join(p for p in problems if p) or None, FloatingPointError)
 
 
 def _attach(run: TrainerRun, model, data, optimizer, args) -> None:
@@ -517,7 +540,7 @@ def _record_model_inputs(module, inputs) -> None:
 
 def _record_in_checkpoint(run: TrainerRun, optimizer_state: dict) -> dict:
     if run.loss_module is not None:
-        run.loss_module.check_finite()       # never a checkpoint of a diverged model
+        run.loss_module.check_finite(shared=False)   # rank 0 only: check_after_epoch had every rank agree
     args = run.args
     record = {"loss": args.loss, "options": {k: getattr(args, k, None) for k in loss_option_names(args.loss)}}
     if run.spec is not None and run.spec.stateful and run.loss_module is not None:
@@ -529,10 +552,14 @@ def _record_in_checkpoint(run: TrainerRun, optimizer_state: dict) -> dict:
 
 
 def _restore_from_checkpoint(run: TrainerRun, path: str) -> None:
-    from open_clip_train.file_utils import pt_load
+    """The plugin's part of a resume, from the record upstream's own resume load found (the file is read
+    once per rank: see checkpoints.load_once); read here only when that load did not happen."""
+    record = checkpoints.take_resumed_record(path)
+    if record is checkpoints.NOT_LOADED:
+        from open_clip_train.file_utils import pt_load
 
-    checkpoint = pt_load(path, map_location="cpu")
-    record = checkpoint.get("optimizer", {}).get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+        checkpoints.load_once(getattr(pt_load, "__wrapped__", pt_load), path, map_location="cpu")
+        record = checkpoints.take_resumed_record(path)
     loss = run.args.loss
     if record is None:
         if run.spec is not None and (run.spec.stateful or run.needs_teacher):
@@ -549,7 +576,11 @@ def _restore_from_checkpoint(run: TrainerRun, path: str) -> None:
         if "state" not in record:
             raise RuntimeError(f"--resume {path}: the checkpoint's openclip-align record has no state for --loss "
                                f"{loss} (written by an older openclip-align); start a new run instead of resuming")
-        run.loss_module.loss.load_state_dict(record["state"])
+        # adopt the loaded tensors (memory-mapped from the file) instead of copying them into the fresh
+        # state, then move them to the training device: no second full host copy of a large state
+        run.loss_module.loss.load_state_dict(record["state"], assign=True)
+        if run.loss_module._device is not None:
+            run.loss_module.place(run.loss_module._device)
         logging.info("openclip-align: restored --loss %s state from %s", loss, path)
     if run.needs_teacher and record.get("teacher_sha256") and record["teacher_sha256"] != run.teacher_sha256:
         raise RuntimeError(
