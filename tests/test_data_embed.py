@@ -1,4 +1,5 @@
 """Offline sentence encoders and the ``openclip-align embed`` command (MiniLM only: fast)."""
+import hashlib
 import json
 import os
 
@@ -71,7 +72,10 @@ def test_embed_csv_without_index(tmp_path, encoder):
     assert csv.read_bytes() == original                                   # never modified
     emb = np.load(tmp_path / "mine.emb.npy")
     meta = json.loads((tmp_path / "mine.emb.json").read_text())
+    record = meta.pop("file")
     assert meta == {"model": "all-MiniLM-L6-v2", "dim": 384, "n": len(CAPTIONS), "normalized": True}
+    data = (tmp_path / "mine.emb.npy").read_bytes()         # the file as written: size, its ends, finite
+    assert record == {"bytes": len(data), "ends_sha256": hashlib.sha256(data).hexdigest(), "finite": True}
     expected = semantic.embed_captions(encoder, CAPTIONS, progress=False)
     assert np.allclose(emb, expected, atol=1e-5)                         # row i = csv row i
     indexed = pd.read_csv(tmp_path / "mine.indexed.csv", sep="\t")

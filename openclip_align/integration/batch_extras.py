@@ -130,17 +130,47 @@ def make_csv_dataset_class(upstream_cls):
 
 
 def check_embedding_file(path: str, embeddings: np.ndarray, chunk_values: int = 1 << 24) -> None:
-    """Floating point and finite everywhere, read once in chunks (the file may be memory-mapped and large)."""
+    """Floating point and finite everywhere, without every rank reading every row.
+
+    ``openclip-align embed`` records in the ``.emb.json`` whether the values it wrote are finite, with the
+    file's size and a hash of its ends: a file that matches its record is trusted. Any other (written by an
+    older version or by hand, or changed since) is read once per run, in chunks, by rank 0 (by another rank
+    too only when its copy differs from rank 0's), and every rank stops if a value is not finite."""
+    from openclip_align.data.embed_files import fingerprint, recorded_finite
+
+    from . import rank_agreement
+
     if not np.issubdtype(embeddings.dtype, np.floating):
         raise MissingExtrasError(f"{path}: embeddings must be floating point, got dtype {embeddings.dtype}; "
                                  "recompute it with `openclip-align embed`")
+    recorded = recorded_finite(path, csv_meta_path(path))
+    views = rank_agreement.gather((recorded, fingerprint(path)))
+    if all(status is True for status, _ in views):
+        return
+    me = rank_agreement.rank()
+    (status, ours), (_, rank0s) = views[me], views[0]
+    problem = None
+    if status is False:
+        problem = (f"{path}: `openclip-align embed` found non-finite values (NaN or inf) when it wrote it; "
+                   "recompute it with `openclip-align embed`")
+    elif status is None and (me == 0 or ours != rank0s):      # rank 0 reads for every rank with the same file
+        problem = _non_finite_row(path, embeddings, chunk_values)
+    rank_agreement.agree(problem, MissingExtrasError)
+
+
+def _non_finite_row(path: str, embeddings: np.ndarray, chunk_values: int) -> Optional[str]:
+    """Read ``embeddings`` once in chunks (it may be memory-mapped and large): the first non-finite row."""
+    import logging
+
+    logging.info("openclip-align: %s has no finiteness record of `openclip-align embed` (or the file changed "
+                 "since): reading it once to check for NaN/inf", path)
     rows = max(1, chunk_values // max(1, embeddings.shape[1]))
     for start in range(0, len(embeddings), rows):
         finite = np.isfinite(np.asarray(embeddings[start:start + rows])).all(axis=1)
         if not finite.all():
-            raise MissingExtrasError(
-                f"{path}: row {start + int(np.argmin(finite))} holds non-finite values (NaN or inf); "
-                "recompute it with `openclip-align embed`")
+            return (f"{path}: row {start + int(np.argmin(finite))} holds non-finite values (NaN or inf); "
+                    "recompute it with `openclip-align embed`")
+    return None
 
 
 def check_index_range(where: str, indices, num_samples: int) -> None:
