@@ -5,10 +5,11 @@ SMALL_DATA ?= data/small
 BENCH_OUT ?= runs/benchmark
 STUDY_OUT ?= runs/study
 STUDY_TEMPERATURE_OUT ?= runs/study-temperature
+STUDY_SCALING_OUT ?= runs/study-scaling
 PUBLISH_FLAGS ?=     # e.g. --corpus data/default --redraw-pca data/default for a run an older version made
 
 .PHONY: install test test-all data data-small benchmark benchmark-quick benchmark-publish study study-publish \
-	study-temperature study-temperature-publish
+	study-temperature study-temperature-publish study-scaling study-scaling-publish
 
 install:            ## torch from the local wheel pair, the plugin (editable) with its dev extra, the Debian data packages
 	$(PYTHON) -m pip install torch==2.14.1 torchvision==0.29.1
@@ -54,3 +55,9 @@ study-temperature:  ## Mind the Gap's temperatures: the pretrained-tower CLIP fi
 
 study-temperature-publish:  ## make $(STUDY_TEMPERATURE_OUT) the committed copy: study/temperature/ and README's block
 	$(PYTHON) -m openclip_align.benchmark.publish --temperature-study $(STUDY_TEMPERATURE_OUT)
+
+study-scaling:      ## data scaling: the scratch track on 1/4, 1/2 and all of the training pairs, 3 seeds (rerun continues a stopped one)
+	$(PYTHON) -m openclip_align.cli study --data $(DATA) --out $(STUDY_SCALING_OUT) --train-fractions 0.25 0.5 1 --seeds 0 1 2
+
+study-scaling-publish:  ## make $(STUDY_SCALING_OUT) the committed copy: study/scaling/ and README's block
+	$(PYTHON) -m openclip_align.benchmark.publish --scaling-study $(STUDY_SCALING_OUT)

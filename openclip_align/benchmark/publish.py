@@ -96,6 +96,19 @@ def publish_temperature_study(run_dir: Path, committed: Path) -> Path:
     return _publish_folder(run_dir, committed, "study-temperature", markdown, plot, "temperature.png")
 
 
+def publish_scaling_study(run_dir: Path, committed: Path, readme: Path) -> Path:
+    """study/scaling/ from a finished data-scaling study, and README's ``study:scaling`` block from it."""
+    from .readme import replace_block
+    from .scaling import check_publishable, markdown, plot, readme_block
+
+    check_publishable(load_results(run_dir, "study-scaling"), run_dir)
+    published = _publish_folder(run_dir, committed, "study-scaling", markdown, plot, "scaling.png")
+    if readme.exists():
+        found = replace_block(readme, "study:scaling", readme_block(json.loads(published.read_text())))
+        print(f"{readme}: {'rewrote study:scaling' if found else 'no study:scaling markers'}")
+    return published
+
+
 def _publish_folder(run_dir: Path, committed: Path, kind: str, markdown, plot, figure: str) -> Path:
     """A study's results.json as it is; its results.md and figure drawn again by this version."""
     results = load_results(run_dir, kind)
@@ -116,6 +129,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--study", type=Path, metavar="RUN", help="a finished study run's --out folder")
     parser.add_argument("--temperature-study", type=Path, metavar="RUN",
                         help="a finished temperature study's --out folder (`openclip-align study --temperatures ...`)")
+    parser.add_argument("--scaling-study", type=Path, metavar="RUN",
+                        help="a finished data-scaling study's --out folder (`openclip-align study --train-fractions ...`)")
+    parser.add_argument("--to-scaling-study", type=Path, default=Path("study/scaling"), metavar="DIR",
+                        help="the committed data-scaling study folder (default: %(default)s)")
     parser.add_argument("--to-benchmark", type=Path, default=Path("benchmark"), metavar="DIR",
                         help="the committed benchmark folder (default: %(default)s)")
     parser.add_argument("--to-study", type=Path, default=Path("study"), metavar="DIR",
@@ -129,8 +146,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--redraw-pca", type=Path, metavar="DATA",
                         help="draw the pair pictures again from the run's checkpoints on this corpus's held-out pairs")
     args = parser.parse_args(argv)
-    if not args.benchmark and not args.study and not args.temperature_study:
-        parser.error("nothing to publish: pass --benchmark RUN, --study RUN and/or --temperature-study RUN")
+    if not args.benchmark and not args.study and not args.temperature_study and not args.scaling_study:
+        parser.error("nothing to publish: pass --benchmark RUN, --study RUN, --temperature-study RUN and/or "
+                     "--scaling-study RUN")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     bench = publish_benchmark(args.benchmark, args.to_benchmark, args.corpus, args.redraw_pca) \
         if args.benchmark else None
@@ -143,6 +161,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.readme.exists():
             found = update_temperature_block(args.readme, temperature)
             print(f"{args.readme}: {'rewrote study:temperature' if found else 'no study:temperature markers'}")
+    if args.scaling_study:
+        publish_scaling_study(args.scaling_study, args.to_scaling_study, args.readme)
     return 0
 
 

@@ -74,11 +74,15 @@ def run_cell(plan: StudyPlan, loss: str, optimizer: str, seed: int, data_dir: Pa
 
 
 def train_and_score(spec: TrainSpec, model: str, budget: Budget, seed: int, data_dir: Path, runs_dir: Path,
-                    score_of: Callable[[Dict[str, float]], Dict[str, float]]) -> dict:
+                    score_of: Callable[[Dict[str, float]], Dict[str, float]], train_csv: Optional[Path] = None,
+                    name: Optional[str] = None) -> dict:
     """One trainer run scored on the corpus: {"status": "ok", **score_of(metrics)}, or "diverged" (a non-finite
-    loss, weights or score) or "failed" with the trainer's last line; never raises for either."""
+    loss, weights or score) or "failed" with the trainer's last line; never raises for either. It trains on
+    ``train_csv`` (default: the corpus's train.csv; the scaling study passes a subset) and is always scored on
+    ``data_dir``'s held-out pairs and zero-shot sets; ``name`` is the run's folder under ``runs_dir``."""
     try:
-        result = train(spec, str(data_dir / "train.csv"), budget, seed, runs_dir, progress=True)
+        result = train(spec, str(train_csv or data_dir / "train.csv"), budget, seed, runs_dir, progress=True,
+                       name=name)
     except RuntimeError as err:
         if any(mark in str(err) for mark in _DIVERGED_MARKS):
             return {"status": "diverged"}

@@ -1,5 +1,6 @@
-"""``openclip-align study``: losses x optimizers grid (see :mod:`openclip_align.benchmark.study`), or with
-``--temperatures`` the temperature study (see :mod:`openclip_align.benchmark.temperature`)."""
+"""``openclip-align study``: losses x optimizers grid (see :mod:`openclip_align.benchmark.study`), with
+``--temperatures`` the temperature study (see :mod:`openclip_align.benchmark.temperature`), or with
+``--train-fractions`` the data-scaling study (see :mod:`openclip_align.benchmark.scaling`)."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,16 @@ def _temperature(text: str) -> float:
     except ValueError as err:
         message = str(err) if "must lie" in str(err) else f"expected a number such as 0.05, got {text!r}"
         raise argparse.ArgumentTypeError(message.replace("--temperatures ", "T = ", 1)) from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.25, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: a fraction of the training pairs must lie in (0, 1]")
+    return value
 
 
 # identity tells a --out not given (this very object) from an explicit `--out runs/study`
@@ -79,12 +90,22 @@ def register(subparsers) -> None:
                              help="start from this DualCLIP-Lite0-MiniLM checkpoint (e.g. a benchmark run's "
                                   "pretrained CLIP epoch_2.pt) instead of training the benchmark's pretrained-track "
                                   "CLIP row first")
+    scaling = parser.add_argument_group(
+        "data-scaling study", "--train-fractions switches to it: the benchmark's scratch track (upstream CLIP, "
+                              "SharedCLIP, AlignCLIP, its budget) on nested subsets of the training pairs, scored on "
+                              "the same held-out pairs; --seeds defaults to 0 1 2 here, the other grid flags are "
+                              "refused")
+    scaling.add_argument("--train-fractions", type=_fraction, nargs="+", default=None, metavar="F",
+                         help="fractions of train.csv in (0, 1], e.g. 0.25 0.5 1: nested subsets (each smaller one "
+                              "inside each larger one) drawn once from a fixed seed, never the training seed")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.train_fractions is not None:
+        return run_scaling(args)
     if args.temperatures is not None:
         return run_temperatures(args)
     if args.start is not None:
@@ -152,6 +173,41 @@ def run_temperatures(args) -> int:
     results = run_temperature_study(args.data, args.out, plan, command=command)
     print((args.out / "results.md").read_text())
     return 1 if any(row["status"] == "failed" for row in results["rows"]) else 0
+
+
+def run_scaling(args) -> int:
+    from openclip_align.benchmark.scaling import DEFAULT_SEEDS, ScalingPlan, check_fractions, run_scaling_study
+    from openclip_align.benchmark.study import check_corpus
+
+    if args.temperatures is not None or args.start is not None:
+        raise SystemExit("--train-fractions runs the data-scaling study; --temperatures/--start belong to the "
+                         "temperature study: run them separately")
+    defaults = vars(_defaults())
+    given = [f"--{name.replace('_', '-')}" for name in _GRID_FLAGS if name != "seeds"
+             and getattr(args, name) != defaults[name]]
+    if given:
+        raise SystemExit(f"--train-fractions trains the benchmark's scratch track with its own budget; "
+                         f"{', '.join(given)} belong to the losses x optimizers grid: drop them")
+    try:
+        fractions = check_fractions(args.train_fractions)
+        check_corpus(args.data)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(str(err)) from None
+    seeds = list(DEFAULT_SEEDS) if args.seeds == defaults["seeds"] else args.seeds
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds {' '.join(map(str, seeds))}: a seed is repeated")
+    if args.out is DEFAULT_OUT:
+        args.out = Path("runs/study-scaling")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    plan = ScalingPlan(fractions=fractions, seeds=seeds, device=args.device, precision=args.precision)
+    command = (f"openclip-align study --data {args.data} --out {args.out} --train-fractions "
+               + " ".join(f"{f:g}" for f in fractions) + " --seeds " + " ".join(map(str, seeds)))
+    try:
+        results = run_scaling_study(args.data, args.out, plan, command=command)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    print((args.out / "results.md").read_text())
+    return 1 if any(cell["status"] == "failed" for cell in results["cells"]) else 0
 
 
 def _defaults():
