@@ -121,7 +121,7 @@ def test_gap_command_on_shards_in_process(digits, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--model", "ViT-S-33"], "unknown model 'ViT-S-33'.*ViT-S-32.*list_models"),
+    (["--model", "ViT-S-33"], "--model ViT-S-33: no such OpenCLIP model.*ViT-S-32.*list_models"),
     (["--data", "{root}/missing.csv"], "not found"),
     (["--csv-caption-key", "caption"], "no column.*caption"),
     (["--csv-separator", ","], "separator"),

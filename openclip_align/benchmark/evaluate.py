@@ -23,7 +23,9 @@ GAP_KEYS = ("alignment_score", "centroid_gap", "centroid_gap_sq_per_dim", "rmg",
 def load_model(model_name: str, checkpoint: Path, device: str):
     import open_clip
 
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(checkpoint), device=device)
+    from openclip_align.model_loading import create_model_for_command
+
+    model, _, preprocess = create_model_for_command(model_name, str(checkpoint), device=device)
     return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
 
 

@@ -13,6 +13,7 @@ is refused with what differs, and nothing is written.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -78,8 +79,19 @@ def run(args) -> int:
 
     from ..integration.authors_loading import adapt_state_dict
 
+    from ..model_loading import ModelLoadError, check_checkpoint_file, check_model_name, explain_unreadable
+
     # read once with upstream's reader (the checkpoint dict, a `module.` prefix), then map and check
-    source = open_clip.factory.load_state_dict.__wrapped_upstream__(args.from_authors)
+    try:
+        check_model_name(args.model)
+        check_checkpoint_file(args.from_authors, "--from-authors")
+        try:
+            source = open_clip.factory.load_state_dict.__wrapped_upstream__(args.from_authors)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, OSError) as err:
+            raise explain_unreadable(args.from_authors, "--from-authors", err) from None
+    except ModelLoadError as err:
+        print(f"openclip-align convert: error: {err}", file=sys.stderr)
+        return 2
     if not is_authors_layout(source):
         print(f"openclip-align convert: error: {args.from_authors} is not in the AlignCLIP authors' layout "
               "(no projection / ln_post tensors); an OpenCLIP checkpoint loads as it is", file=sys.stderr)

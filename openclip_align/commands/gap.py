@@ -6,7 +6,6 @@ the gap vector, paired/unpaired cosine histograms, lambda sweep) to ``--out``, a
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import math
 import os
@@ -14,7 +13,6 @@ import sys
 import time
 
 DEFAULT_LAMBDAS = (-0.25, 0.0, 0.25, 0.5, 0.75, 1.0)
-LIST_MODELS_HINT = "python -c \"import open_clip; print('\\n'.join(open_clip.list_models()))\""
 
 
 class CommandError(Exception):
@@ -73,28 +71,14 @@ def _check_args(args) -> None:
 def _create_model(args, device):
     import open_clip
 
-    name = args.model
-    known = open_clip.list_models()
-    if name not in known and not name.startswith(("hf-hub:", "local-dir:")):
-        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
-        suggestion = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise CommandError(f"unknown model {name!r}.{suggestion} List the available models with: {LIST_MODELS_HINT}")
+    from ..model_loading import ModelLoadError, create_model_for_command
+
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=args.pretrained, device=device, precision=args.precision)
-    except ValueError as err:
-        if getattr(err, "user_facing", False):          # e.g. a --pretrained file of another shape or layout
-            raise CommandError(str(err)) from None
-        raise
-    except RuntimeError as err:
-        if args.pretrained and "pretrained" in str(err).lower():
-            raise CommandError(f"cannot load --pretrained {args.pretrained!r} for {name}: {err}. Give a checkpoint "
-                               f"path or a tag from open_clip.list_pretrained_tags_by_model({name!r})") from None
-        if "not found" in str(err):
-            raise CommandError(f"unknown model {name!r} ({err.__class__.__name__}). "
-                               f"List the available models with: {LIST_MODELS_HINT}") from None
-        raise
-    return model, preprocess, open_clip.get_tokenizer(name)
+        model, _, preprocess = create_model_for_command(args.model, args.pretrained, device=device,
+                                                        precision=args.precision)
+    except ModelLoadError as err:
+        raise CommandError(str(err)) from None
+    return model, preprocess, open_clip.get_tokenizer(args.model)
 
 
 def _finite_or_none(value):
