@@ -57,7 +57,9 @@ def test_corpus_record_added_at_publish_only_when_the_pair_count_matches(tmp_pat
     run = old_run(tmp_path)                               # the run read 10 training pairs
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    rows = ["filepath\ttitle"] + [f"/i/{i}.png\tc {i}" for i in range(10)]
+    rows = ["filepath\ttitle"] + [f"{corpus}/{i}.png\tc {i}" for i in range(10)]
+    for i in range(10):
+        (corpus / f"{i}.png").write_bytes(b"picture %d" % i)
     (corpus / "train.csv").write_text("\n".join(rows) + "\n")
     (corpus / "heldout.csv").write_text("\n".join(rows[:4]) + "\n")
     committed = tmp_path / "benchmark"
@@ -65,6 +67,7 @@ def test_corpus_record_added_at_publish_only_when_the_pair_count_matches(tmp_pat
                   "--corpus", str(corpus)])
     record = json.loads((committed / "results.json").read_text())["data"]["corpus"]
     assert record["train_pairs"] == 10 and record["heldout_pairs"] == 3 and record["recorded_at"].startswith("publish")
+    assert record["content_pairs"] == {"heldout": 3, "train": 10}          # no manifest: hashed from the files
     (corpus / "train.csv").write_text("\n".join(rows[:6]) + "\n")
     with pytest.raises(SystemExit, match="holds 5 training pairs but the run read 10"):
         publish.main(["--benchmark", str(run), "--to-benchmark", str(committed), "--corpus", str(corpus)])

@@ -107,8 +107,41 @@ def test_only_runs_on_the_same_corpus_are_compared():
     same = report.compare(now, with_corpus(results(scratch=track(0.30, 0.05))))
     assert same["comparison"]["status"] == "compared"
     assert same["flags"] == ["scratch / CLIP centroid_gap: 0.3000 -> 0.4000 (beyond the seed spread 0.0100)"]
-    assert "(same corpus):\n- ⚠ scratch / CLIP centroid_gap" in report.markdown({**now, **same})
+    assert "(same corpus; same manifest sha256 aaaaaaaaaaaa (no content hash recorded)).\nFlagged:\n" \
+        "- ⚠ scratch / CLIP centroid_gap" in report.markdown({**now, **same})
     assert report.compare(now, None)["comparison"]["status"] == "no baseline"
+
+
+def with_content(res, content, manifest_sha, version, packages, note=None):
+    res = with_corpus(res, sha=manifest_sha)
+    res["data"]["corpus"].update(content_sha256=content, manifest_format_version=version, packages=packages,
+                                 **({"content_note": note} if note else {}))
+    return res
+
+
+def test_the_same_pairs_built_another_way_are_compared_and_the_build_differences_shown():
+    # issue 23 changed the manifest (another sha256, format 1 -> 2) and a package moved: the pairs did not
+    before = with_content(results(scratch=track(0.30, 0.05)), "c" * 64, "b" * 64, 1,
+                          {"pillow": "11.0", "emoji": "2.14"}, note="rebuilt with the old code")
+    now = with_content(results(scratch=track(0.40, 0.05)), "c" * 64, "a" * 64, 2, {"pillow": "11.1", "emoji": "2.14"})
+    same = report.compare(now, before)
+    assert same["comparison"]["status"] == "compared" and len(same["flags"]) == 1
+    assert same["comparison"]["differences"] == ["manifest sha256 bbbbbbbbbbbb -> aaaaaaaaaaaa",
+                                                 "manifest format version 1 -> 2", "pillow 11.0 -> 11.1"]
+    text = report.markdown({**now, **same})
+    assert "same pairs: content sha256 cccccccccccc (the baseline's: rebuilt with the old code)" in text
+    assert "differ in how they were made, not in their pairs: manifest sha256" in text and "pillow 11.0 -> 11.1" in text
+
+    other = report.compare(with_content(results(scratch=track(0.40, 0.05)), "d" * 64, "b" * 64, 1,
+                                        {"pillow": "11.0"}), before)
+    # other pairs are another corpus even where the manifest's hash happens to agree
+    assert other["comparison"]["status"] == "different corpus" and other["flags"] == []
+    assert "content sha256 cccccccccccc" in other["comparison"]["note"]
+    assert "content sha256 dddddddddddd" in other["comparison"]["note"]
+    # a baseline without a content hash: its manifest hash is all there is to go by
+    legacy = report.compare(now, with_corpus(results(scratch=track(0.30, 0.05)), sha="b" * 64))
+    assert legacy["comparison"]["status"] == "different corpus"
+    assert "recorded no content hash" in legacy["comparison"]["note"]
 
 
 def test_metrics_the_tables_do_not_show_are_never_flagged():

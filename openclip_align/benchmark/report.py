@@ -106,16 +106,18 @@ def regressions(current: dict, previous: Optional[dict]) -> List[str]:
 
 
 def compare(current: dict, previous: Optional[dict]) -> dict:
-    """The regression check, like with like only: a baseline of another corpus, or one that did not record
-    its corpus, is not compared (its status and the reason are kept instead of flags)."""
+    """The regression check, like with like only: a baseline of other pairs, or one that did not record its
+    corpus, is not compared (its status and the reason are kept instead of flags). On the same pairs, how the
+    two builds differ (manifest format, package versions) is kept in ``differences`` for the report."""
     from .corpus import same_corpus
 
     if previous is None:
         return {"comparison": {"status": "no baseline", "note": ""}, "compared_with": None, "flags": []}
-    same, why = same_corpus(current, previous)
+    same, why, differences = same_corpus(current, previous)
     status = {True: "compared", False: "different corpus", None: "unknown corpus"}[same]
     flags = regressions(current, previous) if same else []
-    return {"comparison": {"status": status, "note": why, "baseline_created": previous.get("created")},
+    return {"comparison": {"status": status, "note": why, "baseline_created": previous.get("created"),
+                           "differences": differences},
             "compared_with": previous.get("created"), "flags": flags}
 
 
@@ -240,8 +242,13 @@ def regression_lines(results: dict) -> List[str]:
         return [f"Not compared with the `{variant}` baseline of {comparison['baseline_created']}: "
                 f"{comparison['status']} ({comparison['note']}). Numbers from different corpus builds differ for "
                 "that reason alone; publish a run on this corpus as the baseline to compare against it."]
-    return [f"Compared with the `{variant}` baseline of {comparison['baseline_created']} (same corpus):"] + \
-        ([f"- ⚠ {flag}" for flag in results["flags"]] or ["None flagged."])
+    how = f"; {comparison['note']}" if comparison.get("note") else ""
+    built = comparison.get("differences") or []
+    lines = [f"Compared with the `{variant}` baseline of {comparison['baseline_created']} (same corpus{how})."]
+    if built:
+        lines += ["", "The two corpus builds differ in how they were made, not in their pairs: " + "; ".join(built)
+                  + ".", ""]
+    return lines + ["Flagged:"] + ([f"- ⚠ {flag}" for flag in results["flags"]] or ["None."])
 
 
 def _corpus_text(results: dict) -> str:

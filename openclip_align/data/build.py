@@ -4,7 +4,8 @@
 tests and the benchmark call it). The output is plain OpenCLIP input, readable by
 ``open_clip_train`` unchanged:
 
-    OUT/manifest.json                  sources, licences, versions, counts, split rule, options
+    OUT/manifest.json                  sources, licences, versions, counts, split rule, options, and the
+                                       content hash of the pairs (:mod:`.content`, the corpus's identity)
     OUT/train/train-000000.tar ...     webdataset shards: KEY.png KEY.txt KEY.json (no embeddings inside)
     OUT/train/sizes.json               {"train-000000.tar": n, ...}
     OUT/train/train-000000.emb.npy/.json   the shard's caption embedding column (float16, row = sample)
@@ -36,13 +37,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import shards as sh
+from .content import content_of_files
 from .packages import Requirement, ensure
 from .sources import Item, render_item, source_module
 from .sources import digits as digits_source
 from .sources import emoji_group as emoji_group_source
 from .sources import fashion_mnist as fashion_source
 
-FORMAT_VERSION = 1
+# 1: until 2026-12-05 (issue 23 dropped the shards' embedding members without a bump); 2: adds ``content``,
+# the pairs' hash (:mod:`.content`), which is what identifies a corpus; this number and ``packages`` only say
+# how it was built
+FORMAT_VERSION = 2
 SPLIT_SALT = "openclip-align-split-v1"
 CSV_HEADER = ("filepath", "title", "index", "source")
 ZEROSHOT_HEADER = ("filepath", "label")
@@ -587,6 +592,7 @@ def build_corpus(out, size: str = "small", encoder: Optional[str] = "auto", prog
 
     manifest = _manifest(size, config, encoder, dim, stats, splits, cross, files, zeroshot, versions)
     manifest["clip_benchmark"] = clip_benchmark
+    manifest["content"] = content_of_files(out)          # from the files just written: what a reader gets
     sh.atomic_write_json(out / "manifest.json", manifest)
     _log(f"built {size} corpus in {time.monotonic() - started:.1f} s: {len(splits['train'])} train, "
          f"{len(splits['heldout'])} held-out, {len(cross)} cross-style pairs -> {out}")
@@ -641,6 +647,7 @@ def add_emoji_group(out, install: Optional[bool] = None) -> dict:
     manifest["counts"]["zeroshot"]["emoji_group"] = z["n"]
     manifest["sources"]["emoji_group"] = _zeroshot_info("emoji_group", z, versions)
     manifest["packages"]["unicode-data"] = versions.get("unicode-data")
+    manifest["content"] = content_of_files(out)          # a new zero-shot set: new pairs
     sh.atomic_write_json(manifest_path, manifest)
     _log(f"emoji_group: {z['n']} held-out emoji labelled in {len(z['per_class'])} groups -> {out / z['csv']}")
     return manifest
