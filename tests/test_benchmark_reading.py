@@ -1,0 +1,84 @@
+"""README's prose numbers come from results files through the generator (openclip_align/benchmark/reading.py,
+readme.py): hand-made results give hand-written sentences, and the committed README regenerates unchanged."""
+import json
+import shutil
+from pathlib import Path
+
+from openclip_align.benchmark import reading, readme
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def stat(mean, std=0.01):
+    return {"mean": mean, "std": std, "values": [mean]}
+
+
+def test_spread_words_follow_the_numbers():
+    assert reading.spread_word(stat(0.10, 0.02), stat(0.11, 0.01)) == "within one seed spread"
+    assert reading.spread_word(stat(0.10, 0.02), stat(0.16, 0.01)) == "3.0x the seed spread"
+    assert reading.spread_word(stat(0.10, 0.0), stat(0.16, 0.0)) == "beyond the seed spread"
+
+
+def scratch_results(created="2026-12-01 10:00:00"):
+    quality = {
+        "upstream CLIP": {"centroid_gap": stat(0.40), "image_to_text_R@1": stat(0.026, 0.006),
+                          "top2_variance_share_image": stat(0.47), "effective_rank_image": stat(28.5)},
+        "AlignCLIP": {"centroid_gap": stat(0.07), "image_to_text_R@1": stat(0.009, 0.003),
+                      "top2_variance_share_image": stat(0.69), "effective_rank_image": stat(26.1)},
+    }
+    return {"created": created, "variant": "cpu", "tracks": {"scratch": {"quality": quality, "plan": {}}}}
+
+
+def test_the_scratch_paragraph_reads_every_number_from_the_results():
+    line = reading.scratch_line(scratch_results())
+    # 2.6 -> 0.9 % is 0.017 apart, 2.8x the larger seed std 0.006
+    assert line.startswith("**From scratch**, AlignCLIP moves the gap 0.40 -> 0.07 and image->text R@1 2.6 -> 0.9 % "
+                           "(2.8x the seed spread); 69 % of its image variance lies in two principal components "
+                           "against 47 % for upstream CLIP, at an effective rank of 26.1 against 28.5.")
+
+
+def test_rows_the_published_run_lacks_come_from_the_kept_run_named_by_its_link():
+    published = scratch_results()
+    kept = scratch_results("2026-12-02 10:00:00")
+    kept["initialisation"] = {"models": {"DualCLIP-Tiny": {"centroid_gap": stat(1.196), "cone_image": stat(0.977)},
+                                         "SharedCLIP-Tiny": {"centroid_gap": stat(1.141), "cone_image": stat(0.956)}}}
+    kept["tracks"]["scratch"]["speed_method"] = {"busy": True}
+    lines = reading.reading_lines(published, kept, "benchmark/kept/results.md")
+    text = "\n".join(lines)
+    assert "the run of 2026-12-02 that has them is kept in [benchmark/kept/results.md](benchmark/kept/results.md) " \
+           "(its trained rows repeat the published numbers; its speed windows ran on a busy machine" in text
+    assert "(`DualCLIP-Tiny`: centroid gap 1.20, image cone 0.98)" in text and "(`SharedCLIP-Tiny`: 1.14)" in text
+    # with the rows in the published run itself, no kept run is mentioned
+    published["initialisation"] = kept["initialisation"]
+    assert "kept in" not in "\n".join(reading.reading_lines(published, kept, "x"))
+
+
+def test_the_kept_run_is_the_newest_later_run_of_the_same_variant(tmp_path):
+    for folder, created, variant in (("old", "2026-11-01 00:00:00", "cpu"), ("gpu", "2026-12-03 00:00:00", "gpu"),
+                                     ("a", "2026-12-02 00:00:00", "cpu"), ("b", "2026-12-01 00:00:00", "cpu")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "results.json").write_text(json.dumps({"created": created, "variant": variant}))
+    published = {"created": "2026-11-24 00:00:00", "variant": "cpu"}
+    assert readme.kept_run(tmp_path / "results.json", published) == tmp_path / "a" / "results.json"
+
+
+def test_machine_text_says_only_what_was_recorded():
+    assert readme.machine_text({"device": "cpu"}) == "cpu"
+    assert readme.machine_text({"device": "cpu", "cpus": 16, "load_at_start": [0.5, 1, 1],
+                                "load_at_end": [2.25, 1, 1]}) == \
+        "cpu, 16 CPU cores, 1-minute load average 0.5 at the start, 2.2 at the end"
+    assert readme.machine_text(None) == ""
+
+
+def test_the_committed_readme_regenerates_unchanged_from_the_committed_results(tmp_path):
+    """Every generated block of README.md, rewritten from the committed results files, gives README.md again."""
+    from openclip_align.benchmark.readme import update_readme, update_temperature_block
+
+    for folder in ("benchmark", "study"):
+        (tmp_path / folder).symlink_to(ROOT / folder)
+    copy = tmp_path / "README.md"
+    shutil.copyfile(ROOT / "README.md", copy)
+    done = update_readme(copy, tmp_path / "benchmark" / "results.json", tmp_path / "study" / "results.json")
+    assert {"reading", "speed-summary", "study"} <= set(done)
+    assert update_temperature_block(copy, tmp_path / "study" / "temperature" / "results.json")
+    assert copy.read_text() == (ROOT / "README.md").read_text()
