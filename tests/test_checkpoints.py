@@ -229,3 +229,36 @@ def test_a_last_update_that_diverges_is_never_saved(one_epoch, tmp_path):
     assert "FloatingPointError: the model's weights after epoch 2 hold NaN/inf values (" in out.stderr
     assert "Contrastive_loss: nan" not in (logs / "run" / "out.log").read_text()     # the loss itself was finite
     assert _sha(folder / "epoch_1.pt") == first and sorted(p.name for p in folder.iterdir()) == ["epoch_1.pt"]
+
+
+# --- a resume reads the checkpoint once (issue 29 item 5) ---------------------------------------------
+def test_a_resume_reads_the_checkpoint_once_and_restores_the_loss_state_from_that_read(tmp_path, monkeypatch):
+    """Upstream's resume load (the plugin-wrapped pt_load that main calls) is the only read: it hands the
+    plugin its record, out of the optimizer state, and the SogCLR state comes back with the saved values."""
+    from open_clip_train import file_utils
+
+    from openclip_align.integration import trainer_run
+    from openclip_align.losses.sogclr import SogCLRLoss
+
+    saved = {"log_s_image": torch.arange(6, dtype=torch.float32) / 7, "log_s_text": -torch.arange(6.0) / 3,
+             "visited": torch.tensor([True, False, True, True, False, False])}
+    path = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "state_dict": {"w": torch.ones(2)},
+                "optimizer": {"state": {}, "param_groups": [],
+                              "openclip_align": {"loss": "sogclr", "options": {}, "state": saved}}}, str(path))
+    monkeypatch.setattr(run_state, "RUN", None)
+    run = run_state.start_run(SimpleNamespace(loss="sogclr", resume=str(path), distributed=False))
+    reads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
+
+    checkpoint = file_utils.pt_load(str(path), map_location="cpu")           # what main does to resume
+    assert checkpoint["optimizer"] == {"state": {}, "param_groups": []}       # the record is the plugin's
+    assert torch.equal(checkpoint["state_dict"]["w"], torch.ones(2))
+    run.loss_module = trainer_run.TrainerLossAdapter(run, SogCLRLoss(num_samples=6))
+    run.loss_module.place("cpu")
+    trainer_run._restore_from_checkpoint(run, str(path))
+    assert reads == [str(path)]                                               # read once
+    state = run.loss_module.loss.state_dict()
+    for name, value in saved.items():
+        assert torch.equal(state[name], value), name
