@@ -53,6 +53,21 @@ def test_layout_and_manifest(corpus):
     assert not list(out.rglob(f"*{sh.TMP_MARK}*"))
 
 
+def test_manifest_content_hash_covers_the_pairs_the_shards_hold(corpus):
+    """The manifest's content hash (made from the csv files and images) equals one made a second way: the
+    training and held-out pairs read from the webdataset shards' txt/png members, the rest from the files."""
+    from openclip_align.data.content import content_hash, corpus_pairs
+
+    out, manifest = corpus
+    from_shards = [(split, sample["txt"].decode("utf-8"), sample["png"])
+                   for split in ("train", "heldout") for _, sample in _shard_samples(out / split)]
+    rest = [pair for pair in corpus_pairs(out) if pair[0] not in ("train", "heldout")]
+    assert {p[0] for p in rest} == {f"zeroshot/{name}" for name in manifest["zeroshot"]}
+    assert manifest["content"]["sha256"] == content_hash(from_shards + rest)["sha256"]
+    assert manifest["content"]["pairs"]["train"] == manifest["counts"]["train"]
+    assert manifest["format_version"] == 2
+
+
 _TONE = re.compile(r"\b(light|medium-light|medium|medium-dark|dark) skin tone\b")
 _GENDER = {"man", "woman", "person", "men", "women", "people", "boy", "girl", "child", "adult", "old", "older"}
 
