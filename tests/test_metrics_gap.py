@@ -390,7 +390,8 @@ def test_feature_norm_stats_of_raw_features(rng):
 # --- scale ---------------------------------------------------------------------------------------
 def test_100k_by_768_is_memory_light():
     """100k x 768 pairs: an N x N float32 matrix alone would be 40 GB; peak allocations here must stay
-    a small fraction of the inputs (~300 MB each). Timings are in benchmarks/metrics_gap.md."""
+    a small fraction of the inputs (~300 MB each). The benchmark times this call on every run
+    (results.json: metric_seconds_100k_pairs_768d)."""
     rng = np.random.default_rng(0)
     n, d = 100_000, 768
     x = rng.standard_normal((n, d), dtype=np.float32)
