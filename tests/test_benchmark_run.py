@@ -104,6 +104,8 @@ def test_speed_windows_alternate_and_memory_and_corpus_are_recorded(tmp_path, co
     assert {label: s["peak_rss_mb"] for label, s in speed.items()} == {**RSS, "AlignCLIP on-the-fly (MiniLM)": 1250.0}
     assert track["speed_method"]["interleaved_rounds"] == 2 and "busy" in track["speed_method"]
 
+    machine = results["machine"]            # what README's blocks print about the machine, as recorded
+    assert machine["cpus"] >= 1 and len(machine["load_at_start"]) == len(machine["load_at_end"]) == 3
     record = results["data"]["corpus"]
     # the manifest predates content hashes: the pairs are hashed from the files (200 held-out rows repeat the
     # first 200 training rows, so the two splits count separately), the manifest's own hash kept beside

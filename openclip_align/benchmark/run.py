@@ -309,7 +309,8 @@ def run_benchmark(data_dir: Path, out_dir: Path, quick: bool = False, gpu: bool 
         "command": f"openclip-align benchmark --data {data_dir}" + (" --quick" if quick else "")
                    + (" --gpu" if gpu else "") + ("" if list(tracks) == list(TRACKS) else f" --tracks {' '.join(tracks)}"),
         "machine": {"platform": platform.platform(), "device": "cuda" if gpu else "cpu",
-                    "python": platform.python_version(), "open_clip": open_clip.__version__},
+                    "python": platform.python_version(), "open_clip": open_clip.__version__,
+                    "cpus": os.cpu_count(), "load_at_start": _load()},
         "data": {"path": str(data_dir), "train_pairs": corpus["train_pairs"], "encoder": _encoder(data_dir),
                  "corpus": corpus},
         "tracks": {},
@@ -323,6 +324,7 @@ def run_benchmark(data_dir: Path, out_dir: Path, quick: bool = False, gpu: bool 
         results["tracks"][name]["parallel_runs"] = parallel_runs
     results["initialisation"] = initialisation(data_dir, "cuda" if gpu else "cpu", quick)
     results["total_seconds"] = time.time() - started
+    results["machine"]["load_at_end"] = _load()
     results["metric_seconds_100k_pairs_768d"] = metric_time_100k()
     # The regression baseline is a run of the same variant (a 1-epoch run says nothing about a 3-epoch one).
     variant = ("gpu" if gpu else "cpu") + ("-quick" if quick else "")
@@ -364,6 +366,14 @@ def load_baseline(baseline: Optional[Path], variant: str) -> Optional[dict]:
         logging.info("benchmark: no baseline %s to compare with", path)
         return None
     return json.loads(path.read_text())
+
+
+def _load() -> Optional[List[float]]:
+    """The 1 / 5 / 15-minute load averages, for README's line on the machine (None where the OS has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _encoder(data_dir: Path) -> Optional[str]:
