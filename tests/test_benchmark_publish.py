@@ -149,3 +149,35 @@ def test_pair_pictures_are_redrawn_from_a_finished_runs_checkpoints(tmp_path, mo
     assert all(d["gap_axis"] for d in drawn)
     assert sorted(p.name for p in (committed / "figures").glob("pca_*")) == [
         "pca_scratch_CLIP-Refine.png", "pca_scratch_upstream_CLIP.png"]
+
+
+def test_a_published_run_gets_the_content_hash_of_a_rebuild_only_when_its_manifest_is_the_recorded_one(tmp_path):
+    """A baseline from before content hashes: a rebuild with that run's code whose manifest hashes to what the run
+    recorded is the same build, so its pairs' hash is the run's; any other manifest is refused."""
+    from openclip_align.benchmark.corpus import manifest_sha256
+    from openclip_align.data.content import content_of_files
+
+    corpus = tmp_path / "rebuilt"
+    corpus.mkdir()
+    (corpus / "0.png").write_bytes(b"picture")
+    (corpus / "train.csv").write_text(f"filepath\ttitle\n{corpus}/0.png\ta cat\n")
+    manifest = {"format_version": 1, "packages": {"pillow": "11.0"}, "counts": {"train": 1}}
+    (corpus / "manifest.json").write_text(json.dumps(manifest, indent=3))         # formatting does not count
+    committed = tmp_path / "benchmark"
+    (committed / "baselines").mkdir(parents=True)
+    run = results(scratch=track(0.4, 0.05))
+    run["data"]["corpus"] = {"sha256": manifest_sha256(manifest), "sha256_of": "manifest.json", "train_pairs": 1,
+                             "heldout_pairs": None}
+    for path in (committed / "results.json", committed / "baselines" / "cpu.json"):
+        path.write_text(json.dumps(run))
+    assert publish.main(["--add-content", str(corpus), "--note", "rebuilt with commit abc", "--to-benchmark",
+                         str(committed)]) == 0
+    for path in (committed / "results.json", committed / "baselines" / "cpu.json"):
+        record = json.loads(path.read_text())["data"]["corpus"]
+        assert record["content_sha256"] == content_of_files(corpus)["sha256"]
+        assert record["content_note"] == "rebuilt with commit abc" and record["manifest_format_version"] == 1
+        assert record["packages"] == {"pillow": "11.0"} and record["sha256"] == manifest_sha256(manifest)
+
+    (corpus / "manifest.json").write_text(json.dumps({**manifest, "packages": {"pillow": "11.1"}}))
+    with pytest.raises(SystemExit, match="not the build the run used"):
+        publish.main(["--add-content", str(corpus), "--note", "x", "--to-benchmark", str(committed)])

@@ -59,6 +59,32 @@ def stamp_corpus(results: dict, data_dir: Path) -> dict:
     return results
 
 
+def add_content(results: dict, data_dir: Path, how: str) -> dict:
+    """Give a run recorded before content hashes the content hash of ``data_dir``, a build whose manifest is
+    the one the run recorded (same canonical-JSON sha256): the same build, so the same pairs. ``how`` says how
+    ``data_dir`` was obtained (kept in the record as ``content_note``)."""
+    from openclip_align.data.content import content_of_files
+
+    from .corpus import manifest_sha256
+
+    record = corpus_of(results)
+    manifest = data_dir / "manifest.json"
+    if record is None or not record.get("sha256") or not manifest.exists():
+        raise SystemExit(f"--add-content {data_dir}: needs a run with a recorded manifest sha256 and a corpus with "
+                         "a manifest.json")
+    manifest_data = json.loads(manifest.read_text())
+    sha = manifest_sha256(manifest_data)
+    if sha != record["sha256"]:
+        raise SystemExit(f"--add-content {data_dir}: its manifest sha256 is {sha[:12]}, the run recorded "
+                         f"{record['sha256'][:12]}: not the build the run used (rebuild it with that run's code)")
+    content = content_of_files(data_dir)
+    record.update(content_sha256=content["sha256"], content_order_sha256=content["order_sha256"],
+                  content_pairs=content["pairs"], content_from=f"added {time.strftime('%Y-%m-%d')}",
+                  content_note=how, manifest_format_version=manifest_data.get("format_version"),
+                  packages=manifest_data.get("packages"))
+    return results
+
+
 def publish_benchmark(run_dir: Path, committed: Path, corpus: Optional[Path] = None,
                       redraw_pca: Optional[Path] = None) -> Path:
     """Copy one benchmark run into ``committed`` (see the module docstring); returns its results.json there."""
@@ -143,9 +169,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="README whose marked tables are rewritten from what was published (default: %(default)s)")
     parser.add_argument("--corpus", type=Path, metavar="DATA",
                         help="for a benchmark run without a corpus record: the corpus it used, recorded now")
+    parser.add_argument("--add-content", type=Path, metavar="DATA",
+                        help="give the published run (--to-benchmark's results.json and its baseline copy) the "
+                             "content hash of DATA, a rebuild whose manifest equals the one the run recorded")
+    parser.add_argument("--note", help="with --add-content: how DATA was obtained (kept in the record)")
     parser.add_argument("--redraw-pca", type=Path, metavar="DATA",
                         help="draw the pair pictures again from the run's checkpoints on this corpus's held-out pairs")
     args = parser.parse_args(argv)
+    if args.add_content:
+        return _add_content(parser, args)
     if not args.benchmark and not args.study and not args.temperature_study and not args.scaling_study:
         parser.error("nothing to publish: pass --benchmark RUN, --study RUN, --temperature-study RUN and/or "
                      "--scaling-study RUN")
@@ -163,6 +195,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{args.readme}: {'rewrote study:temperature' if found else 'no study:temperature markers'}")
     if args.scaling_study:
         publish_scaling_study(args.scaling_study, args.to_scaling_study, args.readme)
+    return 0
+
+
+def _add_content(parser, args) -> int:
+    if not args.note:
+        parser.error("--add-content needs --note saying how DATA was obtained")
+    results = add_content(load_results(args.to_benchmark, "benchmark"), args.add_content, args.note)
+    published = args.to_benchmark / "results.json"
+    baseline = args.to_benchmark / "baselines" / f"{results.get('variant', MAIN_VARIANT)}.json"
+    for path in (published, baseline):
+        if path == published or (path.exists() and json.loads(path.read_text()).get("created") == results["created"]):
+            write_json_atomic(path, results)
+            print(f"{path}: content sha256 {corpus_of(results)['content_sha256'][:12]} added")
     return 0
 
 
