@@ -78,3 +78,67 @@ def test_mismatch_message_counts_what_load_state_dict_reports():
     assert isinstance(err, CheckpointMismatchError) and isinstance(err, RuntimeError)
     assert isinstance(err, UserInputError)
     assert "1 tensors missing, 2 unexpected, 1 of another shape (first: 0.bias)" in str(err)
+
+
+# --- the data file check at scale (issue 29 item 6): every file on one rank, spot checks on the others -----
+def _shards(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"")
+
+
+def _checked(monkeypatch, args, world_size, rank):
+    """check_trainer_inputs under a launcher of ``world_size`` ranks; the paths it stat'ed."""
+    from openclip_align.integration import trainer_errors
+
+    for var in ("LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK",
+                "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    seen = []
+    exists = os.path.exists
+    monkeypatch.setattr(trainer_errors.os.path, "exists", lambda p: seen.append(p) or exists(p))
+    try:
+        trainer_errors.check_trainer_inputs(args)
+    finally:
+        monkeypatch.setattr(trainer_errors.os.path, "exists", exists)
+    return [path for path in seen if str(path).endswith(".tar")]      # not the imports' own lookups
+
+
+def _args(spec):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(model="AlignCLIP-Tiny", pretrained=None, train_data=spec, val_data=None,
+                           dataset_type="webdataset")
+
+
+def test_before_distributed_init_a_rank_of_many_stats_one_file_per_folder_and_the_last(monkeypatch, tmp_path):
+    _shards(tmp_path / "a", [f"{i:05d}.tar" for i in range(50) if i != 20])      # 00020.tar is missing
+    _shards(tmp_path / "b", [f"{i:05d}.tar" for i in range(50)])
+    spec = f"{tmp_path}/a/{{00000..00049}}.tar::{tmp_path}/b/{{00000..00049}}.tar"
+    seen = _checked(monkeypatch, _args(spec), world_size=8, rank=3)
+    assert seen == [f"{tmp_path}/a/00000.tar", f"{tmp_path}/b/00000.tar", f"{tmp_path}/b/00049.tar"]
+    with pytest.raises(UserInputError, match=r"/a/00020\.tar does not exist"):    # one process: every file
+        _checked(monkeypatch, _args(spec), world_size=1, rank=0)
+
+
+def test_a_mistyped_folder_is_refused_on_every_rank_before_distributed_init(monkeypatch, tmp_path):
+    _shards(tmp_path / "a", ["00000.tar", "00001.tar"])
+    spec = f"{tmp_path}/a/{{00000..00001}}.tar::{tmp_path}/typo/{{00000..00001}}.tar"
+    for rank in (0, 5):
+        with pytest.raises(UserInputError, match=r"/typo/00000\.tar \(and 1 more\) does not exist"):
+            _checked(monkeypatch, _args(spec), world_size=8, rank=rank)
+
+
+def test_after_distributed_init_rank_0_checks_every_file(monkeypatch, tmp_path):
+    from openclip_align.integration import trainer_errors
+
+    _shards(tmp_path / "a", [f"{i:05d}.tar" for i in range(50) if i != 20])
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(UserInputError, match=r"/a/00020\.tar does not exist") as caught:
+        trainer_errors.check_data_files_once(_args(f"{tmp_path}/a/{{00000..00049}}.tar"))  # rank 0 (no group)
+    assert caught.value.shared                   # raised by every rank: nothing to announce to the others
+    monkeypatch.setenv("WORLD_SIZE", "1")        # one process: done before, nothing more here
+    trainer_errors.check_data_files_once(_args(f"{tmp_path}/a/{{00000..00049}}.tar"))

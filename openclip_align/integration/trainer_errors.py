@@ -78,12 +78,48 @@ def install_excepthook() -> None:
 
 # --- checks on the parsed arguments, before anything is built ------------------------------------
 def check_trainer_inputs(args) -> None:
-    """Refuse, with the flag and the fix named, inputs upstream would only fail on later and less clearly."""
+    """Refuse, with the flag and the fix named, inputs upstream would only fail on later and less clearly.
+
+    Runs on every rank before distributed init. A run of one process checks every local data file here;
+    in a run of several, each rank checks only the first file of each directory and the last one (a
+    mistyped path or folder, on every rank at once), and every file is checked after distributed init
+    by rank 0 alone, its finding shared (:func:`check_data_files_once`): 41k shards x 64 ranks of stat
+    calls on a shared filesystem would otherwise precede step 1."""
     _check_model_name(getattr(args, "model", None))
     _check_pretrained(getattr(args, "model", None), getattr(args, "pretrained", None))
+    every_file = _world_size() <= 1
     for flag in ("train_data", "val_data"):
         _check_data_files(f"--{flag.replace('_', '-')}", getattr(args, flag, None),
-                          getattr(args, "dataset_type", "auto"))
+                          getattr(args, "dataset_type", "auto"), every_file=every_file)
+
+
+def check_data_files_once(args) -> None:
+    """After distributed init, on every rank: rank 0 checks every local data file, every rank raises what
+    it found (a run of one process did this in :func:`check_trainer_inputs`)."""
+    from . import rank_agreement
+
+    if _world_size() <= 1:
+        return
+    problem = None
+    if rank_agreement.rank() == 0:
+        try:
+            for flag in ("train_data", "val_data"):
+                _check_data_files(f"--{flag.replace('_', '-')}", getattr(args, flag, None),
+                                  getattr(args, "dataset_type", "auto"))
+        except UserInputError as err:
+            problem = str(err)
+    problem = rank_agreement.broadcast(problem)
+    if problem is not None:
+        error = UserInputError(problem)
+        error.shared = True          # every rank raises it
+        raise error
+
+
+def _world_size() -> int:
+    """The launcher's world size, as upstream reads it before distributed init."""
+    from open_clip_train.distributed import world_info_from_env
+
+    return int(world_info_from_env()[2])
 
 
 def _check_model_name(name) -> None:
@@ -120,15 +156,26 @@ def _local_files(spec: str):
     return [url for url in expand_urls(spec)[0] if not REMOTE_URL.match(url)]
 
 
-def _check_data_files(flag: str, spec, dataset_type: str) -> None:
+def _check_data_files(flag: str, spec, dataset_type: str, every_file: bool = True) -> None:
     if not spec or dataset_type == "synthetic":
         return
-    missing = [path for path in _local_files(spec) if not os.path.exists(path)]
+    paths = _local_files(spec)
+    if not every_file:
+        paths = _spot_checks(paths)
+    missing = [path for path in paths if not os.path.exists(path)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserInputError(f"{flag} {spec}: {missing[0]}{more} does not exist; check the path "
                              "(relative paths are read from the current directory "
                              f"{os.getcwd()})")
+
+
+def _spot_checks(paths):
+    """The first path in each directory, and the last path: what a mistyped folder or pattern misses."""
+    first = {}
+    for path in paths:
+        first.setdefault(os.path.dirname(path), path)
+    return list(first.values()) + paths[-1:]
 
 
 # --- errors upstream raises while building the model ---------------------------------------------

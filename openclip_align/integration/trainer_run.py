@@ -27,6 +27,7 @@ from .batch_extras import STASH, ExtrasLoader
 from .checkpoints import fall_back_from_unreadable
 from .data_checks import MissingExtrasError
 from .run_state import CAPTION, INDEX, SEMANTIC, TrainerRun
+from .trainer_errors import check_data_files_once
 from .trainer_args import loss_option_names
 
 CHECKPOINT_KEY = checkpoints.PLUGIN_KEY     # stored inside checkpoint["optimizer"] (see docs/how-it-hooks-in.md)
@@ -47,8 +48,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def wrap_create_model_and_transforms(upstream):
     def create_model_and_transforms(*args, **kwargs):
         run = run_state.RUN
-        if run is not None:      # distributed init is done; upstream loads --resume after this call
+        if run is not None and not getattr(run, "startup_checked", False):
+            run.startup_checked = True       # distributed init is done; upstream loads --resume after this call
             rank_agreement.watch_for_failures()
+            check_data_files_once(run.args)
             fall_back_from_unreadable(run.args, run.resume_latest)
         result = upstream(*args, **kwargs)
         if run is not None and run.needs_teacher and run.teacher is None:
