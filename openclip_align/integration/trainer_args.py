@@ -124,15 +124,32 @@ def _finish(parser: argparse.ArgumentParser, args) -> None:
     temperature.check_args(parser, args)
     if args.loss == "clip":
         return
-    conflicts = [flag for flag, on in (("--siglip", args.siglip), ("--distill-model", getattr(args, "distill_model", None)),
-                                       ("a CoCa model", "coca" in str(args.model).lower())) if on]
-    if conflicts:
-        parser.error(f"--loss {args.loss} cannot be combined with {', '.join(conflicts)} "
-                     "(those select their own upstream loss)")
-    if getattr(args, "horovod", False):
-        parser.error(f"--loss {args.loss} supports torch.distributed (torchrun / SLURM), not horovod")
+    for problem in _plugin_loss_conflicts(args):
+        parser.error(problem)
     model = str(args.model)
     if args.loss == "refine" and not args.pretrained and not model.startswith(("hf-hub:", "local-dir:")):
         # the frozen teacher is the starting model: without weights it would be a random network
         parser.error("--loss refine post-trains an already trained model: pass --pretrained PATH_OR_TAG "
                      "(a checkpoint file or a pretrained tag of --model)")
+
+
+def _plugin_loss_conflicts(args) -> List[str]:
+    """Flags that select an upstream loss of their own, or a launcher the plugin's losses do not gather over:
+    each refused with why and what to use instead (refused here, before the model is built)."""
+    name = f"--loss {args.loss}"
+    problems = []
+    if args.siglip:
+        problems.append(f"{name} cannot be combined with --siglip: --siglip selects upstream's sigmoid loss "
+                        f"(SigLipLoss) in place of {name}'s objective; train SigLIP with --loss clip --siglip, "
+                        f"or drop --siglip to train {name}")
+    if getattr(args, "distill_model", None):
+        problems.append(f"{name} cannot be combined with --distill-model: that selects upstream's DistillClipLoss "
+                        f"in place of {name}'s objective; distil with --loss clip --distill-model ..., or use "
+                        "--loss refine, which distils from the starting model (--pretrained) itself")
+    if "coca" in str(args.model).lower():
+        problems.append(f"{name} cannot train a CoCa model ({args.model}): CoCa trains with upstream's CoCaLoss "
+                        "(captioning + contrastive); use --loss clip, or a CLIP model with " + name)
+    if getattr(args, "horovod", False):
+        problems.append(f"{name} gathers features with torch.distributed, which horovod does not set up: launch "
+                        "with torchrun (or SLURM's srun) instead of --horovod")
+    return problems
