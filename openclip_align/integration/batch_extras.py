@@ -5,12 +5,17 @@ the model outputs only. So the extras take a side road:
 
 1. while the trainer builds its datasets (:func:`requesting`), OpenCLIP's own csv and webdataset
    pipelines are asked to yield ``(image, text, extras)`` instead of ``(image, text)``: the csv
-   dataset class is subclassed, and the two webdataset stages that shape the sample (``map_dict``
-   and ``to_tuple``) are swapped for versions that also carry the extras. Sharding, shuffling,
-   resampling and epoch sizes stay upstream's;
-2. :class:`ExtrasLoader` wraps the resulting dataloader: it yields ``(images, texts)`` as before
+   dataset class is subclassed, and the three webdataset stages that shape the sample (``map_dict``,
+   ``to_tuple`` and ``batched``) are swapped for versions that also carry the extras. Sharding,
+   shuffling, resampling and epoch sizes stay upstream's;
+2. the extras of a batch are collated where the batch is made, inside the loader worker
+   (:func:`collate_extras`; csv: torch's ``default_collate`` does the same): one tensor per name
+   crosses to the main process, so a batch costs a constant number of shared-memory file
+   descriptors whatever its size (one tensor per sample would cost one descriptor each: 512 per
+   batch exhausted ``ulimit -n 1024`` with two workers);
+3. :class:`ExtrasLoader` wraps the resulting dataloader: it yields ``(images, texts)`` as before
    and pushes each batch's extras onto :data:`STASH`;
-3. the loss adapter takes from :data:`STASH` the extras of exactly the batches whose features it
+4. the loss adapter takes from :data:`STASH` the extras of exactly the batches whose features it
    receives (the last ``accum_freq`` batches when gradient accumulation is on).
 
 Extras formats: csv: an ``index`` column (else the row number) and a row-aligned
@@ -27,12 +32,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-from typing import Dict, FrozenSet, List
+from typing import Dict, FrozenSet, List, Optional
 
 import numpy as np
 import torch
 
 from .data_checks import MissingExtrasError, check_csv_captions, check_embedding_width, csv_meta_path
+from .loader_health import FullPassGuard
 from .run_state import CAPTION, INDEX, SEMANTIC
 
 EMB_SUFFIX = ".emb.npy"         # csv side file: <csv without .csv> + EMB_SUFFIX
@@ -214,6 +220,16 @@ class WebdatasetWithExtras:
             return self._wds.to_tuple(*keys, **kwargs)
         return self._wds.map(_SampleToTupleWithExtras(_requested, _options.get("shard_extras")))
 
+    def batched(self, batchsize, collation_fn=None, partial=True):
+        """Upstream's batching; with extras requested its collation also stacks them (in the worker), and a
+        training pipeline (partial batches dropped) stops when a pass over its shards makes no batch."""
+        if collation_fn is None:
+            collation_fn = self._wds.filters.default_collation_fn
+        if _requested:
+            collation_fn = _CollateWithExtras(collation_fn)
+        stage = self._wds.batched(batchsize, collation_fn=collation_fn, partial=partial)
+        return stage if partial else FullPassGuard(stage, batchsize)
+
 
 def _remember_caption(sample):
     sample[_RAW_CAPTION_FIELD] = sample.get("text")
@@ -251,9 +267,28 @@ class _SampleToTupleWithExtras:
         return sample["image"], sample["text"], extras
 
 
+class _CollateWithExtras:
+    """Batch collation for ``(image, text, extras)`` samples: images and texts as ``upstream`` collates them,
+    the extras by :func:`collate_extras`; picklable for dataloader workers."""
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+
+    def __call__(self, samples):
+        if not samples or len(samples[0]) != 3 or not isinstance(samples[0][2], dict):
+            return self.upstream(samples)
+        images, texts = self.upstream([sample[:2] for sample in samples])
+        return [images, texts, collate_extras([sample[2] for sample in samples])]
+
+
 # --- batches and the stash -----------------------------------------------------------------
 def collate_extras(extras) -> Dict[str, object]:
-    """A batch's extras as one dict: tensors stacked, captions a list. Keys missing anywhere are dropped."""
+    """A batch's extras as one dict, rows in sample order: the raw captions a list of strings, the dataset
+    index one int64 tensor, every other value (the caption embedding) one stacked tensor.
+
+    A key that some sample of the batch lacks is left out for the whole batch (with ``--semantic-source
+    auto`` a batch mixing samples with and without a precomputed embedding is then embedded on the fly from
+    its captions). A dict is taken as already collated."""
     if isinstance(extras, dict):
         return extras
     rows = list(extras)

@@ -23,6 +23,7 @@ from openclip_align.losses._common import inputs_validated
 from openclip_align.losses.registry import NEEDS_INDEX, NEEDS_SEMANTIC
 
 from . import batch_extras, checkpoints, data_checks, rank_agreement, run_state, training_shards
+from . import loader_health
 from .batch_extras import STASH, ExtrasLoader
 from .checkpoints import fall_back_from_unreadable
 from .data_checks import MissingExtrasError
@@ -91,7 +92,8 @@ def wrap_get_data(upstream_get_data, data_module):
                 logging.info("openclip-align: %s", note)
         drop_empty = bool(getattr(args, "drop_empty_captions", False))
         if not run.uses_stash:
-            with training_shards.filtering_captions(data_module, plan, drop_empty):
+            with training_shards.filtering_captions(data_module, plan, drop_empty), \
+                    loader_health.stopping_on_fatal_read_errors(data_module):
                 data = upstream_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
             if "train" in data:
                 data_checks.check_has_a_batch(args, data["train"])
@@ -103,7 +105,8 @@ def wrap_get_data(upstream_get_data, data_module):
             options["shard_extras"] = training_shards.ShardSampleExtras(plan, run.data_extras(), source)
             run.semantic_width = plan.width
         with batch_extras.requesting(run.data_extras(), **options), \
-                training_shards.filtering_captions(data_module, plan, drop_empty):
+                training_shards.filtering_captions(data_module, plan, drop_empty), \
+                loader_health.stopping_on_fatal_read_errors(data_module):
             train = dataset_fn(args, preprocess_fns[0], is_train=True, epoch=epoch, tokenizer=tokenizer)
         data_checks.check_has_a_batch(args, train)
         if NEEDS_SEMANTIC in run.needs and plan is None:
@@ -484,7 +487,18 @@ def wrap_train_one_epoch(upstream):
         if isinstance(loss, TrainerLossAdapter):
             batches = getattr(data["train"].dataloader, "num_batches", None)
             loss.start_epoch(epoch, None if batches is None else batches // max(1, args.accum_freq))
-        result = upstream(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=tb_writer)
+        train = data.get("train") if isinstance(data, dict) else None
+        counting = None
+        if train is not None:                 # for this epoch only: counts its batches (see loader_health)
+            counting = train.dataloader = loader_health.CountingLoader(train.dataloader)
+        try:
+            result = upstream(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
+                              tb_writer=tb_writer)
+        finally:
+            if counting is not None:
+                train.dataloader = counting.inner
+        if counting is not None:
+            loader_health.check_trained(counting, epoch)      # no evaluation or checkpoint after no step
         check_after_epoch(model, loss, epoch)   # every rank, before evaluation and the checkpoint
         return result
 

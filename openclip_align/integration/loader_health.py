@@ -1,0 +1,171 @@
+"""A training loader that cannot deliver batches stops the run and says why: never a hang, never exit 0.
+
+Upstream's webdataset pipeline hands every read error to ``log_and_continue``: a shard that cannot be
+opened or a sample that cannot be decoded is logged and skipped. That is right for one bad shard among
+thousands and wrong when the cause is the process itself. With its file descriptors exhausted (errno
+EMFILE) every open fails, and because a training pipeline repeats its pass over a worker's shards until
+the epoch's batch count is reached (``with_epoch``), a pass that makes no batch repeats forever: the run
+hangs while the log grows by millions of warnings. When the loader gives up instead, upstream's epoch
+ends after zero steps and the run exits 0 having trained nothing. Here:
+
+* :class:`StopOnFatal` replaces the handler while the pipelines are built: descriptor exhaustion raises
+  :class:`LoaderFailure` naming the limit and ``ulimit -n``; every other error is upstream's to skip;
+* :class:`FullPassGuard` raises when one whole pass over a worker's shards makes no batch;
+* :class:`CountingLoader` counts an epoch's batches in the main process, names descriptor exhaustion met
+  while receiving a batch, and :func:`check_trained` refuses an epoch that got no batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import resource
+
+from .trainer_errors import UserInputError
+
+_FD_ERRNOS = (errno.EMFILE, errno.ENFILE)
+_FD_TEXTS = ("Too many open files", "received 0 items of ancdata")     # the OS's words; torch's on a failed fd pass
+
+
+class LoaderFailure(UserInputError):
+    """The training loader cannot deliver batches (one line; crosses from a dataloader worker by its message)."""
+
+
+def is_fd_exhaustion(exc: BaseException) -> bool:
+    """The process (or system) ran out of file descriptors; a worker's error re-raised in the main process
+    keeps only its text, so the text counts too."""
+    if isinstance(exc, OSError) and exc.errno in _FD_ERRNOS:
+        return True
+    return any(text in str(exc) for text in _FD_TEXTS)
+
+
+def fd_message(where: str) -> str:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    target = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    raise_it = (f"raise it before starting the run (`ulimit -n {target}`; the hard limit is {ceiling})"
+                if target > soft else f"the hard limit is {ceiling} too: ask for a higher one (limits.conf, or "
+                                      "LimitNOFILE= / the job scheduler's setting)")
+    return (f"{where}: too many open files: this process may open {soft} (`ulimit -n` is {soft}); {raise_it}, "
+            "or pass fewer --workers")
+
+
+class StopOnFatal:
+    """Webdataset error handler: descriptor exhaustion stops the run, anything else goes to ``upstream``."""
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+
+    def __call__(self, exc: BaseException) -> bool:
+        if is_fd_exhaustion(exc):
+            url = exc.args[-1] if exc.args and isinstance(exc.args[-1], str) else "a training shard"
+            raise LoaderFailure(fd_message(f"opening {url}")) from exc
+        return self.upstream(exc)
+
+
+@contextlib.contextmanager
+def stopping_on_fatal_read_errors(data_module):
+    """While ``open_clip_train.data`` builds its pipelines, its read-error handler is :class:`StopOnFatal`.
+
+    ``log_and_continue`` is looked up when a pipeline is built; ``tarfile_to_samples_nothrow`` binds it as
+    a default argument, so it is given the handler explicitly."""
+    upstream_handler = data_module.log_and_continue
+    upstream_reader = data_module.tarfile_to_samples_nothrow
+    handler = StopOnFatal(upstream_handler)
+    data_module.log_and_continue = handler
+    data_module.tarfile_to_samples_nothrow = functools.partial(upstream_reader, handler=handler)
+    try:
+        yield
+    finally:
+        data_module.log_and_continue = upstream_handler
+        data_module.tarfile_to_samples_nothrow = upstream_reader
+
+
+class FullPassGuard:
+    """A training pipeline's ``batched`` stage (partial batches dropped) that raises when a whole pass over
+    the worker's samples made no batch: upstream's ``with_epoch`` would start the same pass again, forever.
+    A resampled stream never ends its pass, so the guard never fires there."""
+
+    def __init__(self, stage, batch_size: int):
+        self.stage, self.batch_size = stage, batch_size
+
+    def __call__(self, data):
+        seen = [0]
+
+        def counted():
+            for sample in data:
+                seen[0] += 1
+                yield sample
+
+        made = 0
+        for batch in self.stage(counted()):
+            made += 1
+            yield batch
+        if made == 0:
+            raise LoaderFailure(_no_batch_message(seen[0], self.batch_size))
+
+
+def _no_batch_message(samples: int, batch_size: int) -> str:
+    from torch.utils.data import get_worker_info
+
+    info = get_worker_info()
+    who = f"training loader worker {info.id} of {info.num_workers}" if info is not None else "the training loader"
+    if samples == 0:
+        return (f"{who}: no sample of its shards could be read (every one failed to open or decode; the warnings "
+                "above name the error); check --train-data and that this machine can read the shards")
+    return (f"{who}: a whole pass over its shards gave {samples} samples, fewer than one batch of --batch-size "
+            f"{batch_size}; give each worker more samples (fewer --workers, more shards) or lower --batch-size")
+
+
+class CountingLoader:
+    """Stands in for the training dataloader during one epoch: counts the batches it yields and names
+    descriptor exhaustion met while starting workers or receiving a batch."""
+
+    def __init__(self, loader):
+        self.inner = loader
+        self.batches = 0
+
+    def __getattr__(self, name):              # num_batches, num_samples, sampler, ...
+        return getattr(self.inner, name)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __iter__(self):
+        try:
+            iterator = iter(self.inner)
+            while True:
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    return
+                self.batches += 1
+                yield batch
+        except LoaderFailure:
+            raise
+        except Exception as exc:
+            if is_fd_exhaustion(exc):
+                raise LoaderFailure(fd_message("the training data loader")) from exc
+            raise
+
+
+def check_trained(loader: CountingLoader, epoch: int) -> None:
+    """An epoch that got no batch trained nothing: stop before its evaluation and checkpoint. One that got
+    fewer than it should lost some (a worker that cannot pass a batch to the main process drops it).
+
+    Decided by each rank alone, on purpose: a rank that got batches is inside DDP's gradient all-reduce
+    waiting for this one, so a collective here would be matched against that all-reduce. This rank exits
+    non-zero instead; torchrun's agent then ends the others (gloo peers also see the connection close).
+    Ranks that all got no batch (the usual case: the same limit everywhere) each stop here by themselves."""
+    expected = getattr(loader.inner, "num_batches", None)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    why = (f"its warnings above say why (a worker skips a shard it cannot open or decode, and drops a batch it "
+           f"cannot pass on; \"Too many open files\" there means raising `ulimit -n`, now {soft})")
+    if not loader.batches:
+        wanted = f" (it should give {expected})" if expected else ""
+        raise LoaderFailure(f"epoch {epoch}: the training data loader gave no batch{wanted}, so nothing was "
+                            f"trained and no checkpoint is written; {why}")
+    if isinstance(expected, int) and loader.batches < expected:
+        logging.warning("openclip-align: epoch %d: the training data loader gave %d of its %d batches; %s",
+                        epoch, loader.batches, expected, why)
