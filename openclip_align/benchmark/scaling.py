@@ -264,6 +264,7 @@ def run_scaling_study(data_dir: Path, out_dir: Path, plan: Optional[ScalingPlan]
     train_csv = {f: data_dir / "train.csv" if f == 1 else
                  write_subset(data_dir, rows, out_dir / "subsets", f"train-{f:g}") for f, rows in subsets.items()}
     record = _plan_record(plan, track, sizes, data_dir)
+    corpus = corpus_record(data_dir)          # once: without a content hash in the manifest it reads every file
     previous = _previous_cells(out_dir / "results.json", record)
     started, began = time.time(), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     machine = {"cpus": os.cpu_count(), "started": began, "load_at_start": _load_meter(), "load_per_run": []}
@@ -281,8 +282,8 @@ def run_scaling_study(data_dir: Path, out_dir: Path, plan: Optional[ScalingPlan]
         outcome.pop("checkpoint", None)
         cells.append({"fraction": f, "pairs": sizes[f], "seed": seed, "row": row, **outcome})
         logging.info("scaling study: %s", cells[-1]["status"])
-        _write(out_dir, command, record, data_dir, cells, machine, started, plan)
-    return _write(out_dir, command, record, data_dir, cells, machine, started, plan, final=True)
+        _write(out_dir, command, record, corpus, cells, machine, started, plan)
+    return _write(out_dir, command, record, corpus, cells, machine, started, plan, final=True)
 
 
 def _previous_cells(path: Path, record: dict) -> dict:
@@ -295,15 +296,15 @@ def _previous_cells(path: Path, record: dict) -> dict:
     return {(c["fraction"], c["seed"], c["row"]): c for c in old["cells"] if c["status"] in ("ok", "diverged")}
 
 
-def _write(out_dir: Path, command: str, record: dict, data_dir: Path, cells: List[dict], machine: dict,
+def _write(out_dir: Path, command: str, record: dict, corpus: dict, cells: List[dict], machine: dict,
            started: float, plan: ScalingPlan, final: bool = False) -> dict:
     machine = {**machine, "load_at_end": _load_meter(), "ended": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     distance = distances(cells, plan.fractions)
     results = {
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": command or f"openclip-align study --data {data_dir} --train-fractions "
+        "command": command or f"openclip-align study --data {record['data']} --train-fractions "
                               + " ".join(f"{f:g}" for f in plan.fractions),
-        "plan": record, "corpus": corpus_record(data_dir), "machine": machine, "cells": cells,
+        "plan": record, "corpus": corpus, "machine": machine, "cells": cells,
         "table": summarise(cells, plan.fractions, plan.rows), "distance": distance,
         "trend": [trend(distance, key) for key in METRICS],
         "seconds": time.time() - started,
