@@ -199,12 +199,21 @@ def test_record_round_trip_merges_entries(tmp_path):
     assert C.read_record(str(tmp_path / "nowhere")) is None
 
 
-def test_verify_record_detects_a_changed_shard(tmp_path):
+def test_verify_record_detects_a_changed_shard_by_size_and_keys_not_by_mtime(tmp_path):
     a = make_shard(tmp_path / "a.tar", plain_samples(["a0", "a1"]))
     _recorded(tmp_path, [a])
     assert C.verify_record([a]).counts == {a: 2}
-    os.utime(a, ns=(os.stat(a).st_atime_ns, os.stat(a).st_mtime_ns + 10**9))    # same bytes, rewritten later
-    with pytest.raises(C.CorpusError, match=r"a\.tar changed since it was checked.*data check"):
+    os.utime(a, ns=(os.stat(a).st_atime_ns, os.stat(a).st_mtime_ns + 10**9))    # same bytes, new time (cp -r)
+    check = C.verify_record([a])
+    assert check.counts == {a: 2} and check.rehashed == [a]
+    size = os.path.getsize(a)
+    make_shard(a, plain_samples(["a0", "b1"]))                 # same size, other keys: rewritten
+    assert os.path.getsize(a) == size
+    with pytest.raises(C.CorpusError, match=r"a\.tar has the size .* records but other keys .*data check"):
+        C.verify_record([a])
+    make_shard(a, plain_samples(["a0", "a1", "a2"] + [f"x{i}" for i in range(30)]))     # another size
+    with pytest.raises(C.CorpusError, match=r"a\.tar changed since it was checked: it has \d+ bytes, .*record.* "
+                                            r"recorded \d+; .*data check"):
         C.verify_record([a])
 
 

@@ -2,9 +2,11 @@
 
     openclip-align embed --data train.csv [--model all-mpnet-base-v2] [--out DIR]
     openclip-align embed --data shards/ [--out COLDIR] [--devices cuda:0,cuda:1] [--model all-MiniLM-L6-v2]
+    openclip-align embed --data shards/ [--out COLDIR] --add-fingerprints   (columns written before fingerprints)
 
 For shards it writes a column per shard (NAME.emb.npy + NAME.emb.json, beside the shards by default),
-never a copy of the images; a rerun skips the shards already done.
+never a copy of the images; a rerun skips the shards already done. Every row carries the fingerprint of
+its caption; ``--out`` refuses to overwrite the column of another shard of the same name.
 """
 from __future__ import annotations
 
@@ -37,6 +39,9 @@ def register(subparsers) -> None:
     parser.add_argument("--drop-empty-captions", action="store_true",
                         help="leave out pairs whose caption is empty or missing (csv: from a copy, "
                              "<stem>.indexed.csv; shards: no row in the column, listed in its json) instead of refusing them")
+    parser.add_argument("--add-fingerprints", action="store_true",
+                        help="shards: give existing columns (written before caption fingerprints existed) their "
+                             "fingerprints; reads captions only, rewrites only each column's json, embeds nothing")
     parser.set_defaults(func=_run)
 
 
@@ -47,6 +52,14 @@ def _run(args) -> int:
 
     progress = not args.no_progress
     try:
+        if args.add_fingerprints:
+            from ..data.embed_column import add_fingerprints
+
+            done = add_fingerprints(args.data, args.out)
+            added = {k: v for k, v in done.items() if v}
+            print(f"{args.out or 'beside the shards'}: caption fingerprints added to {len(added)} columns "
+                  f"({sum(added.values())} rows); {len(done) - len(added)} already had them")
+            return 0
         if args.data.endswith(".csv") or (os.path.isfile(args.data) and not args.data.endswith(".tar")):
             device = args.device
             if device == "auto":

@@ -337,9 +337,11 @@ def _record_shards(writer: Writer, directory: Path, sizes: Dict[str, int], emb: 
     for name in sorted(sizes):
         path = str(directory / name)
         if emb is not None:
-            keys = [key for key, _ in corpus.iter_samples(path, frozenset())]
+            samples = [(key, corpus.caption_text(m.get("txt"))) for key, m in corpus.iter_samples(path, frozenset({"txt"}))]
+            keys, captions = [k for k, _ in samples], [c for _, c in samples]
             rows = emb[offset:offset + len(keys)]
-            corpus.write_column(path, None, keys, rows, model=canonical_name(encoder), index_start=offset)
+            corpus.write_column(path, None, keys, rows, model=canonical_name(encoder), index_start=offset,
+                                captions=captions)
             writer.written.update(Path(p) for p in corpus.column_paths(path, None))
             offset += len(keys)
     corpus.write_record(str(directory), {name: corpus.scan_shard(str(directory / name)) for name in sizes}, replace=True)

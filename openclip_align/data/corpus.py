@@ -3,12 +3,23 @@
 The one owner of the files the data commands write and the trainer checks (the trainer only calls this):
 
 * an embedding column per shard, ``COLDIR/NAME.emb.npy`` ([n, d], row r = the r-th captioned sample of
-  ``NAME.tar`` in tar order) and ``COLDIR/NAME.emb.json`` (its keys, model, width, the shard's size and
-  mtime, and ``index_start``: the dataset index of row 0). The json is written after the array, so a
-  json that exists vouches for a complete column. Caption embeddings never need a copy of the images.
+  ``NAME.tar`` in tar order) and ``COLDIR/NAME.emb.json`` (its keys, model, width, ``index_start``: the
+  dataset index of row 0, and the shard it was made from: path, size, sample count, a hash of its keys
+  and of its captions). The json is written after the array, so a json that exists vouches for a
+  complete column. Caption embeddings never need a copy of the images.
 * a record per shard directory, ``openclip_align_record.json``: what each shard holds (count, a hash of
-  its keys, index range, empty captions, ``KEY.emb.npy`` members, its column), with the shard's size and
-  mtime so that a changed shard is noticed. Written by ``data build``, ``embed`` and ``data check``.
+  its keys and of its captions, index range, empty captions, ``KEY.emb.npy`` members, its column), with
+  the shard's size and mtime so that a changed shard is noticed. Written by ``data build``, ``embed`` and
+  ``data check``. Paths in it (a shard's ``path``, its column's ``dir``) are relative to the record, so a
+  copied or moved corpus is checked against its own files; older records with absolute dirs still work.
+
+A column row belongs to a caption, not to a file name: two img2dataset exports both hold ``00000.tar``
+with keys ``000000000``..., and one shard may be embedded from a local copy and trained from ``pipe:``.
+So every row carries its caption's fingerprint (:func:`caption_fingerprint`, 8 bytes), compared with
+the caption of the sample it is joined to as that sample is decoded (:class:`ColumnReader`): a column
+made from other captions stops the run at the first affected sample, local, ``pipe:`` or remote alike.
+Columns written before fingerprints existed still train (a warning says how to add them:
+:data:`FIX_FINGERPRINTS`).
 
 Verifying a recorded corpus (:func:`verify_record`) costs a stat and, at most, a small json read per
 shard: nothing grows with the number of samples. Shards without a record entry are checked sample by
@@ -17,6 +28,7 @@ sample as they are decoded (:func:`check_vector`, :class:`ColumnReader`). Every 
 """
 from __future__ import annotations
 
+import base64
 import collections
 import hashlib
 import io
@@ -48,8 +60,13 @@ SHOWN = 3
 
 FIX_EMBED = "rerun `openclip-align embed --data SHARDS` (it writes the column NAME.emb.npy/.emb.json)"
 FIX_CHECK = "rerun `openclip-align data check --data SHARDS`"
+FIX_FINGERPRINTS = "openclip-align embed --data SHARDS [--out COLDIR] --add-fingerprints"
+FIX_OTHER_SOURCE = ("give each source its own columns: `openclip-align embed --data SOURCE --out DIR` per source, "
+                    "then --semantic-embeddings DIR_A::DIR_B in the order of --train-data's :: sources")
+CAPTION_FP_BYTES = 8
 
 _MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")      # webdataset's KEY.suffix split of a member name
+REMOTE = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)")       # a url or pipe: command, not a local path
 _SHARD_NAME = re.compile(r"([^/\s]+?\.tar)(?=\s|$|\?)")  # the shard file name inside a url or pipe: command
 
 
@@ -68,16 +85,57 @@ def shard_name(shard_url: str) -> str:
     return found[-1] if found else os.path.basename(str(shard_url).rstrip("/"))
 
 
-def column_paths(shard_url: str, column_dir: Optional[str] = None) -> Tuple[str, str]:
-    """(``NAME.emb.npy``, ``NAME.emb.json``) of a shard's column: in ``column_dir``, else beside the shard."""
+def column_folder(column_dir, shard_url: str) -> Optional[str]:
+    """The column folder given for a shard: ``column_dir`` itself, or its entry for the shard when it is a
+    mapping {url: folder} (``--semantic-embeddings A::B`` pairs folders with ``--train-data``'s sources)."""
+    if isinstance(column_dir, Mapping):
+        found = column_dir.get(str(shard_url))
+        return str(found) if found else None
+    return str(column_dir) if column_dir else None
+
+
+def column_paths(shard_url: str, column_dir=None) -> Tuple[str, str]:
+    """(``NAME.emb.npy``, ``NAME.emb.json``) of a shard's column: in ``column_dir`` (a folder, or
+    {url: folder}), else beside the shard."""
     name = shard_name(shard_url)
     stem = name[:-len(".tar")] if name.endswith(".tar") else name
-    folder = str(column_dir) if column_dir else os.path.dirname(str(shard_url))
+    folder = column_folder(column_dir, shard_url) or os.path.dirname(str(shard_url))
     return os.path.join(folder, stem + COLUMN_SUFFIX), os.path.join(folder, stem + COLUMN_META_SUFFIX)
 
 
 def keys_sha256(keys: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()
+
+
+def caption_fingerprint(caption) -> bytes:
+    """8 bytes of blake2b of a caption as the trainer sees it (the UTF-8 text of ``KEY.txt``; a missing
+    caption counts as empty). Cost: one hash of a short string per sample."""
+    if caption is None:
+        caption = b""
+    elif isinstance(caption, str):
+        caption = caption.encode("utf-8")
+    return hashlib.blake2b(bytes(caption), digest_size=CAPTION_FP_BYTES).digest()
+
+
+def captions_sha256(fingerprints: Iterable[bytes]) -> str:
+    """One hash of a shard's captions: sha256 over their fingerprints in tar order."""
+    digest = hashlib.sha256()
+    for fp in fingerprints:
+        digest.update(fp)
+    return digest.hexdigest()
+
+
+def caption_text(raw) -> str:
+    """``KEY.txt`` bytes (or an already decoded str) as the text webdataset's decoder gives the trainer."""
+    if raw is None:
+        return ""
+    return raw.decode("utf-8", errors="replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
+
+
+def keys_sha256_of_shard(path: str) -> Tuple[int, str]:
+    """(sample count, keys hash) of a local shard by a walk over its tar headers (no member is read)."""
+    keys = [key for key, _ in iter_samples(path, frozenset())]
+    return len(keys), keys_sha256(keys)
 
 
 def fingerprint(path: str) -> Tuple[int, int]:
@@ -155,8 +213,10 @@ def scan_shard(path: str, want_index: bool = True, column_dir: Optional[str] = N
     unique = True
     emb_count, emb_width, emb_finite = 0, None, None
     problems: List[str] = []
+    caption_fps: List[bytes] = []
     for key, members in iter_samples(path, wanted):
         keys.append(key)
+        caption_fps.append(caption_fingerprint(caption_text(members.get("txt"))))
         if is_empty(members.get("txt")):
             empty.append(key)
         if want_index:
@@ -177,6 +237,7 @@ def scan_shard(path: str, want_index: bool = True, column_dir: Optional[str] = N
                     emb_finite = False
     entry = {
         "bytes": size, "mtime_ns": mtime, "count": len(keys), "keys_sha256": keys_sha256(keys),
+        "captions_sha256": captions_sha256(caption_fps),
         "index_scanned": bool(want_index), "index_count": len(indices),
         "index_min": min(indices) if indices else None, "index_max": max(indices) if indices else None,
         "indices_unique": unique, "empty_caption_keys": empty,
@@ -185,23 +246,44 @@ def scan_shard(path: str, want_index: bool = True, column_dir: Optional[str] = N
         "problems": problems[:SHOWN] + ([f"... and {len(problems) - SHOWN} more"] if len(problems) > SHOWN else []),
         "column": None,
     }
-    column = column_summary(path, column_dir, shard_keys=keys)
+    column = column_summary(path, column_dir, shard_keys=keys, shard_captions_hash=entry["captions_sha256"])
     if column is not None:
         entry["column"] = column
     return entry
 
 
 # --- the embedding column -----------------------------------------------------------------------------
+def shard_identity(shard_path: str, shard_keys: Sequence[str], shard_captions: Optional[Sequence[str]],
+                   column_dir=None) -> dict:
+    """What a column json records of the shard it was made from (see the module docstring). A local
+    shard's path is stored relative to the column's folder, so a copied corpus names its own shard."""
+    local = os.path.isfile(str(shard_path))
+    folder = os.path.dirname(os.path.abspath(column_paths(shard_path, column_dir)[1]))
+    return {"shard": shard_name(shard_path),
+            "shard_path": os.path.relpath(os.path.abspath(shard_path), folder) if local else str(shard_path),
+            "shard_count": len(shard_keys), "shard_keys_sha256": keys_sha256(shard_keys),
+            "shard_captions_sha256": None if shard_captions is None else
+            captions_sha256(caption_fingerprint(c) for c in shard_captions)}
+
+
 def write_column(shard_path: str, column_dir: Optional[str], keys: Sequence[str], embeddings: np.ndarray,
                  model: str, dtype: str = "float16", dropped: Sequence[str] = (),
-                 index_start: Optional[int] = None, shard_keys: Optional[Sequence[str]] = None) -> dict:
+                 index_start: Optional[int] = None, shard_keys: Optional[Sequence[str]] = None,
+                 captions: Optional[Sequence[str]] = None, shard_captions: Optional[Sequence[str]] = None) -> dict:
     """Write a shard's column: the array first, then its json (so an existing json means complete).
 
     ``keys``: the samples of the rows, in tar order; ``dropped``: samples left out (no row);
-    ``shard_keys``: every key of the shard in tar order (default ``keys`` + none dropped)."""
+    ``shard_keys``: every key of the shard in tar order (default ``keys`` + none dropped);
+    ``captions``: the caption of each row, as the trainer will see it (each row's fingerprint);
+    ``shard_captions``: every sample's caption in tar order (default ``captions`` when none is dropped).
+    Without ``captions`` the column has no fingerprints (it trains, with a warning)."""
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2 or embeddings.shape[0] != len(keys):
         raise ValueError(f"{shard_path}: {len(keys)} keys but embeddings of shape {embeddings.shape}")
+    if captions is not None and len(captions) != len(keys):
+        raise ValueError(f"{shard_path}: {len(keys)} keys but {len(captions)} captions")
+    if shard_captions is None and captions is not None and not dropped:
+        shard_captions = captions
     npy_path, json_path = column_paths(shard_path, column_dir)
     size, mtime = fingerprint(shard_path)
     buf = io.BytesIO()
@@ -210,13 +292,44 @@ def write_column(shard_path: str, column_dir: Optional[str], keys: Sequence[str]
     if os.path.exists(json_path):
         os.unlink(json_path)
     atomic_write_bytes(npy_path, buf.getvalue())
-    meta = {"format": COLUMN_FORMAT, "shard": shard_name(shard_path), "shard_bytes": size, "shard_mtime_ns": mtime,
-            "shard_keys_sha256": keys_sha256(shard_keys if shard_keys is not None else keys),
+    meta = {"format": COLUMN_FORMAT, "shard_bytes": size, "shard_mtime_ns": mtime,
+            **shard_identity(shard_path, shard_keys if shard_keys is not None else keys, shard_captions, column_dir),
             "count": len(keys), "dim": int(embeddings.shape[1]), "dtype": str(np.dtype(dtype)), "model": str(model),
             "normalized": True, "index_start": index_start, "keys": list(keys),
             "dropped_empty_captions": list(dropped)}
+    if captions is not None:
+        meta["caption_fingerprints"] = encode_fingerprints(captions)
     atomic_write_bytes(json_path, _json_bytes(meta))
     return meta
+
+
+def encode_fingerprints(captions: Iterable[str]) -> str:
+    """The rows' caption fingerprints as the json stores them: one base64 string of 8 bytes per row
+    (about 11 bytes of json per sample)."""
+    return base64.b64encode(b"".join(caption_fingerprint(c) for c in captions)).decode("ascii")
+
+
+def write_column_meta(json_path: str, meta: dict) -> None:
+    """Replace a column's json atomically (the array is left as it is)."""
+    atomic_write_bytes(json_path, _json_bytes(meta))
+
+
+def column_source(meta: dict, json_path: str) -> Optional[str]:
+    """The shard a column was made from: an absolute path (resolved against the column's folder), a url
+    or ``pipe:`` command as given, or None for a column that does not record it."""
+    source = meta.get("shard_path")
+    if not source or REMOTE.match(str(source)) or os.path.isabs(str(source)):
+        return source
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(json_path)), str(source)))
+
+
+def made_from(meta: dict, json_path: str) -> str:
+    """Where a column says it was made from, for messages."""
+    return str(column_source(meta, json_path) or f"a shard named {meta.get('shard')}")
+
+
+def has_fingerprints(meta: Optional[dict]) -> bool:
+    return bool(meta) and meta.get("caption_fingerprints") is not None
 
 
 def _read_json(path: str, fix: str):
@@ -248,9 +361,10 @@ def npy_shape(npy_path: str) -> Tuple[Tuple[int, ...], np.dtype]:
 
 def column_problem(shard_path: str, column_dir: Optional[str], meta: Optional[dict] = None,
                    shard_keys_hash: Optional[str] = None, expected_width: Optional[int] = None,
-                   check_stat: bool = True) -> Optional[str]:
+                   check_stat: bool = True, shard_captions_hash: Optional[str] = None) -> Optional[str]:
     """Why the shard's column cannot be used as it is (missing, partial, another shard's, stale, wrong
-    width), or None. Costs a stat, a .npy header and the json (``meta`` when already read)."""
+    width), or None. Costs a stat, a .npy header and the json (``meta`` when already read).
+    ``shard_keys_hash`` / ``shard_captions_hash``: the shard's own (from its record), when known."""
     npy_path, json_path = column_paths(shard_path, column_dir)
     name = shard_name(shard_path)
     if meta is None:
@@ -263,13 +377,26 @@ def column_problem(shard_path: str, column_dir: Optional[str], meta: Optional[di
                (", or pass --semantic-embeddings DIR where it was written" if column_dir is None else "")
     if meta.get("shard") != name:
         return f"{json_path} is the column of shard {meta.get('shard')}, not of {name}; {FIX_EMBED}"
+    source = column_source(meta, json_path)
+    same_file = source is None or (os.path.isfile(str(shard_path)) and os.path.abspath(shard_path) == source)
+    other = "" if same_file else f" (it was made from {source}: another shard of that name? {FIX_OTHER_SOURCE})"
     if check_stat and os.path.isfile(shard_path):
         size, mtime = fingerprint(shard_path)
         if meta.get("shard_bytes") != size:
-            return f"shard {shard_path} has {size} bytes, but its column {json_path} was made from a shard of " \
-                   f"{meta.get('shard_bytes')} bytes: the shard changed since; {FIX_EMBED}"
+            if same_file:
+                return f"shard {shard_path} has {size} bytes, but its column {json_path} was made from it when it " \
+                       f"had {meta.get('shard_bytes')} bytes: the shard changed since; {FIX_EMBED}"
+            return f"shard {shard_path} has {size} bytes, but its column {json_path} was made from {source} of " \
+                   f"{meta.get('shard_bytes')} bytes: another shard of the same name, or a changed copy; " \
+                   f"{FIX_OTHER_SOURCE}, or {FIX_EMBED}"
     if shard_keys_hash is not None and meta.get("shard_keys_sha256") != shard_keys_hash:
-        return f"{json_path}: its keys are not those of shard {shard_path} (another version of the shard); {FIX_EMBED}"
+        return f"{json_path}: its keys are not those of shard {shard_path} (another version of the shard){other}; " \
+               f"{FIX_EMBED}"
+    recorded_captions = meta.get("shard_captions_sha256")
+    if shard_captions_hash is not None and recorded_captions is not None and recorded_captions != shard_captions_hash:
+        return f"shard {shard_path}: its column {json_path} was made from other captions (same keys, captions hash " \
+               f"{recorded_captions[:12]} in the column, {shard_captions_hash[:12]} in the shard's record){other}; " \
+               + (FIX_OTHER_SOURCE if other else FIX_EMBED)
     try:
         shape, _ = npy_shape(npy_path)
     except FileNotFoundError:
@@ -286,8 +413,8 @@ def column_problem(shard_path: str, column_dir: Optional[str], meta: Optional[di
     return None
 
 
-def column_summary(shard_path: str, column_dir: Optional[str], shard_keys: Optional[Sequence[str]] = None,
-                   meta: Optional[dict] = None) -> Optional[dict]:
+def column_summary(shard_path: str, column_dir, shard_keys: Optional[Sequence[str]] = None,
+                   meta: Optional[dict] = None, shard_captions_hash: Optional[str] = None) -> Optional[dict]:
     """The record's ``column`` field for a complete, current column; None when there is none usable."""
     npy_path, json_path = column_paths(shard_path, column_dir)
     try:
@@ -297,14 +424,17 @@ def column_summary(shard_path: str, column_dir: Optional[str], shard_keys: Optio
     if meta is None:
         return None
     shard_hash = keys_sha256(shard_keys) if shard_keys is not None else None
-    if column_problem(shard_path, column_dir, meta=meta, shard_keys_hash=shard_hash) is not None:
+    if column_problem(shard_path, column_dir, meta=meta, shard_keys_hash=shard_hash,
+                      shard_captions_hash=shard_captions_hash) is not None:
         return None
     npy_bytes, npy_mtime = fingerprint(npy_path)
     json_bytes, json_mtime = fingerprint(json_path)
     return {"model": meta["model"], "dim": int(meta["dim"]), "dtype": meta["dtype"], "rows": int(meta["count"]),
             "index_start": meta.get("index_start"), "dropped_empty_captions": len(meta.get("dropped_empty_captions", ())),
             "dir": os.path.abspath(os.path.dirname(npy_path)), "npy_bytes": npy_bytes, "npy_mtime_ns": npy_mtime,
-            "json_bytes": json_bytes, "json_mtime_ns": json_mtime}
+            "json_bytes": json_bytes, "json_mtime_ns": json_mtime, "fingerprints": has_fingerprints(meta),
+            "shard_keys_sha256": meta.get("shard_keys_sha256"),
+            "shard_captions_sha256": meta.get("shard_captions_sha256")}
 
 
 class _OpenColumn:
@@ -312,19 +442,46 @@ class _OpenColumn:
         self.shard_url, self.npy_path, self.meta, self.array = shard_url, npy_path, meta, array
         self.rows = {key: row for row, key in enumerate(meta["keys"])}
         self.dropped = frozenset(meta.get("dropped_empty_captions", ()))
+        encoded = meta.get("caption_fingerprints")
+        self.fingerprints = None if encoded is None else base64.b64decode(encoded)
+        if self.fingerprints is not None and len(self.fingerprints) != CAPTION_FP_BYTES * len(self.rows):
+            raise CorpusError(f"{npy_path}: its json holds {len(self.fingerprints) // CAPTION_FP_BYTES} caption "
+                              f"fingerprints for {len(self.rows)} rows; the json is damaged: {FIX_EMBED}")
+
+
+_LEGACY_WARNED = False          # once per process: a column without fingerprints
+
+
+def warn_legacy_columns(where: str) -> None:
+    """Say once per process that columns carry no caption fingerprints, and how to add them."""
+    global _LEGACY_WARNED
+    if _LEGACY_WARNED:
+        return
+    _LEGACY_WARNED = True
+    import logging
+
+    logging.warning("openclip-align: %s carries no caption fingerprints (written before they existed), so its rows "
+                    "cannot be checked against the captions they are joined to; add them (reads captions only, "
+                    "rewrites the column json): %s", where, FIX_FINGERPRINTS)
 
 
 class ColumnReader:
     """Looks up a sample's caption embedding in its shard's column, opened lazily (memory-mapped) in the
     process that asks: picklable before use, so each dataloader worker opens its own. Keeps the last
-    ``cache_size`` shards open (a shuffle buffer mixes samples of a few shards)."""
+    ``cache_size`` shards open (a shuffle buffer mixes samples of a few shards).
 
-    def __init__(self, column_dir: Optional[str] = None, expected_width: Optional[int] = None,
-                 expected_model: Optional[str] = None, cache_size: int = 8):
+    ``column_dir``: one folder, or {url: folder}; None: beside each shard. Given the sample's caption,
+    each lookup compares its fingerprint with the row's (a hash of a short string), so a row is never
+    joined to a sample whose caption it was not made from. ``warn_legacy``: say (once per process) when a
+    column has no fingerprints; off when the run already said so before step 1."""
+
+    def __init__(self, column_dir=None, expected_width: Optional[int] = None,
+                 expected_model: Optional[str] = None, cache_size: int = 8, warn_legacy: bool = True):
         self.column_dir = column_dir
         self.expected_width = expected_width
         self.expected_model = expected_model
         self.cache_size = max(1, int(cache_size))
+        self.warn_legacy = warn_legacy
         self._open: "collections.OrderedDict[str, _OpenColumn]" = collections.OrderedDict()
 
     def __getstate__(self):
@@ -346,32 +503,47 @@ class ColumnReader:
             raise CorpusError(f"shard {shard_url}: its column {npy_path} was made by {meta.get('model')}, but the run "
                               f"uses {self.expected_model}; {FIX_EMBED} --model {self.expected_model}")
         col = _OpenColumn(shard_url, npy_path, meta, np.load(npy_path, mmap_mode="r", allow_pickle=False))
+        if col.fingerprints is None and self.warn_legacy:
+            warn_legacy_columns(f"the column {json_path}")
         self._open[shard_url] = col
         while len(self._open) > self.cache_size:
             self._open.popitem(last=False)
         return col
 
-    def _row(self, shard_url: str, key: str) -> Tuple[_OpenColumn, int]:
-        col = self.column(shard_url)
+    def _row(self, shard_url: str, key: str, caption=None) -> Tuple[_OpenColumn, int]:
+        try:
+            col = self.column(shard_url)
+        except CorpusError as err:
+            raise CorpusError(f"{err} (met at sample {key})") from None
         row = col.rows.get(key)
         if row is None:
             why = "was left out for its empty caption" if key in col.dropped else "has no row"
             raise CorpusError(f"shard {shard_url} sample {key} {why} in the column {col.npy_path} ({col.meta['count']} "
                               f"rows); {FIX_EMBED}" + (f", or pass {DROP_FLAG}" if key in col.dropped else ""))
+        if caption is not None and col.fingerprints is not None \
+                and caption_fingerprint(caption_text(caption)) != \
+                col.fingerprints[CAPTION_FP_BYTES * row:CAPTION_FP_BYTES * (row + 1)]:
+            text = caption_text(caption)
+            shown = text if len(text) <= 60 else text[:57] + "..."
+            raise CorpusError(
+                f"shard {shard_url} sample {key}: its caption {shown!r} is not the caption row {row} of "
+                f"{col.npy_path} was made from (that column was made from {made_from(col.meta, col.npy_path)}); a column of "
+                f"another shard with the same name and keys: {FIX_OTHER_SOURCE}, or {FIX_EMBED}")
         return col, row
 
-    def lookup(self, shard_url: str, key: str) -> np.ndarray:
-        """float32 [d] embedding of ``key``; raises :class:`CorpusError` naming shard, key and fix."""
-        col, row = self._row(shard_url, key)
+    def lookup(self, shard_url: str, key: str, caption=None) -> np.ndarray:
+        """float32 [d] embedding of ``key``; raises :class:`CorpusError` naming shard, key and fix.
+        ``caption``: the sample's caption, checked against the row's fingerprint."""
+        col, row = self._row(shard_url, key, caption)
         value = np.asarray(col.array[row], dtype=np.float32)
         if not np.isfinite(value).all():
             raise CorpusError(f"shard {shard_url} sample {key}: row {row} of {col.npy_path} holds non-finite values "
                               f"(NaN or inf); {FIX_EMBED}")
         return value
 
-    def index(self, shard_url: str, key: str) -> int:
+    def index(self, shard_url: str, key: str, caption=None) -> int:
         """The sample's dataset index: the column's ``index_start`` + its row."""
-        col, row = self._row(shard_url, key)
+        col, row = self._row(shard_url, key, caption)
         start = col.meta.get("index_start")
         if start is None:
             raise CorpusError(f"shard {shard_url}: its column {col.npy_path} records no index_start; {FIX_EMBED} "
@@ -399,9 +571,23 @@ def read_record(directory: str) -> Optional[dict]:
     return record
 
 
+def _relative_entry(key: str, entry: dict, directory: str) -> dict:
+    """An entry as stored: the shard's ``path`` (when ``key`` is a path) and its column's ``dir`` relative
+    to the record's folder, so a copied or moved corpus finds its own files; no private (``_``) fields."""
+    base = os.path.abspath(directory)
+    entry = {k: v for k, v in entry.items() if not k.startswith("_")}
+    if os.path.dirname(str(key)):
+        entry["path"] = os.path.relpath(os.path.abspath(str(key)), base)
+    column = entry.get("column")
+    if isinstance(column, dict) and column.get("dir") and os.path.isabs(column["dir"]):
+        entry["column"] = dict(column, dir=os.path.relpath(column["dir"], base))
+    return entry
+
+
 def write_record(directory: str, entries: Mapping[str, dict], replace: bool = False) -> dict:
-    """Merge ``entries`` ({"NAME.tar": entry}) into the directory's record (all of it with ``replace``),
-    under a lock so that concurrent writers lose nothing; written atomically."""
+    """Merge ``entries`` ({"NAME.tar" or shard path: entry}) into the directory's record (all of it with
+    ``replace``), under a lock so that concurrent writers lose nothing; written atomically. Paths are
+    stored relative to ``directory`` (see :func:`_relative_entry`)."""
     from filelock import FileLock
 
     directory = str(directory)
@@ -410,7 +596,7 @@ def write_record(directory: str, entries: Mapping[str, dict], replace: bool = Fa
     with FileLock(path + ".lock"):
         record = None if replace else read_record(directory)
         record = record or {"format": RECORD_FORMAT, "shards": {}}
-        record["shards"].update({shard_name(k): v for k, v in entries.items()})
+        record["shards"].update({shard_name(k): _relative_entry(k, v, directory) for k, v in entries.items()})
         record["shards"] = dict(sorted(record["shards"].items()))
         atomic_write_bytes(path, _json_bytes(record))
     return record
@@ -430,8 +616,27 @@ def record_dir_for(shard_dir: str, column_dir: Optional[str] = None) -> str:
                       "--out DIR (a writable directory) to write it there")
 
 
-def recorded_entries(urls: Sequence[str], column_dir: Optional[str] = None) -> Dict[str, dict]:
-    """{url: entry} for the shards with an entry, looking in ``column_dir`` first, then beside each shard."""
+def _resolved_entry(url: str, entry: dict, folder: str) -> Optional[dict]:
+    """The entry with absolute paths, or None when it records another shard of the same name (its
+    ``path``, relative to the record, is not ``url``). ``_exact``: the entry is this very file's (by path,
+    or by name in the record beside it); ``_record``: the record's path, for messages."""
+    base = os.path.abspath(folder)
+    exact = os.path.abspath(os.path.dirname(url)) == base
+    if entry.get("path"):
+        if os.path.normpath(os.path.join(base, entry["path"])) != os.path.abspath(url):
+            return None
+        exact = True
+    entry = dict(entry, _exact=exact, _record=os.path.join(folder, RECORD_NAME))
+    column = entry.get("column")
+    if isinstance(column, dict) and column.get("dir"):
+        entry["column"] = dict(column, dir=os.path.normpath(os.path.join(base, column["dir"])))
+    return entry
+
+
+def recorded_entries(urls: Sequence[str], column_dir=None) -> Dict[str, dict]:
+    """{url: entry} for the shards with an entry, looking in the shard's column folder first (``column_dir``:
+    a folder or {url: folder}), then beside each shard. An entry whose recorded path is another file of
+    the same name is not this shard's."""
     records: Dict[str, Optional[dict]] = {}
 
     def record_in(folder: str) -> Optional[dict]:
@@ -442,11 +647,14 @@ def recorded_entries(urls: Sequence[str], column_dir: Optional[str] = None) -> D
     found: Dict[str, dict] = {}
     for url in urls:
         name = shard_name(url)
-        for folder in ([str(column_dir)] if column_dir else []) + [os.path.dirname(url)]:
+        first = column_folder(column_dir, url)
+        for folder in ([first] if first else []) + [os.path.dirname(url)]:
             record = record_in(folder)
             if record is not None and name in record["shards"]:
-                found[url] = record["shards"][name]
-                break
+                entry = _resolved_entry(url, record["shards"][name], folder)
+                if entry is not None:
+                    found[url] = entry
+                    break
     return found
 
 
@@ -569,6 +777,8 @@ class RecordCheck:
     width: Optional[int] = None                                    # of the semantic embeddings
     semantic_from: Dict[str, str] = field(default_factory=dict)    # url -> "column" | "member" | "none"
     index_from: Dict[str, str] = field(default_factory=dict)       # url -> "json" | "column"
+    legacy: List[str] = field(default_factory=list)                # urls whose column has no caption fingerprints
+    rehashed: List[str] = field(default_factory=list)              # same size, new mtime, same keys (a copy)
 
     @property
     def samples(self) -> int:
@@ -579,7 +789,7 @@ class RecordCheck:
 
 
 def verify_record(urls: Sequence[str], record: Optional[Mapping[str, dict]] = None, needs_index: bool = False,
-                  needs_semantic: bool = False, column_dir: Optional[str] = None,
+                  needs_semantic: bool = False, column_dir=None,
                   expected_width: Optional[int] = None, expected_model: Optional[str] = None,
                   drop_empty_captions: bool = False, semantic_source: str = "precomputed",
                   batch_size: Optional[int] = None, workers: int = 1, world_size: int = 1,
@@ -590,13 +800,17 @@ def verify_record(urls: Sequence[str], record: Optional[Mapping[str, dict]] = No
 
     ``record``: {url or "NAME.tar": entry}; default: the records found beside the shards / column.
     Shard-level checks that need every shard (sizes, a batch per worker, index ranges) run only when
-    every shard is recorded; otherwise they are left to the per-sample checks (see ``unrecorded``)."""
+    every shard is recorded; otherwise they are left to the per-sample checks (see ``unrecorded``).
+
+    A shard is the recorded one when its size and keys are: the same size and mtime says so at the cost
+    of a stat; the same size with another mtime (a ``cp -r`` copy) re-hashes its keys by a walk over its
+    tar headers; another size is another shard. ``column_dir``: a folder, or {url: folder}."""
     urls = list(urls)
     if record is None:
         entries = recorded_entries(urls, column_dir)
     else:
         by_name = {shard_name(k): v for k, v in record.items()}
-        entries = {u: by_name[shard_name(u)] for u in urls if shard_name(u) in by_name}
+        entries = {u: dict(by_name[shard_name(u)], _exact=True) for u in urls if shard_name(u) in by_name}
     check = RecordCheck(urls)
     empty: List[Tuple[str, str]] = []
     for url in urls:
@@ -604,10 +818,7 @@ def verify_record(urls: Sequence[str], record: Optional[Mapping[str, dict]] = No
         if entry is None or not os.path.isfile(url):
             check.unrecorded.append(url)
             continue
-        size, mtime = fingerprint(url)
-        if (size, mtime) != (entry.get("bytes"), entry.get("mtime_ns")):
-            raise CorpusError(f"shard {url} changed since it was checked ({entry.get('bytes')} -> {size} bytes, mtime "
-                              f"{entry.get('mtime_ns')} -> {mtime}); {FIX_CHECK}")
+        _same_shard(url, entry, check)
         if entry.get("problems"):
             raise CorpusError(f"shard {url}: {entry['problems'][0]} (found by the last `data check`)")
         check.recorded[url] = entry
@@ -633,22 +844,55 @@ def verify_record(urls: Sequence[str], record: Optional[Mapping[str, dict]] = No
     return check
 
 
+def _same_shard(url: str, entry: dict, check: RecordCheck) -> None:
+    """The shard at ``url`` is the one ``entry`` records (see :func:`verify_record`), or a CorpusError
+    saying what differs."""
+    size, mtime = fingerprint(url)
+    where = entry.get("_record", "its record")
+    if size != entry.get("bytes"):
+        if entry.get("_exact", True):
+            raise CorpusError(f"shard {url} changed since it was checked: it has {size} bytes, {where} recorded "
+                              f"{entry.get('bytes')}; {FIX_CHECK}")
+        raise CorpusError(f"shard {url} has {size} bytes, but {where} holds an entry of {entry.get('bytes')} bytes for "
+                          f"a shard of that name, found by name only (another folder's shard of the same name, or "
+                          f"this one changed since that record was written); {FIX_CHECK} --out DIR_OF_ITS_OWN")
+    if mtime == entry.get("mtime_ns"):
+        return
+    count, keys_hash = keys_sha256_of_shard(url)
+    if keys_hash != entry.get("keys_sha256"):
+        raise CorpusError(f"shard {url} has the size {where} records but other keys ({count} samples, recorded "
+                          f"{entry.get('count')}): it was rewritten since it was checked; {FIX_CHECK}")
+    check.rehashed.append(url)
+
+
 def _verify_semantic(check: RecordCheck, column_dir, expected_width, expected_model, semantic_source, source) -> None:
     for url, entry in check.recorded.items():
         column = entry.get("column")
         if column is None or not _column_still_recorded(url, column_dir, column):
             # the record cannot vouch for a column here: read its json (small; not the array)
-            meta = read_column_meta(column_paths(url, column_dir)[1])
+            npy_path, json_path = column_paths(url, column_dir)
+            meta = read_column_meta(json_path)
+            if meta is None and column is not None and column_folder(column_dir, url) is None:
+                raise CorpusError(f"shard {url}: its column {json_path}, listed in {entry.get('_record', 'its record')}"
+                                  f", is missing (deleted, or not copied with the shards); restore it, or {FIX_EMBED}")
             column = None
             if meta is not None:
-                problem = column_problem(url, column_dir, meta=meta, shard_keys_hash=entry.get("keys_sha256"))
+                problem = column_problem(url, column_dir, meta=meta, shard_keys_hash=entry.get("keys_sha256"),
+                                         shard_captions_hash=entry.get("captions_sha256"))
                 if problem is not None:
                     raise CorpusError(problem)
                 column = {"model": meta["model"], "dim": int(meta["dim"]), "rows": int(meta["count"]),
-                          "index_start": meta.get("index_start"),
+                          "index_start": meta.get("index_start"), "fingerprints": has_fingerprints(meta),
                           "dropped_empty_captions": len(meta.get("dropped_empty_captions", ()))}
                 entry = dict(entry, column=column)
                 check.recorded[url] = entry
+        if column is not None and not column.get("fingerprints"):
+            check.legacy.append(url)
+        made, own = (column or {}).get("shard_captions_sha256"), entry.get("captions_sha256")
+        if made and own and made != own:
+            raise CorpusError(f"shard {url}: its column in {column.get('dir')} was made from other captions (same "
+                              f"name, captions hash {made[:12]} in the column, {own[:12]} in the shard's record); "
+                              f"{FIX_OTHER_SOURCE}, or {FIX_EMBED}")
         members = int(entry.get("emb_member_count") or 0)
         if column is not None:
             if column["rows"] + column.get("dropped_empty_captions", 0) != entry["count"]:
@@ -682,9 +926,13 @@ def _verify_semantic(check: RecordCheck, column_dir, expected_width, expected_mo
         check_embedding_width(f"shard {url}", width, None, FIX_EMBED, model=model)
 
 
-def _column_still_recorded(url: str, column_dir: Optional[str], column: dict) -> bool:
-    """The column files are the ones the record describes (a stat each; no read)."""
-    npy_path, json_path = column_paths(url, column_dir or column.get("dir"))
+def _column_still_recorded(url: str, column_dir, column: dict) -> bool:
+    """The column files are the ones the record describes (a stat each; no read): in the folder it
+    names (resolved against the record), and the run's column folder, when given, is that folder."""
+    given = column_folder(column_dir, url)
+    if given is not None and column.get("dir") and os.path.abspath(given) != os.path.abspath(column["dir"]):
+        return False
+    npy_path, json_path = column_paths(url, given or column.get("dir"))
     try:
         return fingerprint(npy_path) == (column.get("npy_bytes"), column.get("npy_mtime_ns")) and \
             fingerprint(json_path) == (column.get("json_bytes"), column.get("json_mtime_ns"))
@@ -740,7 +988,7 @@ def scan_shards(paths: Sequence[str], workers: int = 1, column_dir: Optional[str
     for path in paths:
         entry = (known or {}).get(path)
         if entry is not None and fingerprint(path) == (entry.get("bytes"), entry.get("mtime_ns")) \
-                and entry.get("index_scanned"):
+                and entry.get("index_scanned") and entry.get("captions_sha256"):
             entries[path] = entry
         else:
             todo.append((path, True, column_dir))

@@ -9,6 +9,11 @@ one is redone: its json, written last, is missing), and shows captions/s and the
 The shards are scanned first (small members only, in parallel, reusing the record's entries): that
 gives every shard's keys and empty captions, the total for the progress bar, and where each shard's
 dataset index starts (``index_start``: shards numbered in sorted order over the rows they keep).
+
+Every row carries its caption's fingerprint (see :mod:`.corpus`). ``--out DIR`` never overwrites the
+column of another shard of the same name (two img2dataset exports both hold ``00000.tar``): it stops,
+naming both, and the fix is another ``--out``. :func:`add_fingerprints` gives columns written before
+fingerprints existed their fingerprints, reading captions only and rewriting only each column's json.
 """
 from __future__ import annotations
 
@@ -43,16 +48,58 @@ def resolve_devices(device: str = "auto", devices: Optional[str] = None, num_pro
     return [device]
 
 
-def _captions(path: str, drop: set) -> Tuple[List[str], List[str], List[str]]:
-    """(row keys, their captions, every key) of a shard in tar order; ``drop``: keys left out."""
-    keys, texts, every = [], [], []
+def _captions(path: str, drop: set) -> Tuple[List[str], List[str], List[str], List[str]]:
+    """(row keys, their captions, every key, every caption) of a shard in tar order; ``drop``: keys left
+    out. Captions are the text the trainer's decoder gives (:func:`corpus.caption_text`)."""
+    keys, texts, every, every_text = [], [], [], []
     for key, members in cp.iter_samples(path, frozenset({"txt"})):
+        text = cp.caption_text(members.get("txt"))
         every.append(key)
+        every_text.append(text)
         if key in drop:
             continue
         keys.append(key)
-        texts.append(members["txt"].decode("utf-8"))
-    return keys, texts, every
+        texts.append(text)
+    return keys, texts, every, every_text
+
+
+def _foreign_columns(paths: Sequence[str], entries: Dict[str, dict], out: str) -> None:
+    """``--out`` holds no column of another shard of the same name, and no two shards share a name: a
+    CorpusError naming them otherwise (a column made from this very shard, or a copy of it, is fine)."""
+    by_name: Dict[str, str] = {}
+    for path in paths:
+        name = cp.shard_name(path)
+        if name in by_name:
+            raise cp.CorpusError(f"--data holds two shards named {name} ({by_name[name]} and {path}); in one --out "
+                                 f"{out} they would share one column. {cp.FIX_OTHER_SOURCE}")
+        by_name[name] = path
+    for path in paths:
+        json_path = cp.column_paths(path, out)[1]
+        try:
+            meta = cp.read_column_meta(json_path)
+        except cp.CorpusError:
+            continue                                    # a damaged json is rewritten
+        if meta is None:
+            continue
+        entry = entries[path]
+        source = cp.column_source(meta, json_path)
+        if source == os.path.abspath(path):
+            continue                                    # this shard's own column (maybe stale): redone
+        differs = []
+        if meta.get("shard_keys_sha256") != entry["keys_sha256"]:
+            differs.append(f"keys ({meta.get('shard_count', meta.get('count'))} vs {entry['count']} samples)")
+        if meta.get("shard_captions_sha256") is None:
+            if meta.get("shard_bytes") != entry["bytes"]:
+                differs.append(f"size ({meta.get('shard_bytes')} vs {entry['bytes']} bytes; it records no captions "
+                               "hash)")
+        elif meta["shard_captions_sha256"] != entry.get("captions_sha256"):
+            differs.append("captions")
+        if differs:
+            made = source or f"a shard named {meta.get('shard')} (path not recorded)"
+            raise cp.CorpusError(
+                f"--out {out} already holds {json_path}, the column of {made}, not of {path}: their "
+                f"{' and '.join(differs)} differ. Refusing to overwrite it: pass another --out for these shards "
+                f"(and train with --semantic-embeddings DIR_A::DIR_B), or delete that column if it is no longer used")
 
 
 def _column_is_current(path: str, column_dir: str, entry: dict, model: str, dtype: str, index_start: int,
@@ -62,9 +109,11 @@ def _column_is_current(path: str, column_dir: str, entry: dict, model: str, dtyp
         meta = cp.read_column_meta(json_path)
     except cp.CorpusError:
         return False
-    if meta is None or cp.column_problem(path, column_dir, meta=meta, shard_keys_hash=entry["keys_sha256"]) is not None:
+    if meta is None or cp.column_problem(path, column_dir, meta=meta, shard_keys_hash=entry["keys_sha256"],
+                                         shard_captions_hash=entry.get("captions_sha256")) is not None:
         return False
-    return (meta.get("shard_mtime_ns") == entry["mtime_ns"] and meta.get("model") == model and meta.get("dtype") == dtype
+    return (cp.has_fingerprints(meta) and meta.get("shard_captions_sha256") == entry.get("captions_sha256")
+            and meta.get("shard_mtime_ns") == entry["mtime_ns"] and meta.get("model") == model and meta.get("dtype") == dtype
             and meta.get("index_start") == index_start and list(meta.get("dropped_empty_captions", ())) == list(dropped))
 
 
@@ -74,7 +123,7 @@ def _embed_one(encoder, job: dict, batch_size: int, report) -> dict:
 
     from .semantic import embed_captions
 
-    keys, texts, every = _captions(job["path"], set(job["dropped"]))
+    keys, texts, every, every_text = _captions(job["path"], set(job["dropped"]))
     if cp.keys_sha256(every) != job["keys_sha256"]:
         raise cp.CorpusError(f"shard {job['path']} changed while it was being embedded; rerun the same command")
     chunk = max(batch_size, 1) * 4
@@ -84,7 +133,8 @@ def _embed_one(encoder, job: dict, batch_size: int, report) -> dict:
         report(len(parts[-1]))
     emb = np.concatenate(parts) if parts else embed_captions(encoder, [], batch_size=batch_size, progress=False)
     meta = cp.write_column(job["path"], job["column_dir"], keys, emb, model=job["model"], dtype=job["dtype"],
-                           dropped=job["dropped"], index_start=job["index_start"], shard_keys=every)
+                           dropped=job["dropped"], index_start=job["index_start"], shard_keys=every,
+                           captions=texts, shard_captions=every_text)
     return {"path": job["path"], "rows": meta["count"], "dim": meta["dim"]}
 
 
@@ -146,8 +196,9 @@ def embed_shards(data, out=None, model: str = "all-MiniLM-L6-v2", batch_size: in
         index_start[path] = start
         start += entries[path]["count"] - len(entries[path]["empty_caption_keys"])
 
-    # 2. which shards still need their column
+    # 2. which shards still need their column (never another shard's, in a shared --out)
     if out is not None:
+        _foreign_columns(paths, entries, str(out))
         Path(out).mkdir(parents=True, exist_ok=True)
     for folder in {column_dir(p) for p in paths}:
         for stale in stale_temps(folder, "*.emb.*"):
@@ -250,3 +301,52 @@ def _run_on_devices(targets: Sequence[str], model: str, batch_size: int, jobs: L
             if proc.is_alive() and done < len(jobs):
                 proc.terminate()
             proc.join(timeout=30)
+
+
+def add_fingerprints(data, out=None) -> Dict[str, int]:
+    """Give each shard's column (in ``out``, else beside the shard) the fingerprints of its rows' captions,
+    for columns written before fingerprints existed; returns {shard name: rows fingerprinted} (0: it had
+    them). Reads captions only (tarfile seeks over the images); rewrites only the column's json, atomically,
+    and the shard's record entry where there is one. A column is vouched for only when the shard still has
+    the size and keys it was made from: otherwise it is refused, naming what differs (re-embed it)."""
+    from .embed_files import _shard_list
+
+    paths = [str(p) for p in sorted(_shard_list(data), key=lambda p: (str(p.parent), p.name))]
+    done: Dict[str, int] = {}
+    for path in paths:
+        folder = str(out) if out is not None else os.path.dirname(path)
+        json_path = cp.column_paths(path, folder)[1]
+        meta = cp.read_column_meta(json_path)
+        if meta is None:
+            raise cp.CorpusError(f"shard {path}: no column {json_path} to add fingerprints to; {cp.FIX_EMBED}")
+        if cp.has_fingerprints(meta):
+            done[cp.shard_name(path)] = 0
+            continue
+        keys, texts, every, every_text = _captions(path, set(meta.get("dropped_empty_captions", ())))
+        size = cp.fingerprint(path)[0]
+        differs = []
+        if meta.get("shard") != cp.shard_name(path):
+            differs.append(f"shard name ({meta.get('shard')})")
+        if meta.get("shard_bytes") != size:
+            differs.append(f"size ({meta.get('shard_bytes')} bytes when embedded, {size} now)")
+        if meta.get("shard_keys_sha256") != cp.keys_sha256(every) or list(meta.get("keys", ())) != keys:
+            differs.append("keys")
+        if differs:
+            raise cp.CorpusError(f"shard {path}: cannot vouch that {json_path} was made from it (its "
+                                 f"{' and '.join(differs)} differ); re-embed it instead: {cp.FIX_EMBED}")
+        meta.update(cp.shard_identity(path, every, every_text, folder))
+        meta["caption_fingerprints"] = cp.encode_fingerprints(texts)
+        cp.write_column_meta(json_path, meta)
+        _refresh_record(path, folder, every_text)
+        done[cp.shard_name(path)] = len(keys)
+    return done
+
+
+def _refresh_record(path: str, folder: str, every_text: Sequence[str]) -> None:
+    """The shard's record entry (if any) learns its captions hash and its column's new json."""
+    entry = cp.recorded_entries([path], folder).get(path)
+    if entry is None:
+        return
+    entry = dict(entry, captions_sha256=cp.captions_sha256(cp.caption_fingerprint(t) for t in every_text),
+                 column=cp.column_summary(path, folder))
+    cp.write_record(os.path.dirname(entry["_record"]), {path: entry})

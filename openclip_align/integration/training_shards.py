@@ -11,8 +11,13 @@ dataloader workers as samples are decoded, inside upstream's own pipeline (its s
 and worker / node splitting are untouched): an empty caption is dropped (``--drop-empty-captions``) or
 stops the run; the embedding (a ``KEY.emb.npy`` member, or the shard's row in its column, joined by shard
 url and sample key) must be present, finite and of the run's width; the dataset index (``KEY.json``
-``"index"``, or the column's ``index_start`` + row) must lie in [0, N). A problem stops the run naming
-shard, key and fix; checkpoints and logs already written stay as they are.
+``"index"``, or the column's ``index_start`` + row) must lie in [0, N). A column row is joined only to a
+sample whose caption has the row's fingerprint (local, ``pipe:`` and remote shards alike), so a column
+of another shard with the same name and keys stops the run at its first sample. A problem stops the
+run naming shard, key and fix; checkpoints and logs already written stay as they are.
+
+``--semantic-embeddings DIR`` names one column folder for every shard; ``DIR_A::DIR_B`` pairs folders
+with ``--train-data``'s ``::`` sources, in order.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import torch
 from openclip_align.data import corpus
 from openclip_align.data.captions import DROP_FLAG, is_empty
 
+from .batch_extras import _RAW_CAPTION_FIELD
 from .data_checks import TrainingDataError
 from .run_state import INDEX, SEMANTIC
 from .trainer_errors import REMOTE_URL
@@ -43,11 +49,13 @@ class ShardPlan:
     """What the run knows about its shards before step 1 (sent from rank 0 to the others)."""
     urls: List[str]
     check: Optional[corpus.RecordCheck] = None       # None: remote shards, no record looked for
-    column_dir: Optional[str] = None                 # --semantic-embeddings DIR; None: beside each shard
+    column_dir: object = None                        # --semantic-embeddings: DIR or {url: DIR}; None: beside
     width: Optional[int] = None                      # of the precomputed caption embeddings, when known
     total: Optional[int] = None                      # samples the shards hold (record, else sizes.json)
     remote: bool = False
     notes: List[str] = field(default_factory=list)   # what the log says about it
+    warnings: List[str] = field(default_factory=list)  # what the log warns about (once per run)
+    legacy_noted: bool = False                       # the run already warned of columns without fingerprints
 
     @property
     def unrecorded(self) -> List[str]:
@@ -82,15 +90,24 @@ def once_per_run(args, check: Callable[[], object]):
 
 # --- before step 1 ----------------------------------------------------------------------------------
 def plan_training_shards(args, needs, data_module) -> ShardPlan:
-    """The run's shards and what their record says, checked once per run (rank 0)."""
+    """The run's shards and what their record says, checked once per run (rank 0; the others receive
+    the plan, or the error, so no rank decides alone while another waits)."""
+    return once_per_run(args, lambda: _plan(args, needs, data_module))
+
+
+def _plan(args, needs, data_module) -> ShardPlan:
     urls = [str(u) for u in data_module.expand_urls(args.train_data)[0]]
-    column_dir = semantic_dir(args)
+    column_dir = semantic_dirs(args, data_module)
     if any(REMOTE_URL.match(u) for u in urls):
         plan = ShardPlan(urls, column_dir=column_dir, remote=True,
                          notes=["remote shards: every sample is checked as it is decoded"])
         plan.total = _sizes_total(args, data_module)
-        return plan
-    return once_per_run(args, lambda: _check_local(args, urls, needs, column_dir, data_module))
+        _note_legacy_first_column(plan, needs, args)
+    else:
+        plan = _check_local(args, urls, needs, column_dir, data_module)
+    for line in plan.warnings:
+        logging.warning("openclip-align: %s", line)
+    return plan
 
 
 def semantic_dir(args) -> Optional[str]:
@@ -103,6 +120,55 @@ def semantic_dir(args) -> Optional[str]:
                                 "holding their embedding columns (NAME.emb.npy + NAME.emb.json, as `openclip-align "
                                 "embed --data SHARDS --out DIR` writes them); no such directory")
     return str(value)
+
+
+def semantic_dirs(args, data_module):
+    """``--semantic-embeddings``: None, one folder for every shard, or ``A::B`` -> {url: folder}, pairing
+    each folder with the ``--train-data`` source in the same place (upstream splits sources at ``::``)."""
+    value = getattr(args, "semantic_embeddings", None)
+    if not value or "::" not in str(value):
+        return semantic_dir(args)
+    folders = str(value).split("::")
+    sources = str(args.train_data).split("::")
+    if len(folders) != len(sources):
+        raise TrainingDataError(
+            f"--semantic-embeddings {value} names {len(folders)} column folders but --train-data has {len(sources)} "
+            f"'::' sources; give one folder per source, in the same order (or one folder for all)")
+    mapping: Dict[str, str] = {}
+    for folder, source in zip(folders, sources):
+        if not os.path.isdir(folder):
+            raise TrainingDataError(f"--semantic-embeddings: {folder} (for --train-data source {source}) is not a "
+                                    "directory; it names the folder holding that source's embedding columns "
+                                    "(`openclip-align embed --data SOURCE --out DIR` writes them)")
+        for url in data_module.expand_urls(source)[0]:
+            url = str(url)
+            if mapping.get(url, folder) != folder:
+                raise TrainingDataError(f"--semantic-embeddings {value}: shard {url} is in two --train-data sources "
+                                        f"paired with different column folders ({mapping[url]} and {folder})")
+            mapping[url] = folder
+    return mapping
+
+
+def _legacy_warning(where: str) -> str:
+    return (f"{where} carries no caption fingerprints (written before they existed), so its rows cannot be checked "
+            f"against the captions they are joined to; add them (reads captions only, rewrites the column json): "
+            f"{corpus.FIX_FINGERPRINTS}")
+
+
+def _note_legacy_first_column(plan: ShardPlan, needs, args) -> None:
+    """Remote shards: where the first shard's column is a local file, say once if it has no fingerprints."""
+    if SEMANTIC not in needs or getattr(args, "semantic_source", "auto") == "on-the-fly" or not plan.urls:
+        return
+    json_path = corpus.column_paths(plan.urls[0], plan.column_dir)[1]
+    if REMOTE_URL.match(json_path) or not os.path.isfile(json_path):
+        return
+    try:
+        meta = corpus.read_column_meta(json_path)
+    except corpus.CorpusError:
+        return                  # named when the column is opened
+    if meta is not None and not corpus.has_fingerprints(meta):
+        plan.warnings.append(_legacy_warning(f"the column {json_path}"))
+        plan.legacy_noted = True
 
 
 def _check_local(args, urls: List[str], needs, column_dir: Optional[str], data_module) -> ShardPlan:
@@ -122,11 +188,24 @@ def _check_local(args, urls: List[str], needs, column_dir: Optional[str], data_m
                           "(`openclip-align data check --data SHARDS` records them)")
         if not check.recorded:
             _batch_per_worker_from_sizes(args, urls)
+    if check.rehashed:
+        plan.notes.append(f"{len(check.rehashed)} shards have new file times but the recorded size and keys (a copy; "
+                          f"their keys were re-read from the tar headers): accepted; `openclip-align data check "
+                          f"--data SHARDS` records their new times")
+    if check.legacy:
+        plan.warnings.append(_legacy_warning(f"the column of {len(check.legacy)} of {len(urls)} shards "
+                                             f"({corpus.listed(check.legacy)})"))
+        plan.legacy_noted = True
     if check.dropped:
         plan.notes.append(f"dropping {len(check.dropped)} of {check.samples} recorded samples with an empty or missing "
                           f"caption ({DROP_FLAG})")
     if wants_semantic:
         plan.width = check.width if check.width is not None else _first_column_width(urls, column_dir)
+        if check.unrecorded and not plan.legacy_noted:
+            first = ShardPlan(check.unrecorded, column_dir=column_dir)
+            _note_legacy_first_column(first, needs, args)
+            plan.warnings.extend(first.warnings)
+            plan.legacy_noted = first.legacy_noted
         if plan.width is not None:
             meta = _corpus_meta(urls, column_dir)
             corpus.check_embedding_width(f"--train-data {args.train_data}", plan.width, meta, corpus.FIX_EMBED)
@@ -165,8 +244,9 @@ def _batch_per_worker_from_sizes(args, urls: List[str]) -> None:
                                       bool(getattr(args, "dataset_resampled", False)))
 
 
-def _corpus_meta(urls: List[str], column_dir: Optional[str]) -> Optional[str]:
-    folders = ([column_dir] if column_dir else []) + [os.path.dirname(urls[0])]
+def _corpus_meta(urls: List[str], column_dir) -> Optional[str]:
+    first = corpus.column_folder(column_dir, urls[0])
+    folders = ([first] if first else []) + [os.path.dirname(urls[0])]
     for folder in folders:
         path = os.path.join(folder, corpus.CORPUS_META)
         if os.path.isfile(path):
@@ -175,7 +255,7 @@ def _corpus_meta(urls: List[str], column_dir: Optional[str]) -> Optional[str]:
     return legacy if os.path.isfile(legacy) else None
 
 
-def _first_column_width(urls: List[str], column_dir: Optional[str]) -> Optional[int]:
+def _first_column_width(urls: List[str], column_dir) -> Optional[int]:
     """The width of the first shard's column (one small json), else of the corpus metadata."""
     meta = corpus.read_column_meta(corpus.column_paths(urls[0], column_dir)[1])
     if meta is not None:
@@ -237,7 +317,8 @@ class ShardSampleExtras:
         self.precomputed_only = semantic_source == "precomputed"
         self.index_limit = plan.total
         self.width = plan.width
-        self.columns = corpus.ColumnReader(plan.column_dir, expected_width=plan.width)
+        self.columns = corpus.ColumnReader(plan.column_dir, expected_width=plan.width,
+                                           warn_legacy=not plan.legacy_noted)
         self.column_dir = plan.column_dir
         self._has_column: Dict[str, bool] = {}
 
@@ -275,7 +356,7 @@ class ShardSampleExtras:
                     f"{where}: the loss needs a per-pair dataset index, but the sample has no KEY.json \"index\" and "
                     "its shard has no embedding column recording where its numbering starts; number the pairs with "
                     "`openclip-align embed --data SHARDS` over all training shards together")
-            index = self.columns.index(url, key)
+            index = self.columns.index(url, key, _caption(sample))
         if self.index_limit is not None and not 0 <= index < self.index_limit:
             raise corpus.CorpusError(
                 f"{where}: dataset index {index} is outside [0, {self.index_limit}); a loss that keeps per-sample "
@@ -294,4 +375,10 @@ class ShardSampleExtras:
             return np.asarray(value, dtype=np.float32)
         if not self.precomputed_only and not self.has_column(url):
             return None                              # --semantic-source auto: this batch is embedded on the fly
-        return self.columns.lookup(url, key)
+        return self.columns.lookup(url, key, _caption(sample))
+
+
+def _caption(sample):
+    """The sample's caption as the trainer sees it (before tokenizing), for the column's fingerprint check."""
+    caption = sample.get(_RAW_CAPTION_FIELD)
+    return caption if caption is not None else sample.get("txt")
