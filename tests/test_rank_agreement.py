@@ -275,3 +275,25 @@ def test_two_nodes_resume_from_the_same_checkpoint_when_one_node_cannot_read_the
         assert "epoch_2.pt, which cannot be read (rank 1: " in out
         assert "resuming from logs/run/checkpoints/epoch_1.pt instead" in out
     assert torch.load(cwds[0] / "logs" / "run" / "checkpoints" / "epoch_3.pt", weights_only=True)["epoch"] == 3
+
+
+@pytest.mark.slow
+def test_two_nodes_stop_together_when_one_node_lacks_the_caption_embeddings(tmp_path):
+    """Each node reads its own copy of the data (a relative --train-data); node 1's has no train.emb.npy.
+    Rank 1 fails while building its dataset, rank 0 has gone on into the next collective: it stops on
+    rank 1's word, naming the missing file, instead of waiting for the collective's timeout."""
+    import numpy as np
+    from conftest import write_digits_csv
+
+    cwds = _nodes(tmp_path)
+    for cwd in cwds:
+        write_digits_csv(cwd / "data", n=16)
+    vectors = np.random.default_rng(0).standard_normal((16, 24)).astype(np.float32)
+    np.save(cwds[0] / "data" / "train.emb.npy", vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+    argv = _trainer_argv(Path("data") / "train.csv", "--model", "AlignCLIP-Tiny", "--loss", "imsep",
+                         "--semantic-source", "precomputed", "--log-root", "logs", "--name", "run")
+    (code0, out0), (code1, out1) = two_nodes(argv, cwds)
+    assert code0 != 0 and code1 != 0, out0[-2000:] + out1[-2000:]
+    assert "data/train.emb.npy does not exist" in out1
+    assert "stopping rank 0: rank 1: MissingExtrasError: --loss needs semantic caption embeddings but " \
+           "data/train.emb.npy does not exist" in out0
