@@ -49,9 +49,9 @@ study:              ## losses x optimizers grid of the course study (pretrained 
 study-publish:      ## make the study in $(STUDY_OUT) the committed copy: study/ and README's grid
 	$(PYTHON) -m openclip_align.benchmark.publish --study $(STUDY_OUT)
 
-study-temperature:  ## Mind the Gap's temperatures: the pretrained-tower CLIP fine-tuned at each fixed T, CLIP-Refine beside it
+study-temperature:  ## Mind the Gap's temperatures: the pretrained-tower CLIP fine-tuned at each fixed T, CLIP-Refine (lr 1e-6 and 1e-4) beside it
 	$(PYTHON) -m openclip_align.cli study --data $(DATA) --out $(STUDY_TEMPERATURE_OUT) \
-		--temperatures 0.01 0.02 0.0333 0.05 0.1 1
+		--temperatures 0.01 0.02 0.0333 0.05 0.1 1 --refine-lrs 1e-6 1e-4
 
 study-temperature-publish:  ## make $(STUDY_TEMPERATURE_OUT) the committed copy: study/temperature/ and README's block
 	$(PYTHON) -m openclip_align.benchmark.publish --temperature-study $(STUDY_TEMPERATURE_OUT)

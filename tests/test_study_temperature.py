@@ -75,7 +75,7 @@ def test_grid_flags_and_a_lone_start_are_refused(tmp_path):
                   ["--regime", "scratch"], ["--lr", "adamw=0.1"]):
         with pytest.raises(SystemExit, match=f"{flags[0]} belong to the losses x optimizers grid"):
             main(["study", "--data", str(tmp_path), "--temperatures", "0.1", *flags])
-    with pytest.raises(SystemExit, match="--start is the temperature study's start model: pass --temperatures"):
+    with pytest.raises(SystemExit, match="--start and --refine-lrs belong to the temperature study: pass --temperatures"):
         main(["study", "--data", str(tmp_path), "--start", str(tmp_path / "x.pt")])
     with pytest.raises(SystemExit, match="no such checkpoint file"):
         main(["study", "--data", str(tmp_path), "--temperatures", "0.1", "--start", str(tmp_path / "x.pt")])
@@ -145,6 +145,48 @@ def test_without_start_the_pretrained_track_clip_row_is_trained_first(fake_runs,
     assert [value_after(c["spec"].extra, "--pretrained") for c in calls[1:]] == [start] * 5
     # the start checkpoint fake_train wrote has logit scale 1/0.05 = 20
     assert float(value_after(calls[4]["spec"].extra, "--hycd-logit-scale")) == pytest.approx(20.0, rel=1e-6)
+
+
+def test_refine_rows_at_each_learning_rate_beside_the_authors(fake_runs, tmp_path):
+    """--refine-lrs 1e-6 1e-4: the three CLIP-Refine rows twice, the recipe unchanged but for the rate."""
+    calls, data = fake_runs
+    start = checkpoint(tmp_path / "given" / "epoch_2.pt", 37.0)
+    out = tmp_path / "out"
+    assert main(["study", "--data", str(data), "--out", str(out), "--temperatures", "0.1", "--start", str(start),
+                 "--refine-lrs", "1e-6", "1e-4"]) == 0
+    refine = calls[1:]
+    assert len(refine) == 6 and [c["spec"].loss for c in refine] == ["refine"] * 6
+    assert [c["budget"].lr for c in refine] == [1e-6] * 3 + [1e-4] * 3
+    for call in refine:
+        b = call["budget"]
+        assert (b.epochs, b.warmup, b.wd, b.batch_size, b.precision) == (1, 0, 0.1, 512, "fp32")
+        assert value_after(call["spec"].extra, "--lr-scheduler") == "const"
+        assert value_after(call["spec"].extra, "--pretrained") == str(start)
+    scales = [value_after(c["spec"].extra, "--hycd-logit-scale") for c in refine]
+    assert scales[0] is None and scales[3] is None and float(scales[2]) == float(scales[5]) == 1.0
+    assert float(scales[1]) == float(scales[4]) == pytest.approx(37.0, rel=1e-6)
+    assert len({c["spec"].label for c in refine}) == 6           # six run folders, none overwritten
+    results = json.loads((out / "results.json").read_text())
+    assert results["plan"]["refine_lrs"] == [1e-6, 1e-4] and results["command"].endswith("--refine-lrs 1e-06 0.0001")
+    rows = [r for r in results["rows"] if r["kind"] == "refine"]
+    assert [r["lr"] for r in rows] == [1e-6] * 3 + [1e-4] * 3
+    assert [r["label"] for r in rows] == [
+        "CLIP-Refine lr 1e-06, raw-feature HyCD (authors')", "CLIP-Refine lr 1e-06, HyCD x start's scale",
+        "CLIP-Refine lr 1e-06, HyCD x 1", "CLIP-Refine lr 0.0001, raw-feature HyCD (authors')",
+        "CLIP-Refine lr 0.0001, HyCD x start's scale", "CLIP-Refine lr 0.0001, HyCD x 1"]
+    text = (out / "results.md").read_text()
+    assert "| CLIP-Refine lr 0.0001, HyCD x 1 | S = 1 (T = 1) | 0.500 | 0.400 | 10.0 | 20.0 | 40.0 |" in text
+    assert "CLIP-Refine: the authors' recipe (lr 1e-06, batch 512, 1 epoch), and the same recipe at lr 0.0001)" in text
+
+
+@pytest.mark.parametrize("bad", [["0"], ["1e-4", "1e-4"], ["1e-4", "0"]])
+def test_bad_refine_learning_rates_are_refused(fake_runs, tmp_path, bad):
+    _, data = fake_runs
+    start = checkpoint(tmp_path / "given.pt", 30.0)
+    with pytest.raises(SystemExit, match="--refine-lrs"):
+        main(["study", "--data", str(data), "--temperatures", "0.1", "--start", str(start), "--refine-lrs", *bad])
+    with pytest.raises(SystemExit, match="pass --temperatures too"):
+        main(["study", "--data", str(data), "--refine-lrs", "1e-4"])
 
 
 def test_the_default_out_folder_is_its_own(fake_runs, tmp_path, monkeypatch):
@@ -247,9 +289,17 @@ def test_end_to_end_on_tiny_models(tmp_path):
     plan = temperature.TemperaturePlan(
         temperatures=[0.02, 1.0], model="DualCLIP-Tiny", extra=[],
         start_budget=Budget(epochs=1, batch_size=16, warmup=1), finetune={"epochs": 1, "lr": 1e-4, "warmup": 1},
-        refine={**temperature.REFINE_RECIPE, "batch_size": 16})
+        refine={**temperature.REFINE_RECIPE, "batch_size": 16}, refine_lrs=[1e-6, 1e-4])
     results = temperature.run_temperature_study(data, tmp_path / "out", plan)
-    assert [r["status"] for r in results["rows"]] == ["ok"] * 6
+    assert [r["status"] for r in results["rows"]] == ["ok"] * 9
+    # refine at 1e-4 moves the weights away from the start, at 1e-6 hardly: 100x the rate, (about) 100x the step
+    start = torch.load(results["start"]["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    moved = {}
+    for row in (r for r in results["rows"] if r["kind"] == "refine" and r["hycd_logit_scale"] is None):
+        weights = torch.load(row["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+        moved[row["lr"]] = sum(float((weights[k].float() - start[k].float()).norm()) for k in start
+                               if k in weights and start[k].is_floating_point())
+    assert moved[1e-4] > 10 * moved[1e-6] > 0
     fixed = [r for r in results["rows"] if r["kind"] == "fixed temperature"]
     for row in fixed:            # the fine-tuned checkpoint kept the fixed scale log(1/T)
         assert temperature.learned_logit_scale(Path(row["checkpoint"])) == pytest.approx(1 / row["temperature"],

@@ -58,6 +58,15 @@ def check_temperatures(temperatures) -> List[float]:
     return values
 
 
+def check_refine_lrs(lrs) -> List[float]:
+    """CLIP-Refine's learning rates as floats; ValueError for none, one not above 0, or a repeat."""
+    values = [float(lr) for lr in lrs]
+    if not values or any(not lr > 0 for lr in values) or len(set(values)) != len(values):
+        raise ValueError(f"--refine-lrs {' '.join(f'{lr:g}' for lr in values) or '(none)'}: give one or more "
+                         "distinct learning rates above 0, e.g. 1e-6 1e-4")
+    return values
+
+
 def _start_budget() -> Budget:
     return pretrained_track(quick=False).budget
 
@@ -72,9 +81,12 @@ class TemperaturePlan:
     start_budget: Budget = field(default_factory=_start_budget)
     finetune: Dict[str, object] = field(default_factory=lambda: dict(FINETUNE_RECIPE))
     refine: Dict[str, object] = field(default_factory=lambda: dict(REFINE_RECIPE))
+    # CLIP-Refine's learning rates: the authors' recipe's, and (issue 31) 1e-4, where refine moves the model
+    refine_lrs: List[float] = field(default_factory=lambda: [REFINE_RECIPE["lr"]])
 
     def __post_init__(self):
         self.temperatures = check_temperatures(self.temperatures)
+        self.refine_lrs = check_refine_lrs(self.refine_lrs)
 
     def start_spec(self) -> TrainSpec:
         """The pretrained track's CLIP row."""
@@ -85,24 +97,30 @@ class TemperaturePlan:
                          extra=["--pretrained", str(start), "--fixed-temperature", repr(float(temperature)),
                                 *self.extra], budget_override=dict(self.finetune))
 
-    def refine_spec(self, start: Path, hycd_logit_scale: Optional[float]) -> TrainSpec:
-        """CLIP-Refine as the benchmark runs it; with a scale, HyCD on that scale x cosine similarities."""
+    def refine_spec(self, start: Path, hycd_logit_scale: Optional[float], lr: Optional[float] = None) -> TrainSpec:
+        """CLIP-Refine as the benchmark runs it (at ``lr``: the recipe's otherwise); with a scale, HyCD on that
+        scale x cosine similarities."""
+        lr = self.refine["lr"] if lr is None else lr
         extra = ["--pretrained", str(start), *REFINE_EXTRA, *self.extra]
         if hycd_logit_scale is not None:
             extra += ["--hycd-logit-scale", repr(float(hycd_logit_scale))]
         name = "raw" if hycd_logit_scale is None else f"S={hycd_logit_scale:.4g}"
+        name += "" if lr == self.refine["lr"] else f" lr={lr:g}"
         return TrainSpec(f"CLIP-Refine {name}", self.model, loss="refine", extra=extra,
-                         budget_override=dict(self.refine))
+                         budget_override={**self.refine, "lr": lr})
 
     def rows(self, start: Path, own_scale: float) -> List[dict]:
         """Every trained row: its spec and what the table shows for it, in table order."""
         rows = [{"label": f"CLIP, T = {t:g}", "kind": "fixed temperature", "temperature": t,
                  "spec": self.finetune_spec(t, start)} for t in self.temperatures]
-        for label, scale in [("CLIP-Refine, raw-feature HyCD (authors')", None),
-                             ("CLIP-Refine, HyCD x start's scale", own_scale), ("CLIP-Refine, HyCD x 1", 1.0)]:
-            rows.append({"label": label, "kind": "refine", "hycd_logit_scale": scale,
-                         "temperature": None if scale is None else 1.0 / scale,
-                         "spec": self.refine_spec(start, scale)})
+        for lr in self.refine_lrs:
+            # one learning rate: the labels of the first published study; several: each label names its rate
+            named = "CLIP-Refine" if self.refine_lrs == [self.refine["lr"]] else f"CLIP-Refine lr {lr:g}"
+            for label, scale in [(f"{named}, raw-feature HyCD (authors')", None),
+                                 (f"{named}, HyCD x start's scale", own_scale), (f"{named}, HyCD x 1", 1.0)]:
+                rows.append({"label": label, "kind": "refine", "hycd_logit_scale": scale, "lr": lr,
+                             "temperature": None if scale is None else 1.0 / scale,
+                             "spec": self.refine_spec(start, scale, lr)})
         return rows
 
     def budget_of(self, spec: TrainSpec) -> Budget:
@@ -164,6 +182,7 @@ def run_temperature_study(data_dir: Path, out_dir: Path, plan: Optional[Temperat
         "plan": {"model": plan.model, "extra": plan.extra, "seed": plan.seed, "temperatures": plan.temperatures,
                  "start": str(plan.start) if plan.start else "trained (the benchmark's pretrained-track CLIP row)",
                  "start_budget": plan.start_budget.__dict__, "finetune": plan.finetune, "refine": plan.refine,
+                 "refine_lrs": plan.refine_lrs,
                  "refine_extra": REFINE_EXTRA, "data": str(data_dir)},
         "start": {"checkpoint": str(start), "logit_scale": own_scale, "temperature": 1.0 / own_scale},
         "rows": rows,
@@ -206,7 +225,12 @@ def title(results: dict) -> str:
     return (f"{plan['model']}, seed {plan['seed']}; each T: {finetune['epochs']} epoch at lr {finetune['lr']:g}, "
             f"warm-up {finetune['warmup']}, batch {plan['start_budget']['batch_size']}; CLIP-Refine: the authors' "
             f"recipe (lr {plan['refine']['lr']:g}, batch {plan['refine']['batch_size']}, {plan['refine']['epochs']} "
-            "epoch)")
+            f"epoch){_other_lrs(plan)})")
+
+
+def _other_lrs(plan: dict) -> str:
+    others = [lr for lr in plan.get("refine_lrs", []) if lr != plan["refine"]["lr"]]
+    return f", and the same recipe at lr {', '.join(f'{lr:g}' for lr in others)}" if others else ""
 
 
 def reference_line(results: dict) -> str:
@@ -255,13 +279,16 @@ def plot(results: dict, path: Path) -> Path:
                 ax.plot([start["temperature"]], [start[key] * scale], "*", ms=12, color=colour,
                         label=f"start model (learned T = {start['temperature']:.3g})" if colour == "C0" else None)
             ink = colour if len(series) > 1 else "C3"
-            for r, marker in zip(refine, ("s", "D", "^")):
+            lrs = sorted({r.get("lr") for r in refine}, key=lambda lr: -1 if lr is None else lr)
+            for r in refine:
+                other = lrs.index(r.get("lr")) > 0       # a rate above the first: filled markers, dash-dot line
                 if r["temperature"] is None:        # the authors' raw-feature HyCD has no temperature
-                    ax.axhline(r[key] * scale, color=ink, ls="--", lw=1,
+                    ax.axhline(r[key] * scale, color=ink, ls="-." if other else "--", lw=1,
                                label=r["label"] if colour == "C0" else None)
                 else:
-                    ax.plot([r["temperature"]], [r[key] * scale], marker, color=ink, mfc="none", ms=8,
-                            label=f"{r['label']} (at T = 1/S)" if colour == "C0" else None)
+                    marker = "s" if r["hycd_logit_scale"] == 1.0 else "D"
+                    ax.plot([r["temperature"]], [r[key] * scale], marker, color=ink, mfc=ink if other else "none",
+                            ms=8, label=f"{r['label']} (at T = 1/S)" if colour == "C0" else None)
         if series[0][0] == "centroid_gap":
             ref = results["reference"]
             ax.plot([t for t, _ in ref["gaps"]], [g for _, g in ref["gaps"]], "x--", color="grey",

@@ -98,6 +98,10 @@ def register(subparsers) -> None:
     scaling.add_argument("--train-fractions", type=_fraction, nargs="+", default=None, metavar="F",
                          help="fractions of train.csv in (0, 1], e.g. 0.25 0.5 1: nested subsets (each smaller one "
                               "inside each larger one) drawn once from a fixed seed, never the training seed")
+    temperature.add_argument("--refine-lrs", type=float, nargs="+", default=None, metavar="LR",
+                             help="CLIP-Refine's three rows at each of these learning rates, the rest of the authors' "
+                                  "recipe unchanged (default: theirs, 1e-6; `make study-temperature`: 1e-6 1e-4, "
+                                  "where refine moves the model)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
     parser.set_defaults(func=run)
@@ -108,8 +112,8 @@ def run(args) -> int:
         return run_scaling(args)
     if args.temperatures is not None:
         return run_temperatures(args)
-    if args.start is not None:
-        raise SystemExit("--start is the temperature study's start model: pass --temperatures too")
+    if args.start is not None or args.refine_lrs is not None:
+        raise SystemExit("--start and --refine-lrs belong to the temperature study: pass --temperatures too")
     import open_clip
 
     from openclip_align.benchmark.regimes import REGIMES
@@ -144,7 +148,8 @@ def run(args) -> int:
 def run_temperatures(args) -> int:
     from dataclasses import replace
 
-    from openclip_align.benchmark.temperature import TemperaturePlan, check_temperatures, run_temperature_study
+    from openclip_align.benchmark.temperature import (REFINE_RECIPE, TemperaturePlan, check_refine_lrs,
+                                                      check_temperatures, run_temperature_study)
 
     defaults = vars(_defaults())
     given = [f"--{name.replace('_', '-')}" for name in _GRID_FLAGS if getattr(args, name) != defaults[name]]
@@ -153,6 +158,7 @@ def run_temperatures(args) -> int:
                          "belong to the losses x optimizers grid: drop them (or drop --temperatures)")
     try:
         temperatures = check_temperatures(args.temperatures)
+        refine_lrs = check_refine_lrs(args.refine_lrs or [REFINE_RECIPE["lr"]])
     except ValueError as err:
         raise SystemExit(str(err)) from None
     if args.start is not None and not args.start.is_file():
@@ -166,10 +172,11 @@ def run_temperatures(args) -> int:
     if args.out is DEFAULT_OUT:
         args.out = Path("runs/study-temperature")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    plan = TemperaturePlan(temperatures=temperatures, start=args.start)
+    plan = TemperaturePlan(temperatures=temperatures, start=args.start, refine_lrs=refine_lrs)
     plan.start_budget = replace(plan.start_budget, device=args.device, precision=args.precision)
     command = (f"openclip-align study --data {args.data} --out {args.out} --temperatures "
-               + " ".join(f"{t:g}" for t in temperatures) + (f" --start {args.start}" if args.start else ""))
+               + " ".join(f"{t:g}" for t in temperatures) + (f" --start {args.start}" if args.start else "")
+               + (" --refine-lrs " + " ".join(f"{lr:g}" for lr in refine_lrs) if args.refine_lrs else ""))
     results = run_temperature_study(args.data, args.out, plan, command=command)
     print((args.out / "results.md").read_text())
     return 1 if any(row["status"] == "failed" for row in results["rows"]) else 0
@@ -179,9 +186,9 @@ def run_scaling(args) -> int:
     from openclip_align.benchmark.scaling import DEFAULT_SEEDS, ScalingPlan, check_fractions, run_scaling_study
     from openclip_align.benchmark.study import check_corpus
 
-    if args.temperatures is not None or args.start is not None:
-        raise SystemExit("--train-fractions runs the data-scaling study; --temperatures/--start belong to the "
-                         "temperature study: run them separately")
+    if args.temperatures is not None or args.start is not None or args.refine_lrs is not None:
+        raise SystemExit("--train-fractions runs the data-scaling study; --temperatures/--start/--refine-lrs belong "
+                         "to the temperature study: run them separately")
     defaults = vars(_defaults())
     given = [f"--{name.replace('_', '-')}" for name in _GRID_FLAGS if name != "seeds"
              and getattr(args, name) != defaults[name]]
