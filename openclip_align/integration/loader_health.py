@@ -20,6 +20,7 @@ import contextlib
 import errno
 import functools
 import logging
+import os
 import resource
 
 from .trainer_errors import UserInputError
@@ -43,12 +44,12 @@ def is_fd_exhaustion(exc: BaseException) -> bool:
 def fd_message(where: str) -> str:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     ceiling = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
-    target = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    target = max(65536, 4 * soft) if hard == resource.RLIM_INFINITY else min(hard, max(65536, 4 * soft))
     raise_it = (f"raise it before starting the run (`ulimit -n {target}`; the hard limit is {ceiling})"
                 if target > soft else f"the hard limit is {ceiling} too: ask for a higher one (limits.conf, or "
                                       "LimitNOFILE= / the job scheduler's setting)")
-    return (f"{where}: too many open files: this process may open {soft} (`ulimit -n` is {soft}); {raise_it}, "
-            "or pass fewer --workers")
+    return (f"{where}: out of file descriptors (\"Too many open files\"): a process may open {soft} files "
+            f"(`ulimit -n` is {soft}); {raise_it}, or pass fewer --workers")
 
 
 class StopOnFatal:
@@ -100,10 +101,44 @@ class FullPassGuard:
 
         made = 0
         for batch in self.stage(counted()):
+            check_fd_headroom(batch)
             made += 1
             yield batch
         if made == 0:
             raise LoaderFailure(_no_batch_message(seen[0], self.batch_size))
+
+
+def _tensors(batch) -> int:
+    import torch
+
+    parts = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else [batch]
+    count = 0
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            count += 1
+        elif isinstance(part, (list, tuple, dict)):
+            count += _tensors(part)
+    return count
+
+
+def check_fd_headroom(batch) -> None:
+    """In a loader worker, before a batch is handed on: each of its tensors crosses to the main process as
+    a shared-memory file plus a duplicate descriptor, opened by a background thread whose failure only
+    prints, and the batch is lost: the main process then waits for it forever. Stop here instead, naming
+    the limit, when the descriptors already open plus two per tensor exceed it (Linux: ``/proc/self/fd``)."""
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is None:            # no worker: nothing crosses a process boundary
+        return
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 2 * _tensors(batch)
+    if soft != resource.RLIM_INFINITY and open_now + needed > soft:
+        raise LoaderFailure(fd_message(f"a training loader worker holding {open_now} open files cannot hand on a "
+                                       f"batch of {needed // 2} tensors"))
 
 
 def _no_batch_message(samples: int, batch_size: int) -> str:
