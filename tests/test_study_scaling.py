@@ -211,7 +211,7 @@ def test_publish_writes_study_scaling_and_readme_block_from_results_json(tmp_pat
     assert text.endswith("<!-- study:scaling:end -->\nafter\n") and "\nold\n" not in text
     assert "on 2 CPU cores, 1-minute load average 3.0 to 5.5" in text
     assert "goes from -5.0 points at 100 pairs to -1.0 points at 200 (a change of +4.0 points, seed spread ±1.4 " \
-           "points): the distance shrinks." in text
+           "points): the distance shrinks (by more than the seed spread)." in text
     # the CC12M sentence: a 2x range here; 12.4M pairs are 62,000x the 200 pairs of the largest set
     assert "over a 2x range of training pairs (100 to 200) with 2 seeds" in text and "62,000x the largest set" in text
 

@@ -38,6 +38,8 @@ SUBSET_SEED = 20261205                # which pairs a fraction keeps: fixed, ind
 ROWS = ("upstream CLIP", "SharedCLIP", "AlignCLIP")
 BASELINE, CANDIDATE = "upstream CLIP", "AlignCLIP"
 METRICS = ("retrieval_R@1", "zeroshot_top1", "centroid_gap")
+VERDICTS = {"holds": "the change is within the seed spread", "shrinks": "by more than the seed spread",
+            "grows": "by more than the seed spread", "reverses": "it changes sign, by more than the seed spread"}
 METRIC_NAMES = {"retrieval_R@1": "held-out R@1 (mean of both directions)", "zeroshot_top1": "zero-shot top-1",
                 "centroid_gap": "centroid gap"}
 # Conceptual 12M (Changpinyo et al., CVPR 2021): about 12.4 million image-text pairs as released (fewer download)
@@ -200,7 +202,7 @@ def trend_sentence(item: dict) -> str:
     return (f"On {METRIC_NAMES[key]}, AlignCLIP minus CLIP goes from {_points(item['from'], key)} at "
             f"{item['from_pairs']:,} pairs to {_points(item['to'], key)} at {item['to_pairs']:,} (a change of "
             f"{_points(item['change'], key)}, seed spread {_spread(item['spread'], key)}): the distance "
-            f"{item['verdict']}.")
+            f"{item['verdict']} ({VERDICTS[item['verdict']]}).")
 
 
 def _spread(value: float, key: str) -> str:
@@ -374,9 +376,13 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+SPREAD_NOTE = ("Seed spread: sqrt(s1² + s2²) of the standard deviations over seeds of AlignCLIP minus CLIP at the "
+               "smallest and the largest fraction; a change within it is read as no change.")
+
+
 def summary_lines(results: dict) -> List[str]:
     """One paragraph per metric's trend, then what it can and cannot say about CC12M."""
-    lines = []
+    lines = [SPREAD_NOTE, ""]
     for item in (t for t in results["trend"] if t):
         lines += [trend_sentence(item), ""]
     return lines + [scope_sentence(results)]
