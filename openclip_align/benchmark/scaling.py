@@ -420,6 +420,9 @@ def plot(results: dict, path: Path) -> Path:
                 ax.plot([e["pairs"]] * len(e[key]["values"]), [v * scale for v in e[key]["values"]], ".",
                         color=f"C{i}", alpha=0.35, ms=4)
         ax.set_xscale("log", base=2)
+        ticks = sorted({e["pairs"] for e in results["table"] if e["finished"]})
+        ax.set_xticks(ticks, [f"{n:,}" for n in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("training pairs (log scale)")
         ax.set_title(METRIC_NAMES[key] + ("" if key == "centroid_gap" else " (%)"), fontsize=10)
         ax.legend(fontsize=7)
