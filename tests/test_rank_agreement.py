@@ -140,7 +140,7 @@ def test_a_failure_one_rank_announces_ends_the_other_rank_naming_it(tmp_path):
 
 
 # --- two torchrun "nodes" on localhost, a failure met by one of them ----------------------------------
-BOUND_S = 120               # well below gloo's 30-minute collective timeout
+BOUND_S = 180               # well below gloo's 30-minute collective timeout (a busy 2-core machine needs ~60 s)
 FAULTS = '''
 """Runs open_clip_train.main as torchrun's worker, after arranging FAULT on node FAULT_RANK only."""
 import os
@@ -310,3 +310,36 @@ def test_two_nodes_stop_together_when_one_node_lacks_the_caption_embeddings(tmp_
     assert "data/train.emb.npy does not exist" in out1
     assert "stopping rank 0: rank 1: MissingExtrasError: --loss needs semantic caption embeddings but " \
            "data/train.emb.npy does not exist" in out0
+
+
+@pytest.mark.slow
+def test_two_nodes_stop_together_when_one_node_lacks_the_column_folder(digits_csv, tmp_path):
+    """Webdataset shards with their caption-embedding columns in a folder of their own (relative
+    --semantic-embeddings, a working directory per node); node 1 has the shards but not the column folder.
+    Rank 0 checks the columns for every rank before step 1; rank 1 meets the missing folder when it decodes
+    its first sample: both end, each naming it."""
+    import shutil
+
+    from openclip_align.data import corpus
+    from test_training_data_checks import _vectors, write_shards
+
+    cwds = _nodes(tmp_path)
+    parts = [range(0, 16), range(16, 32)]
+    emb = _vectors(32)
+
+    def strip(i, sample):
+        del sample["emb.npy"]
+        sample["txt"] = f"pair {i}"
+
+    write_shards(cwds[0] / "shards", digits_csv, parts, edit=strip)
+    for shard, part in enumerate(parts):
+        keys = [f"{i:09d}" for i in part]
+        corpus.write_column(str(cwds[0] / "shards" / f"shard-{shard:06d}.tar"), str(cwds[0] / "columns"), keys,
+                            emb[list(part)], model="all-MiniLM-L6-v2", index_start=part[0], shard_keys=keys)
+    shutil.copytree(cwds[0] / "shards", cwds[1] / "shards")
+    argv = _trainer_argv("shards/shard-{000000..000001}.tar", "--model", "AlignCLIP-Tiny", "--loss", "imsep",
+                         "--dataset-type", "webdataset", "--train-num-samples", "32", "--semantic-source",
+                         "precomputed", "--semantic-embeddings", "columns", "--log-root", "logs", "--name", "run")
+    (code0, out0), (code1, out1) = two_nodes(argv, cwds)
+    assert code0 != 0 and code1 != 0, out0[-2000:] + out1[-2000:]
+    assert "stopping rank 0: rank 1: " in out0 and "columns" in out0.split("stopping rank 0: rank 1: ")[1]
