@@ -138,6 +138,29 @@ def test_a_record_in_the_column_folder_is_not_taken_for_another_sources_shard(ex
     assert seen == [] and "shard " + b + " sample 000000000: its caption 'B caption 00'" in str(err)
 
 
+def test_an_old_by_name_record_entry_is_not_called_a_changed_shard(exports):
+    """A record written before entries had paths, in the column folder, names A's shard only by its name:
+    B's shard of that name (another size) is not said to have "changed since it was checked"."""
+    from PIL import Image
+
+    root, a, _ = exports
+    other = root / "C" / "00000.tar"
+    other.parent.mkdir()
+    png = sh.png_bytes(Image.new("RGB", (16, 16), (200, 30, 30)))
+    keys = [f"{i:09d}" for i in range(N + 40)]                                     # a larger export
+    sh.write_tar(other, [(k, [("png", png), ("txt", _caption("C", i).encode())]) for i, k in enumerate(keys)])
+    columns = root / "columns"
+    _embed_by_hand(a, "A", str(columns))
+    record = {"format": corpus.RECORD_FORMAT, "shards": {"00000.tar": corpus.scan_shard(a, column_dir=str(columns))}}
+    (columns / corpus.RECORD_NAME).write_text(json.dumps(record))                  # no "path": found by name
+    with pytest.raises(CorpusError) as info:
+        training_shards.plan_training_shards(_args(str(other), semantic_embeddings=str(columns)), {"semantic"}, oc_data)
+    message = str(info.value)
+    assert f"shard {other} has {os.path.getsize(other)} bytes, but {columns}/{corpus.RECORD_NAME} holds an entry of " \
+           f"{os.path.getsize(a)} bytes for a shard of that name, found by name only" in message
+    assert "changed since it was checked" not in message
+
+
 def test_semantic_embeddings_a_b_pairs_column_folders_with_the_sources(exports):
     root, a, b = exports
     _embed_by_hand(a, "A", str(root / "colA"))

@@ -33,6 +33,7 @@ import collections
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -452,17 +453,19 @@ class _OpenColumn:
 _LEGACY_WARNED = False          # once per process: a column without fingerprints
 
 
-def warn_legacy_columns(where: str) -> None:
-    """Say once per process that columns carry no caption fingerprints, and how to add them."""
-    global _LEGACY_WARNED
-    if _LEGACY_WARNED:
-        return
-    _LEGACY_WARNED = True
-    import logging
+def legacy_warning(where: str) -> str:
+    """What the log says of columns without caption fingerprints: what is lost, and the command that adds them."""
+    return (f"{where} carries no caption fingerprints (written before they existed), so its rows cannot be checked "
+            f"against the captions they are joined to; add them (reads captions only, rewrites the column json): "
+            f"{FIX_FINGERPRINTS}")
 
-    logging.warning("openclip-align: %s carries no caption fingerprints (written before they existed), so its rows "
-                    "cannot be checked against the captions they are joined to; add them (reads captions only, "
-                    "rewrites the column json): %s", where, FIX_FINGERPRINTS)
+
+def warn_legacy_columns(where: str) -> None:
+    """:func:`legacy_warning`, once per process."""
+    global _LEGACY_WARNED
+    if not _LEGACY_WARNED:
+        _LEGACY_WARNED = True
+        logging.warning("openclip-align: %s", legacy_warning(where))
 
 
 class ColumnReader:
@@ -527,8 +530,9 @@ class ColumnReader:
             shown = text if len(text) <= 60 else text[:57] + "..."
             raise CorpusError(
                 f"shard {shard_url} sample {key}: its caption {shown!r} is not the caption row {row} of "
-                f"{col.npy_path} was made from (that column was made from {made_from(col.meta, col.npy_path)}); a column of "
-                f"another shard with the same name and keys: {FIX_OTHER_SOURCE}, or {FIX_EMBED}")
+                f"{col.npy_path} was made from (that column was made from {made_from(col.meta, col.npy_path)}): "
+                f"the column of another shard with the same name and keys, or this shard's captions changed since "
+                f"it was embedded; {FIX_OTHER_SOURCE}, or {FIX_EMBED}")
         return col, row
 
     def lookup(self, shard_url: str, key: str, caption=None) -> np.ndarray:

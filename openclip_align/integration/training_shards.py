@@ -149,12 +149,6 @@ def semantic_dirs(args, data_module):
     return mapping
 
 
-def _legacy_warning(where: str) -> str:
-    return (f"{where} carries no caption fingerprints (written before they existed), so its rows cannot be checked "
-            f"against the captions they are joined to; add them (reads captions only, rewrites the column json): "
-            f"{corpus.FIX_FINGERPRINTS}")
-
-
 def _note_legacy_first_column(plan: ShardPlan, needs, args) -> None:
     """Remote shards: where the first shard's column is a local file, say once if it has no fingerprints."""
     if SEMANTIC not in needs or getattr(args, "semantic_source", "auto") == "on-the-fly" or not plan.urls:
@@ -167,7 +161,7 @@ def _note_legacy_first_column(plan: ShardPlan, needs, args) -> None:
     except corpus.CorpusError:
         return                  # named when the column is opened
     if meta is not None and not corpus.has_fingerprints(meta):
-        plan.warnings.append(_legacy_warning(f"the column {json_path}"))
+        plan.warnings.append(corpus.legacy_warning(f"the column {json_path}"))
         plan.legacy_noted = True
 
 
@@ -193,7 +187,7 @@ def _check_local(args, urls: List[str], needs, column_dir: Optional[str], data_m
                           f"their keys were re-read from the tar headers): accepted; `openclip-align data check "
                           f"--data SHARDS` records their new times")
     if check.legacy:
-        plan.warnings.append(_legacy_warning(f"the column of {len(check.legacy)} of {len(urls)} shards "
+        plan.warnings.append(corpus.legacy_warning(f"the column of {len(check.legacy)} of {len(urls)} shards "
                                              f"({corpus.listed(check.legacy)})"))
         plan.legacy_noted = True
     if check.dropped:
@@ -224,10 +218,23 @@ def _check_local(args, urls: List[str], needs, column_dir: Optional[str], data_m
 
 
 def _sizes_total(args, data_module) -> Optional[int]:
-    try:
-        return data_module.get_dataset_size(args.train_data)[0]      # upstream's own sizes.json / __len__
-    except Exception:  # no size file: a loss that needs the size says so when it is built
-        return None
+    return shards_size(args.train_data, data_module)
+
+
+def shards_size(shards: str, data_module) -> Optional[int]:
+    """Samples in ``shards``: the sum over a ``::`` mixture's sources, each from its own folder's sizes.json /
+    __len__ (upstream's reader looks only in the first shard's folder, so a second source elsewhere had no
+    size); None when a source has none (a loss that needs the size says so when it is built)."""
+    total = 0
+    for source in str(shards).split("::"):
+        try:
+            size, _ = data_module.get_dataset_size(source)
+        except Exception:  # noqa: BLE001 - a size file that does not list these shards: no size
+            return None
+        if size is None:
+            return None
+        total += int(size)
+    return total
 
 
 def _batch_per_worker_from_sizes(args, urls: List[str]) -> None:
