@@ -36,7 +36,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import open_clip
 
-from . import report
+from . import machine, report
 from .corpus import corpus_record, count_rows
 from openclip_align.metrics.posthoc import POSTHOC_KINDS, closing_lambda
 
@@ -310,7 +310,7 @@ def run_benchmark(data_dir: Path, out_dir: Path, quick: bool = False, gpu: bool 
                    + (" --gpu" if gpu else "") + ("" if list(tracks) == list(TRACKS) else f" --tracks {' '.join(tracks)}"),
         "machine": {"platform": platform.platform(), "device": "cuda" if gpu else "cpu",
                     "python": platform.python_version(), "open_clip": open_clip.__version__,
-                    "cpus": os.cpu_count(), "load_at_start": _load()},
+                    **machine.at_start()},
         "data": {"path": str(data_dir), "train_pairs": corpus["train_pairs"], "encoder": _encoder(data_dir),
                  "corpus": corpus},
         "tracks": {},
@@ -324,7 +324,7 @@ def run_benchmark(data_dir: Path, out_dir: Path, quick: bool = False, gpu: bool 
         results["tracks"][name]["parallel_runs"] = parallel_runs
     results["initialisation"] = initialisation(data_dir, "cuda" if gpu else "cpu", quick)
     results["total_seconds"] = time.time() - started
-    results["machine"]["load_at_end"] = _load()
+    results["machine"] = machine.at_end(results["machine"])
     results["metric_seconds_100k_pairs_768d"] = metric_time_100k()
     # The regression baseline is a run of the same variant (a 1-epoch run says nothing about a 3-epoch one).
     variant = ("gpu" if gpu else "cpu") + ("-quick" if quick else "")
@@ -366,14 +366,6 @@ def load_baseline(baseline: Optional[Path], variant: str) -> Optional[dict]:
         logging.info("benchmark: no baseline %s to compare with", path)
         return None
     return json.loads(path.read_text())
-
-
-def _load() -> Optional[List[float]]:
-    """The 1 / 5 / 15-minute load averages, for README's line on the machine (None where the OS has none)."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def _encoder(data_dir: Path) -> Optional[str]:

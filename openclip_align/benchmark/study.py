@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .evaluate import evaluate_model
+from .machine import at_end, at_start
 from .regimes import REGIMES
 from .report import write_json_atomic
 from .training import Budget, TrainSpec, train
@@ -210,7 +211,7 @@ def run_study(data_dir: Path, out_dir: Path, plan: Optional[StudyPlan] = None, c
     check_corpus(data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs_dir = out_dir / "runs"
-    started = time.time()
+    started, machine = time.time(), at_start()
     cells = []
     for loss in plan.losses:
         for optimizer in plan.optimizers:
@@ -226,6 +227,7 @@ def run_study(data_dir: Path, out_dir: Path, plan: Optional[StudyPlan] = None, c
         "cells": cells,
         "table": summarise(cells),
         "seconds": time.time() - started,
+        "machine": at_end(machine),
     }
     write_json_atomic(out_dir / "results.json", results)
     (out_dir / "results.md").write_text(markdown(results))
