@@ -135,6 +135,11 @@ def test_a_rerun_keeps_the_runs_already_done(fake_runs, tmp_path):
     (tmp_path / "out" / "results.json").write_text(json.dumps(saved))
     results = scaling.run_scaling_study(data, tmp_path / "out", plan)
     assert len(calls) - first == 4 and results["complete"]
+    # both sessions' records are kept: the first as saved (six runs started), the second with its four runs
+    earlier = results["machine"]["earlier_sessions"]
+    assert len(earlier) == 1 and len(earlier[0]["load_per_run"]) == 6 and len(results["machine"]["load_per_run"]) == 4
+    assert results["seconds"] >= saved["seconds"]
+    assert " in 2 sessions." in scaling.conditions_line(results)
 
 
 def test_fractions_smaller_than_a_batch_are_refused(fake_runs, tmp_path):

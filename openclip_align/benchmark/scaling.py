@@ -267,9 +267,13 @@ def run_scaling_study(data_dir: Path, out_dir: Path, plan: Optional[ScalingPlan]
                  write_subset(data_dir, rows, out_dir / "subsets", f"train-{f:g}") for f, rows in subsets.items()}
     record = _plan_record(plan, track, sizes, data_dir)
     corpus = corpus_record(data_dir)          # once: without a content hash in the manifest it reads every file
-    previous = _previous_cells(out_dir / "results.json", record)
-    started, began = time.time(), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    previous, earlier = _previous_cells(out_dir / "results.json", record)
+    began = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    started = time.time() - (earlier or {}).get("seconds", 0.0)        # a continued study counts its earlier time
     machine = {"cpus": os.cpu_count(), "started": began, "load_at_start": _load_meter(), "load_per_run": []}
+    if earlier:                        # the sessions before this one, as they were recorded
+        before = earlier["machine"]
+        machine["earlier_sessions"] = before.pop("earlier_sessions", []) + [before]
     cells = []
     for cell in plan.cells(track):
         f, seed, row = cell["fraction"], cell["seed"], cell["row"]
@@ -288,14 +292,15 @@ def run_scaling_study(data_dir: Path, out_dir: Path, plan: Optional[ScalingPlan]
     return _write(out_dir, command, record, corpus, cells, machine, started, plan, final=True)
 
 
-def _previous_cells(path: Path, record: dict) -> dict:
-    """Runs a stopped study with the same plan already finished (a rerun continues it)."""
+def _previous_cells(path: Path, record: dict) -> tuple:
+    """Runs a stopped study with the same plan already finished (a rerun continues it), and its results."""
     if not path.exists():
-        return {}
+        return {}, None
     old = json.loads(path.read_text())
     if old.get("plan") != json.loads(json.dumps(record)):
-        return {}
-    return {(c["fraction"], c["seed"], c["row"]): c for c in old["cells"] if c["status"] in ("ok", "diverged")}
+        return {}, None
+    done = {(c["fraction"], c["seed"], c["row"]): c for c in old["cells"] if c["status"] in ("ok", "diverged")}
+    return done, (old if done else None)
 
 
 def _write(out_dir: Path, command: str, record: dict, corpus: dict, cells: List[dict], machine: dict,
@@ -344,12 +349,15 @@ def table_lines(results: dict) -> List[str]:
 
 
 def conditions_line(results: dict) -> str:
+    """When, on how many cores and under what load the runs ran, over every session of a continued study."""
     m = results["machine"]
-    loads = [l[0] for l in m.get("load_per_run", []) if l]
+    sessions = [*m.get("earlier_sessions", []), m]
+    loads = [l[0] for s in sessions for l in s.get("load_per_run", []) if l]
     load = (f"1-minute load average {min(loads):.1f} to {max(loads):.1f} at the runs' starts" if loads else
             "load not recorded")
-    return (f"Ran {m['started']} to {m['ended']} on {m['cpus']} CPU cores, {load} (quality numbers do not depend "
-            f"on load); {results['seconds'] / 60:.0f} min.")
+    spans = "; ".join(f"{s['started']} to {s['ended']}" for s in sessions)
+    return (f"Ran {spans} on {m['cpus']} CPU cores, {load} (quality numbers do not depend on load); "
+            f"{results['seconds'] / 60:.0f} min" + (f" in {len(sessions)} sessions." if len(sessions) > 1 else "."))
 
 
 def title(results: dict) -> str:
