@@ -255,6 +255,20 @@ def test_a_legacy_column_trains_with_one_warning_and_add_fingerprints_fixes_it(e
     assert _decoded([a], _args(a, semantic_embeddings=str(columns)))[1] is None
 
 
+def test_an_embed_rerun_fingerprints_a_legacy_column_without_embedding_again(exports, monkeypatch):
+    root, a, b = exports
+    columns = root / "columns"
+    _embed_by_hand(a, "A", str(columns), fingerprints=False)
+    npy = (columns / "00000.emb.npy").read_bytes()
+    monkeypatch.setattr("openclip_align.data.semantic.load_sentence_encoder",
+                        lambda *x, **k: pytest.fail("a current column was embedded again"))
+    embed_shards(str(root / "A"), str(columns), model="all-MiniLM-L6-v2", progress=False)
+    assert (columns / "00000.emb.npy").read_bytes() == npy
+    assert corpus.has_fingerprints(json.loads((columns / "00000.emb.json").read_text()))
+    seen, err = _decoded([b], _args(b, semantic_embeddings=str(columns)))
+    assert seen == [] and "'B caption 00' is not the caption row 0" in str(err)
+
+
 def test_add_fingerprints_refuses_a_column_its_shard_does_not_match(exports):
     root, a, _ = exports
     columns = root / "columns"

@@ -103,18 +103,22 @@ def _foreign_columns(paths: Sequence[str], entries: Dict[str, dict], out: str) -
 
 
 def _column_is_current(path: str, column_dir: str, entry: dict, model: str, dtype: str, index_start: int,
-                       dropped: Sequence[str]) -> bool:
+                       dropped: Sequence[str]) -> Optional[dict]:
+    """The column's json when the column was made from this shard as it is, with this model, dtype and
+    numbering (it may lack fingerprints: a column written before them); None when it must be embedded."""
     npy_path, json_path = cp.column_paths(path, column_dir)
     try:
         meta = cp.read_column_meta(json_path)
     except cp.CorpusError:
-        return False
+        return None
     if meta is None or cp.column_problem(path, column_dir, meta=meta, shard_keys_hash=entry["keys_sha256"],
                                          shard_captions_hash=entry.get("captions_sha256")) is not None:
-        return False
-    return (cp.has_fingerprints(meta) and meta.get("shard_captions_sha256") == entry.get("captions_sha256")
-            and meta.get("shard_mtime_ns") == entry["mtime_ns"] and meta.get("model") == model and meta.get("dtype") == dtype
-            and meta.get("index_start") == index_start and list(meta.get("dropped_empty_captions", ())) == list(dropped))
+        return None
+    current = (meta.get("shard_captions_sha256") in (None, entry.get("captions_sha256"))
+               and meta.get("shard_mtime_ns") == entry["mtime_ns"] and meta.get("model") == model
+               and meta.get("dtype") == dtype and meta.get("index_start") == index_start
+               and list(meta.get("dropped_empty_captions", ())) == list(dropped))
+    return meta if current else None
 
 
 def _embed_one(encoder, job: dict, batch_size: int, report) -> dict:
@@ -206,7 +210,10 @@ def embed_shards(data, out=None, model: str = "all-MiniLM-L6-v2", batch_size: in
     jobs = []
     for path in paths:
         dropped = list(entries[path]["empty_caption_keys"])
-        if not _column_is_current(path, column_dir(path), entries[path], model_name, dtype, index_start[path], dropped):
+        meta = _column_is_current(path, column_dir(path), entries[path], model_name, dtype, index_start[path], dropped)
+        if meta is not None and not cp.has_fingerprints(meta):     # written before fingerprints: add them, no embedding
+            _fingerprint_column(path, column_dir(path), meta)
+        if meta is None:
             jobs.append({"path": path, "column_dir": column_dir(path), "model": model_name, "dtype": dtype,
                          "dropped": dropped, "index_start": index_start[path],
                          "keys_sha256": entries[path]["keys_sha256"]})
@@ -322,24 +329,32 @@ def add_fingerprints(data, out=None) -> Dict[str, int]:
         if cp.has_fingerprints(meta):
             done[cp.shard_name(path)] = 0
             continue
-        keys, texts, every, every_text = _captions(path, set(meta.get("dropped_empty_captions", ())))
-        size = cp.fingerprint(path)[0]
-        differs = []
-        if meta.get("shard") != cp.shard_name(path):
-            differs.append(f"shard name ({meta.get('shard')})")
-        if meta.get("shard_bytes") != size:
-            differs.append(f"size ({meta.get('shard_bytes')} bytes when embedded, {size} now)")
-        if meta.get("shard_keys_sha256") != cp.keys_sha256(every) or list(meta.get("keys", ())) != keys:
-            differs.append("keys")
-        if differs:
-            raise cp.CorpusError(f"shard {path}: cannot vouch that {json_path} was made from it (its "
-                                 f"{' and '.join(differs)} differ); re-embed it instead: {cp.FIX_EMBED}")
-        meta.update(cp.shard_identity(path, every, every_text, folder))
-        meta["caption_fingerprints"] = cp.encode_fingerprints(texts)
-        cp.write_column_meta(json_path, meta)
+        every_text = _fingerprint_column(path, folder, meta)
         _refresh_record(path, folder, every_text)
-        done[cp.shard_name(path)] = len(keys)
+        done[cp.shard_name(path)] = len(meta["keys"])
     return done
+
+
+def _fingerprint_column(path: str, folder: str, meta: dict) -> List[str]:
+    """Add the rows' caption fingerprints to the column json ``meta`` of the shard at ``path`` (see
+    :func:`add_fingerprints`); returns every caption of the shard."""
+    json_path = cp.column_paths(path, folder)[1]
+    keys, texts, every, every_text = _captions(path, set(meta.get("dropped_empty_captions", ())))
+    size = cp.fingerprint(path)[0]
+    differs = []
+    if meta.get("shard") != cp.shard_name(path):
+        differs.append(f"shard name ({meta.get('shard')})")
+    if meta.get("shard_bytes") != size:
+        differs.append(f"size ({meta.get('shard_bytes')} bytes when embedded, {size} now)")
+    if meta.get("shard_keys_sha256") != cp.keys_sha256(every) or list(meta.get("keys", ())) != keys:
+        differs.append("keys")
+    if differs:
+        raise cp.CorpusError(f"shard {path}: cannot vouch that {json_path} was made from it (its "
+                             f"{' and '.join(differs)} differ); re-embed it instead: {cp.FIX_EMBED}")
+    meta.update(cp.shard_identity(path, every, every_text, folder))
+    meta["caption_fingerprints"] = cp.encode_fingerprints(texts)
+    cp.write_column_meta(json_path, meta)
+    return every_text
 
 
 def _refresh_record(path: str, folder: str, every_text: Sequence[str]) -> None:
