@@ -1,6 +1,7 @@
 """The caption-embedding column beside the shards, joined to each sample by shard url and key inside
 upstream's own webdataset pipeline (issue 23). A broken column stops the run before step 1 (recorded
 shards) or at the first affected sample (others), naming shard and key."""
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -32,7 +33,9 @@ def _columned(folder: Path, csv, parts, column_dir=None, with_index=False, edit=
         keys = [f"{i:09d}" for i in part]
         rows = [i for i in part if edit is None or edit(i)]
         corpus.write_column(str(folder / f"shard-{shard:06d}.tar"), column_dir, [f"{i:09d}" for i in rows],
-                            emb[rows], model="all-MiniLM-L6-v2", index_start=part[0], shard_keys=keys)
+                            emb[rows], model="all-MiniLM-L6-v2", index_start=part[0], shard_keys=keys,
+                            captions=[f"pair {i}" for i in rows],
+                            shard_captions=[f"pair {i}" for i in part])
     return pattern
 
 
@@ -56,6 +59,29 @@ def test_column_joined_by_key_through_upstream_shuffling_resampling_and_workers(
         np.testing.assert_allclose(extras["semantic"].numpy(), EMB[pairs], atol=2e-3)   # float16 rows
         seen += len(pairs)
     assert seen == N
+
+
+def test_a_column_of_other_captions_stops_the_workers_at_the_first_sample(digits_csv, tmp_path):
+    """Through upstream's own pipeline (2 workers): the caption the trainer sees is checked against the
+    row's fingerprint; a column whose row 30 was made from another caption stops at sample 30."""
+    pattern = _columned(tmp_path, digits_csv, [range(0, 24), range(24, 48)])
+    json_path = tmp_path / "shard-000001.emb.json"
+    meta = json.loads(json_path.read_text())
+    meta["caption_fingerprints"] = corpus.encode_fingerprints(
+        [f"pair {i}" if i != 30 else "a caption from another export" for i in range(24, 48)])
+    json_path.write_text(json.dumps(meta))
+    args = _args(pattern, loss="imsep", batch_size=8, workers=2, train_num_samples=N, seed=0, world_size=1,
+                 dataset_resampled=False, train_data_upsampling_factors=None)
+    needs = {"semantic", "caption"}
+    plan = training_shards.plan_training_shards(args, needs, oc_data)
+    options = dict(shard_extras=training_shards.ShardSampleExtras(plan, needs, "precomputed"))
+    with batch_extras.requesting(needs, **options):
+        train = oc_data.get_wds_dataset(args, lambda image: np.zeros(1, np.float32), is_train=True,
+                                        tokenizer=lambda texts: [0])
+    with pytest.raises(CorpusError, match=r"shard-000001.tar sample 000000030: its caption 'pair 30' is not the "
+                                          r"caption row 6 of .*shard-000001.emb.npy was made from"):
+        for _ in train.dataloader:
+            pass
 
 
 def test_column_with_a_missing_row(digits_csv, tmp_path):
