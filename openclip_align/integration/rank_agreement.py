@@ -157,8 +157,10 @@ def watch_for_failures(poll: float = POLL_SECONDS) -> None:
 def _stop(line: str) -> None:
     """Log ``line`` everywhere this rank logs to, then end the process (the main thread may be blocked in
     a collective that would only return at the timeout)."""
-    logging.error(line)
-    print(line, file=sys.stderr)
+    if logging.getLogger().handlers:
+        logging.error(line)
+    else:
+        print(line, file=sys.stderr)
     for handler in logging.getLogger().handlers:
         try:
             handler.flush()
