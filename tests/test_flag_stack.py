@@ -206,3 +206,92 @@ def test_the_full_stack_parses_for_every_plugin_loss(loss):
     assert (args.loss, args.precision, args.torchcompile, args.grad_checkpointing, args.local_loss,
             args.gather_with_grad, args.accum_freq, args.dataset_resampled) == \
         (loss, "amp_bf16", True, True, True, True, 2, True)
+
+
+# --- the trainer: everything together on two CPU ranks (slow) ------------------------------------------
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import write_digits_csv  # noqa: E402
+from test_trainer_distributed import calls, run_ranks  # noqa: E402  (the distributed tests' torchrun launcher)
+
+SOURCE_ROWS = 24                # per source; indices 0..23 (A) and 24..47 (B): one index space for SogCLR
+
+
+@pytest.fixture(scope="module")
+def mixture(tmp_path_factory):
+    """Two webdataset sources (different folders, one shard each, sizes.json beside), every sample with its
+    caption embedding and dataset index; and a DualCLIP-Tiny start for --loss refine."""
+    import json
+
+    import numpy as np
+    import open_clip
+    import pandas as pd
+    import webdataset as wds
+
+    root = tmp_path_factory.mktemp("flag_stack")
+    rows = pd.read_csv(write_digits_csv(root / "images", n=2 * SOURCE_ROWS), sep="\t")
+    vectors = np.random.default_rng(0).standard_normal((2 * SOURCE_ROWS, SEMANTIC_D)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    urls = []
+    for part, folder in enumerate(("A", "B")):
+        (root / folder).mkdir()
+        name = f"{folder.lower()}-000000.tar"
+        with wds.TarWriter(str(root / folder / name)) as sink:
+            for i in range(part * SOURCE_ROWS, (part + 1) * SOURCE_ROWS):
+                sink.write({"__key__": f"{i:09d}", "png": Path(rows.filepath[i]).read_bytes(), "txt": rows.title[i],
+                            "json": {"index": i}, "emb.npy": vectors[i]})
+        (root / folder / "sizes.json").write_text(json.dumps({name: SOURCE_ROWS}))
+        urls.append(str(root / folder / name))
+    starts = {}
+    for model_name in set(MODEL_FOR.values()):
+        torch.manual_seed(0)
+        starts[model_name] = root / f"{model_name}.pt"
+        torch.save({"state_dict": open_clip.create_model(model_name).state_dict()}, starts[model_name])
+    return root, "::".join(urls), starts
+
+
+FULL_STACK = ["--precision", "amp_bf16", "--torchcompile", "--grad-checkpointing", "--local-loss",
+              "--gather-with-grad", "--accum-freq", "2", "--dataset-resampled", "--train-data-upsampling-factors",
+              "1::2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", PLUGIN_LOSSES)
+def test_full_stack_on_two_ranks(mixture, loss, tmp_path):
+    """``torchrun --nproc_per_node 2``: amp_bf16 + inductor + grad checkpointing + --local-loss
+    --gather-with-grad --accum-freq 2 on a ``::`` mixture upsampled 1::2 under --dataset-resampled. 64 samples
+    an epoch at 8 per rank and step part: 4 batches per rank, 2 optimizer steps, 4 loss calls per rank (the
+    loss runs once per accumulated batch); every loss value finite, the weights moved and stayed finite."""
+    root, train_data, starts = mixture
+    extra = ["--semantic-source", "precomputed"] if get_loss_spec(loss).needs - {"index"} else []
+    argv = ["--model", MODEL_FOR[loss], "--pretrained", str(starts[MODEL_FOR[loss]]), "--loss", loss, *extra,
+            "--train-data", train_data, "--dataset-type", "webdataset", "--train-num-samples", "64",
+            "--batch-size", "8", "--workers", "0", "--device", "cpu", "--epochs", "1", "--lr", "1e-4",
+            "--warmup", "1", "--seed", "0", "--log-every-n-steps", "1", *FULL_STACK]
+    run = run_ranks(argv, tmp_path, f"stack-{loss}")
+    for rank in (0, 1):
+        terms = calls(run, rank)
+        assert len(terms) == 4, (rank, terms)
+        assert all(torch.isfinite(torch.tensor(list(t.values()))).all() for t in terms), terms
+    state = torch.load(run / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=True)["state_dict"]
+    weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    start = torch.load(starts[MODEL_FOR[loss]], map_location="cpu", weights_only=True)["state_dict"]
+    assert weights.keys() == start.keys()
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert any(not torch.equal(weights[k], start[k]) for k in start)       # two SGD steps moved the weights
+
+
+def test_a_mixture_is_sized_from_each_sources_own_folder(tmp_path):
+    """SogCLR sizes its state from the dataset size: for A::B in two folders, the sum of both sizes.json."""
+    import json
+
+    import open_clip_train.data as data_module
+
+    from openclip_align.integration.training_shards import shards_size
+
+    for folder, sizes in (("A", {"a-000000.tar": 7, "a-000001.tar": 5}), ("B", {"b-000000.tar": 30})):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "sizes.json").write_text(json.dumps(sizes))
+    mixture = f"{tmp_path}/A/a-{{000000..000001}}.tar::{tmp_path}/B/b-000000.tar"
+    assert shards_size(mixture, data_module) == 7 + 5 + 30
+    (tmp_path / "B" / "sizes.json").unlink()
+    assert shards_size(mixture, data_module) is None            # one source without a size: unknown

@@ -133,15 +133,7 @@ def _dataset_size(args, train, data_module) -> Optional[int]:
     dataset = getattr(train.dataloader, "dataset", None)
     if dataset is not None and not isinstance(dataset, torch.utils.data.IterableDataset):
         return len(dataset)                                  # csv: one row per pair
-    return _shards_size(args.train_data, data_module)
-
-
-def _shards_size(shards: str, data_module) -> Optional[int]:
-    try:
-        total, _ = data_module.get_dataset_size(shards)     # webdataset: sizes.json / __len__
-        return total
-    except Exception:  # no size file: a loss that needs the size says so when it is built
-        return None
+    return training_shards.shards_size(args.train_data, data_module)
 
 
 # --- the loss ------------------------------------------------------------------------------------
