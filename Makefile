@@ -9,7 +9,7 @@ STUDY_SCALING_OUT ?= runs/study-scaling
 PUBLISH_FLAGS ?=     # e.g. --corpus data/default --redraw-pca data/default for a run an older version made
 
 .PHONY: install test test-all data data-small benchmark benchmark-quick benchmark-publish study study-publish \
-	study-temperature study-temperature-publish study-scaling study-scaling-publish
+	study-temperature study-temperature-publish study-scaling study-scaling-publish gpu-check-dry gpu-check-prepare
 
 install:            ## torch from the local wheel pair, the plugin (editable) with its dev extra, the Debian data packages
 	$(PYTHON) -m pip install torch==2.14.1 torchvision==0.29.1
@@ -52,6 +52,12 @@ study-publish:      ## make the study in $(STUDY_OUT) the committed copy: study/
 study-temperature:  ## Mind the Gap's temperatures: the pretrained-tower CLIP fine-tuned at each fixed T, CLIP-Refine (lr 1e-6 and 1e-4) beside it
 	$(PYTHON) -m openclip_align.cli study --data $(DATA) --out $(STUDY_TEMPERATURE_OUT) \
 		--temperatures 0.01 0.02 0.0333 0.05 0.1 1 --refine-lrs 1e-6 1e-4
+
+gpu-check-dry:      ## the GPU check's CPU dry run on Tiny models (seconds): benchmarks/gpu_check.py --dry-run
+	$(PYTHON) benchmarks/gpu_check.py --dry-run --out runs/gpu-check-dry
+
+gpu-check-prepare:  ## wheels, mpnet skeleton and small corpus for the one device call of benchmarks/gpu_check.sh
+	bash benchmarks/gpu_check.sh prepare
 
 study-temperature-publish:  ## make $(STUDY_TEMPERATURE_OUT) the committed copy: study/temperature/ and README's block
 	$(PYTHON) -m openclip_align.benchmark.publish --temperature-study $(STUDY_TEMPERATURE_OUT)

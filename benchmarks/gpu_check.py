@@ -51,12 +51,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="results folder (results.json, results.md)")
     p.add_argument("--dry-run", action="store_true",
-                   help="CPU, Tiny models, batch 8, 1+2 steps, compile backend aot_eager (inductor's tracing without "
+                   help="CPU, Tiny models, batch 8, 1+1 steps, compile backend aot_eager (inductor's tracing without "
                         "its code generation), MiniLM: checks the script in seconds")
     p.add_argument("--batch-size", type=int, default=None, help="default 512 (dry run 8)")
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="untimed steps first, compilation happens here (default 5, dry run 1)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 30, dry run 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 30, dry run 1)")
     p.add_argument("--models", nargs="+", default=None)
     p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
     p.add_argument("--compile-backend", default=None,
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-embed", action="store_true")
     p.add_argument("--skip-train", action="store_true")
     args = p.parse_args(argv)
-    defaults = (dict(batch_size=8, warmup_steps=1, steps=2, compile_backend="aot_eager", embed_captions=64,
+    defaults = (dict(batch_size=8, warmup_steps=1, steps=1, compile_backend="aot_eager", embed_captions=64,
                      embed_batch_size=32, models=list(DRY_MODELS)) if args.dry_run else
                 dict(batch_size=512, warmup_steps=5, steps=30, compile_backend="inductor", embed_captions=50_000,
                      embed_batch_size=512, models=list(MODELS)))
@@ -303,6 +303,18 @@ def main(argv=None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device is visible; use --dry-run on a CPU", file=sys.stderr)
         return 2
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(min(2, threads))                  # Tiny models: more threads only contend
+    try:
+        return _run(cfg, device, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg, device: str, argv) -> int:
+    import torch
+
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

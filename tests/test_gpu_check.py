@@ -48,7 +48,7 @@ def test_dry_run_on_tiny_models(tmp_path):
     """Every (model, loss) of the GPU check trains its steps on CPU with finite losses, without compilation here
     (the compiled path is the slow test below and tests/test_flag_stack.py's compile check)."""
     out = tmp_path / "check"
-    rc = gpu_check.main(["--dry-run", "--out", str(out), "--compile-backend", "none", "--embed-captions", "16",
+    rc = gpu_check.main(["--dry-run", "--out", str(out), "--compile-backend", "none", "--embed-captions", "8",
                          "--embed-batch-size", "8"])
     assert rc == 0
     results = _check_results(out, gpu_check.DRY_MODELS, gpu_check.LOSSES)
