@@ -127,3 +127,16 @@ def test_read_checkpoint_accepts_the_real_formats_and_refuses_the_rest(files, tm
         assert str(info.value).startswith("--resume ") and "\n" not in str(info.value)
         assert "weights_only" not in str(info.value)
     check_checkpoint_file(str(files / "tiny.pt"))               # the header check passes a real file
+
+
+@pytest.mark.parametrize("name,what", [("garbage.pt", "not a checkpoint"), ("notes.pt", "a text file"),
+                                       ("with_args.pt", "argparse.Namespace")])
+def test_study_start_refuses_a_file_that_is_not_a_checkpoint(files, tmp_path, name, what):
+    """``study --temperatures --start FILE`` reads the start's logit scale with the safe reader, before any run."""
+    with pytest.raises(SystemExit) as info:
+        main(["study", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--temperatures", "0.1",
+              "--start", str(files / name)])
+    message = str(info.value.code)
+    assert str(files / name) in message and what in message and "--start" in message
+    assert "\n" not in message and "weights_only" not in message
+    assert not (tmp_path / "o").exists()

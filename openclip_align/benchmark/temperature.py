@@ -129,8 +129,11 @@ class TemperaturePlan:
 
 
 def learned_logit_scale(checkpoint: Path) -> float:
-    """exp(logit_scale) of a trainer checkpoint (the model's learned inverse temperature)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    """exp(logit_scale) of a trainer checkpoint (the model's learned inverse temperature); read with the
+    tensors-only reader, a file that is no checkpoint refused in one line (``ModelLoadError``)."""
+    from openclip_align.model_loading import read_checkpoint
+
+    state = read_checkpoint(str(checkpoint), "--start")
     weights = state.get("state_dict", state) if isinstance(state, dict) else state
     for key in ("logit_scale", "module.logit_scale", "_orig_mod.logit_scale", "module._orig_mod.logit_scale"):
         if key in weights:

@@ -163,6 +163,13 @@ def run_temperatures(args) -> int:
         raise SystemExit(str(err)) from None
     if args.start is not None and not args.start.is_file():
         raise SystemExit(f"--start {args.start}: no such checkpoint file")
+    if args.start is not None:                 # a file that is no CLIP checkpoint: refused before any training
+        from openclip_align.benchmark.temperature import learned_logit_scale
+
+        try:
+            learned_logit_scale(args.start)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     from openclip_align.benchmark.study import check_corpus
 
     try:
