@@ -251,3 +251,12 @@ def test_readme_initialisation_block_is_left_alone_without_a_measured_table(tmp_
         path.write_text(json.dumps(res))
         assert update_readme(readme, path) == ["scratch"]
         assert "<!-- benchmark:initialisation:start -->\n<!-- benchmark:initialisation:end -->" in readme.read_text()
+
+
+def test_the_same_pairs_with_caption_embeddings_of_another_encoder_are_not_compared():
+    before = with_content(results(scratch=track(0.30, 0.05)), "c" * 64, "b" * 64, 2, {})
+    now = with_content(results(scratch=track(0.40, 0.05)), "c" * 64, "b" * 64, 2, {})
+    before["data"]["encoder"], now["data"]["encoder"] = "all-mpnet-base-v2", "all-MiniLM-L6-v2"
+    other = report.compare(now, before)
+    assert other["comparison"]["status"] == "different corpus" and other["flags"] == []
+    assert "from all-mpnet-base-v2, this run's from all-MiniLM-L6-v2" in other["comparison"]["note"]

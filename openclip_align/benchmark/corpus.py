@@ -41,8 +41,10 @@ def corpus_record(data_dir: Path) -> dict:
               "train_pairs": count_rows(data_dir / "train.csv"),
               "heldout_pairs": count_rows(heldout) if heldout.exists() else None}
     if manifest is not None:
+        encoder = manifest.get("encoder")
         record.update(sha256=manifest_sha256(manifest), sha256_of="manifest.json",
-                      manifest_format_version=manifest.get("format_version"), packages=manifest.get("packages"))
+                      manifest_format_version=manifest.get("format_version"), packages=manifest.get("packages"),
+                      encoder=encoder.get("model") if isinstance(encoder, dict) else None)
     return record
 
 
@@ -62,6 +64,10 @@ def describe(record: Optional[dict], results: Optional[dict] = None) -> str:
     if record.get("sha256"):
         ids.append(f"{record.get('sha256_of', 'manifest.json')} sha256 {record['sha256'][:12]}")
     return f"{record['train_pairs']:,} training / {heldout} held-out pairs, " + ", ".join(ids)
+
+
+def _encoder(results: Optional[dict], record: dict) -> Optional[str]:
+    return record.get("encoder") or ((results or {}).get("data") or {}).get("encoder")
 
 
 def build_differences(now: dict, before: dict) -> List[str]:
@@ -93,6 +99,10 @@ def same_corpus(current: Optional[dict], baseline: Optional[dict]) -> Tuple[Opti
                    (("this run", now, current), ("the baseline", before, baseline)) if record is None]
         return None, "; ".join(unknown), []
     counts = all(now.get(k) == before.get(k) for k in ("train_pairs", "heldout_pairs"))
+    encoders = [_encoder(current, now), _encoder(baseline, before)]
+    if None not in encoders and encoders[0] != encoders[1]:      # the same pairs, other caption embeddings
+        return False, (f"the baseline's caption embeddings come from {encoders[1]}, this run's from {encoders[0]} "
+                       "(AlignCLIP trains on them)"), []
     if now.get("content_sha256") and before.get("content_sha256"):
         if counts and now["content_sha256"] == before["content_sha256"]:
             how = f"same pairs: content sha256 {now['content_sha256'][:12]}"
