@@ -153,3 +153,15 @@ def create_model_for_command(name: str, pretrained: Optional[str] = None, **kwar
             what = f"--pretrained {pretrained} of {name}" if pretrained else f"--model {name}"
             raise ModelLoadError(f"{what}: cannot be fetched from the Hugging Face hub ({OFFLINE_HINT})") from None
         raise
+
+
+def explain_encoder_error(name: str, err: OSError) -> str:
+    """A sentence-transformers encoder that did not load (``embed --model``), as one line."""
+    text = str(err)
+    if isinstance(err, NotADirectoryError) or (os.path.isfile(name) and not os.path.isdir(name)):
+        return (f"--model {name} is a file; expected a sentence-transformers model folder (with modules.json) "
+                "or a model name such as all-mpnet-base-v2")
+    if any(marker in text for marker in ("huggingface.co", "couldn't connect", "Internet", "offline")):
+        return (f"--model {name}: cannot be fetched from the Hugging Face hub (no network here, or "
+                "HF_HUB_OFFLINE=1); fetch it where there is a network, or pass a local model folder")
+    return f"--model {name}: cannot be loaded ({one_line(text) or type(err).__name__})"

@@ -140,3 +140,20 @@ def test_study_start_refuses_a_file_that_is_not_a_checkpoint(files, tmp_path, na
     assert str(files / name) in message and what in message and "--start" in message
     assert "\n" not in message and "weights_only" not in message
     assert not (tmp_path / "o").exists()
+
+
+def test_embed_refuses_a_model_that_is_a_file(files, tmp_path, capsys):
+    csv = tmp_path / "captions.csv"
+    csv.write_text("title\na red square\n")
+    assert main(["embed", "--data", str(csv), "--model", str(files / "garbage.pt"), "--no-progress"]) == 2
+    _one_line_error(capsys.readouterr().err, "openclip-align embed:", files / "garbage.pt", "model folder")
+    assert not list(tmp_path.glob("*.npy"))
+
+
+def test_an_encoder_that_cannot_be_fetched_is_one_line():
+    from openclip_align.model_loading import explain_encoder_error
+
+    err = OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in "
+                  "the cached files.\nCheck your internet connection or see how to run the library in offline mode")
+    line = explain_encoder_error("sentence-transformers/nonesuch", err)
+    assert "\n" not in line and "sentence-transformers/nonesuch" in line and "cannot be fetched" in line

@@ -81,3 +81,8 @@ def _run(args) -> int:
     except (EncoderNotInstalled, FileNotFoundError, ValueError, CorpusError, RuntimeError) as err:
         print(f"openclip-align embed: {err}", file=sys.stderr)
         return 2
+    except OSError as err:                  # the encoder: a hub name offline, a file that is no model folder
+        from ..model_loading import explain_encoder_error
+
+        print(f"openclip-align embed: {explain_encoder_error(args.model, err)}", file=sys.stderr)
+        return 2
