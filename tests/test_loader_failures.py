@@ -69,7 +69,7 @@ def test_handler_stops_on_descriptor_exhaustion_and_leaves_other_errors_to_upstr
     exhausted.args = exhausted.args + ("pipe:aws s3 cp s3://b/00041.tar -",)     # as webdataset's url_opener adds it
     with pytest.raises(LoaderFailure) as caught:
         handler(exhausted)
-    assert "opening pipe:aws s3 cp s3://b/00041.tar -: out of file descriptors" in str(caught.value)
+    assert "reading pipe:aws s3 cp s3://b/00041.tar -: out of file descriptors" in str(caught.value)
     assert _limit_words() in str(caught.value) and "\n" not in str(caught.value)
     assert is_user_facing(caught.value) and skipped == [missing]
 
@@ -84,7 +84,7 @@ def test_pipeline_stops_on_descriptor_exhaustion_at_the_shard(tmp_path, monkeypa
         raise OSError(errno.EMFILE, "Too many open files", url)
 
     monkeypatch.setattr(sys.modules["webdataset.gopen"], "gopen", exhausted)      # what url_opener calls
-    with pytest.raises(LoaderFailure, match=r"shard-000000.tar.*out of file descriptors") as caught:
+    with pytest.raises(LoaderFailure, match=r"^reading \S*shard-000000.tar: out of file descriptors") as caught:
         next(iter(loader))
     assert _limit_words() in str(caught.value)
 

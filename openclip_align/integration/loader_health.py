@@ -60,9 +60,17 @@ class StopOnFatal:
 
     def __call__(self, exc: BaseException) -> bool:
         if is_fd_exhaustion(exc):
-            url = exc.args[-1] if exc.args and isinstance(exc.args[-1], str) else "a training shard"
-            raise LoaderFailure(fd_message(f"opening {url}")) from exc
+            raise LoaderFailure(fd_message(_shard_named(exc))) from exc
         return self.upstream(exc)
+
+
+def _shard_named(exc: BaseException) -> str:
+    """The shard webdataset appended to the error's arguments (after errno and message), else its file."""
+    extra = [arg for arg in exc.args[2:] if isinstance(arg, str)]
+    if extra:
+        return f"reading {extra[-1]}"
+    name = getattr(exc, "filename", None)
+    return f"opening {name}" if name else "reading a training shard"
 
 
 @contextlib.contextmanager
