@@ -82,3 +82,26 @@ def test_the_committed_readme_regenerates_unchanged_from_the_committed_results(t
     assert {"reading", "speed-summary", "study"} <= set(done)
     assert update_temperature_block(copy, tmp_path / "study" / "temperature" / "results.json")
     assert copy.read_text() == (ROOT / "README.md").read_text()
+
+
+def test_notes_claims_name_what_moved_beyond_the_seed_spread():
+    from openclip_align.benchmark.claims import _within, lr_text
+
+    assert _within([("image_to_text_R@1", stat(0.091, 0.007), stat(0.093, 0.01))]) == "within one seed spread"
+    # 21.5 -> 20.9 % with stds 0.4 and 0.3 points: 0.6 / 0.4 = 1.5x
+    assert _within([("zeroshot_fashion_mnist_top1", stat(0.215, 0.004), stat(0.209, 0.003))]) == \
+        "within one seed spread but Fashion-MNIST 1.5x the seed spread"
+    assert lr_text(1e-6) == "1e-6" and lr_text(0.0001) == "0.0001"
+
+
+def test_the_committed_notes_regenerate_unchanged_from_the_results_they_quote(tmp_path):
+    from openclip_align.benchmark.claims import update_notes
+
+    (tmp_path / "docs").mkdir()
+    for folder in ("benchmark", "study"):
+        (tmp_path / folder).symlink_to(ROOT / folder)
+    copy = tmp_path / "docs" / "notes.md"
+    shutil.copyfile(ROOT / "docs" / "notes.md", copy)
+    assert update_notes(copy, tmp_path / "benchmark" / "cpu-2026-12-02-busy" / "results.json",
+                        tmp_path / "study" / "temperature" / "results.json")
+    assert copy.read_text() == (ROOT / "docs" / "notes.md").read_text()

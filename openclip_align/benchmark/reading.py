@@ -104,7 +104,8 @@ def refine_line(results: dict) -> Optional[str]:
         return None
     pairs = (results.get("data") or {}).get("train_pairs")
     steps = f", {pairs // recipe['batch_size']} steps of batch {recipe['batch_size']} on this corpus" if pairs else ""
-    return (f"**CLIP-Refine** with the authors' recipe (lr {recipe['lr']:g}{steps}): " + "; ".join(parts)
+    lr = f"{recipe['lr']:g}".replace("e-0", "e-")
+    return (f"**CLIP-Refine** with the authors' recipe (lr {lr}{steps}): " + "; ".join(parts)
             + ". A learning-rate sweep is in [docs/notes.md](docs/notes.md). Its speed rows train at the recipe's "
             "batch, larger than the others'.")
 
