@@ -312,43 +312,56 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
 
 
+def _train_all(cfg, device: str, results: dict) -> bool:
+    """Every (model, loss) run, results rewritten after each; True when one failed or met a non-finite loss."""
+    import torch
+
+    failed = False
+    for model_name in cfg.models:
+        for loss_name in cfg.losses:
+            t0 = time.perf_counter()
+            try:
+                run = train_speed(model_name, loss_name, cfg, device)
+            except Exception as err:                         # noqa: BLE001 - recorded, the other runs go on
+                run = {"model": model_name, "loss": loss_name, "error": f"{type(err).__name__}: {err}"[:300]}
+                failed = True
+            failed = failed or not run.get("finite", True)
+            print(f"gpu_check: {model_name} --loss {loss_name}: "
+                  f"{run.get('samples_per_s', run.get('error'))} samples/s ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+            results["train"].append(run)
+            results["ratios"] = ratios(results["train"])
+            write_results(cfg.out, results)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return failed
+
+
 def _run(cfg, device: str, argv) -> int:
     import torch
 
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     results = {"command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
                "environment": environment(device), "train": [], "ratios": {}, "embed": None}
     work = cfg.out / ".work"
     work.mkdir(parents=True, exist_ok=True)
     failed = False
-    if not cfg.skip_train:
-        for model_name in cfg.models:
-            for loss_name in cfg.losses:
-                t0 = time.perf_counter()
-                try:
-                    run = train_speed(model_name, loss_name, cfg, device)
-                except Exception as err:                     # noqa: BLE001 - recorded, the other runs go on
-                    run = {"model": model_name, "loss": loss_name, "error": f"{type(err).__name__}: {err}"[:300]}
-                    failed = True
-                failed = failed or not run.get("finite", True)
-                print(f"gpu_check: {model_name} --loss {loss_name}: "
-                      f"{run.get('samples_per_s', run.get('error'))} samples/s ({time.perf_counter() - t0:.0f} s)",
-                      flush=True)
-                results["train"].append(run)
-                results["ratios"] = ratios(results["train"])
-                write_results(cfg.out, results)
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-    if not cfg.skip_embed:
+    if not cfg.skip_embed:                  # first: a minute at most, and kept if the training part runs long
         try:
             results["embed"] = embed_speed(cfg, device, work)
         except Exception as err:                             # noqa: BLE001 - recorded
             results["embed"] = {"error": f"{type(err).__name__}: {err}"[:300]}
             failed = True
         print(f"gpu_check: embed {results['embed']}", flush=True)
+        write_results(cfg.out, results)
+    if not cfg.skip_train:
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        if device == "cuda":                # upstream's open_clip_train.main turns TF32 on for training
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            failed = _train_all(cfg, device, results) or failed
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     write_results(cfg.out, results)
     import shutil
 

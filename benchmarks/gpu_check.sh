@@ -17,8 +17,11 @@
 #    corpus), both ignored through .git/info/exclude, and prints their size (they must stay under ~55 MiB).
 # 2. ON THE DEVICE, one call (what a later session runs; 600 s is the most one command may take):
 #        run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".gpu_check"], timeout_s=600)
-#    gpu_check.py gets at most GPU_CHECK_S seconds (default 330) and the benchmark the rest, minus a margin
-#    to copy results. Comes back (at most 8 files): $OUT/gpu-h200-check/results.{json,md},
+#    gpu_check.py gets at most GPU_CHECK_S seconds (default 330: the mpnet embedding first, about a minute,
+#    then six runs of a few dozen steps whose first step compiles) and the benchmark the rest, minus a margin
+#    to copy results; a part cut short by its timeout keeps what it wrote (gpu_check.py rewrites its results
+#    after every run). Not measured before the first device call: read gpu_check.log, and if the benchmark
+#    was cut, give GPU_CHECK_S/GPU_CALL_S other values in the command (e.g. "GPU_CHECK_S=300 bash ..."). Comes back (at most 8 files): $OUT/gpu-h200-check/results.{json,md},
 #    $OUT/benchmark-gpu-quick/results.{json,md}, $OUT/gpu_check.log.
 # 3. HERE: copy $OUT/gpu-h200-check to benchmark/gpu-h200-check/ and commit it.
 #
@@ -60,7 +63,12 @@ device() {
     local out="${OUT:?OUT is set by the device tool}"
     exec > >(tee "$out/gpu_check.log") 2>&1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl || exit 3
+    if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl; then
+        # a read-only environment: install beside it; sitecustomize does what the plugin's .pth does there
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 3
+        echo 'import openclip_align' > /tmp/site/sitecustomize.py
+        export PYTHONPATH=/tmp/site
+    fi
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
     python3 -c "import open_clip, openclip_align, open_clip_train; print('open_clip', open_clip.__version__)" || exit 3
     local built_at here
