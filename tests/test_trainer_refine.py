@@ -9,8 +9,16 @@ from conftest import write_digits_corpus
 from test_trainer import base, logged, train
 
 MODEL = "DualCLIP-Tiny"
-REFINE_LR = 1e-5
+AUTHORS_LR = 1e-6                       # CLIP-Refine's released recipe
+MOVING_LR = 1e-4                        # a rate at which refine moves the model (docs/notes.md's sweep)
 STEPS_PER_EPOCH = 1200 // 64            # open_clip_train drops the last partial batch
+# Bounds on the centroid gap's change over one refine epoch of this file's setup (18 steps). Adam moves every
+# weight by about lr per step whatever the gradient's size, so over so few steps the gap's change scales with lr:
+# measured here, one epoch at MOVING_LR widens the gap by about 0.18 (0.69 -> 0.87), so AUTHORS_LR should move
+# it by about 0.002 (measured: 0.0021). AUTHORS_BOUND leaves five times that; MOVING_WIDENS_BY asks for a quarter
+# of the measured widening and is five times AUTHORS_BOUND, so the two checks cannot both pass by noise.
+AUTHORS_BOUND = 0.01
+MOVING_WIDENS_BY = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +31,7 @@ def pretrained(tmp_path_factory):
     return corpus, root / "clip" / "checkpoints" / "epoch_10.pt"
 
 
-def refine_argv(corpus, checkpoint, lr=REFINE_LR):
+def refine_argv(corpus, checkpoint, lr=AUTHORS_LR):
     return ["--model", MODEL, "--loss", "refine", "--pretrained", str(checkpoint),
             "--train-data", str(corpus / "train.csv"), *base(batch_size=64, lr=lr),
             "--lr-scheduler", "const", "--warmup", "0"]
@@ -45,37 +53,42 @@ def fingerprint_of(checkpoint):
 
 @pytest.fixture(scope="module")
 def refined(pretrained, tmp_path_factory):
-    """One refine epoch, then a resume to a second one (the same --pretrained, as a user would rerun it)."""
+    """One refine epoch at the authors' lr, then a resume to a second one at MOVING_LR (the same --pretrained, as
+    a user would rerun it with another rate): the resume checks need two epochs, and the second epoch is one at
+    a rate that moves the model, starting from one that the first epoch barely changed."""
     corpus, start = pretrained
     logs = tmp_path_factory.mktemp("refine-runs")
-    train([*refine_argv(corpus, start), "--epochs", "1"], logs, "refine")
-    train([*refine_argv(corpus, start), "--epochs", "2", "--resume", "latest"], logs, "refine")
+    train([*refine_argv(corpus, start, lr=AUTHORS_LR), "--epochs", "1"], logs, "refine")
+    train([*refine_argv(corpus, start, lr=MOVING_LR), "--epochs", "2", "--resume", "latest"], logs, "refine")
     return corpus, start, logs / "refine"
 
 
 @pytest.fixture(scope="module")
-def before_after(refined):
+def scores(refined):
+    """Held-out and zero-shot scores of the start, after the authors'-lr epoch and after the MOVING_LR epoch."""
     from openclip_align.benchmark.evaluate import evaluate_model
 
     corpus, start, run = refined
-    return (evaluate_model(MODEL, start, corpus),
-            evaluate_model(MODEL, run / "checkpoints" / "epoch_1.pt", corpus))
+    return (evaluate_model(MODEL, start, corpus), evaluate_model(MODEL, run / "checkpoints" / "epoch_1.pt", corpus),
+            evaluate_model(MODEL, run / "checkpoints" / "epoch_2.pt", corpus))
 
 
-def test_one_refine_epoch_keeps_zero_shot_accuracy(before_after):
-    before, after = before_after
-    assert before["zeroshot_digits_top1"] > 0.5        # the starting model has something to lose
-    assert after["zeroshot_digits_top1"] >= before["zeroshot_digits_top1"] - 0.05
-    assert after["centroid_gap"] != before["centroid_gap"]          # the epoch did change the model
+def test_refine_keeps_zero_shot_accuracy(scores):
+    start, authors, moved = scores
+    assert start["zeroshot_digits_top1"] > 0.5        # the starting model has something to lose
+    for after in (authors, moved):
+        assert after["zeroshot_digits_top1"] >= start["zeroshot_digits_top1"] - 0.05
 
 
-@pytest.mark.xfail(reason="CLIP-Refine widens the gap of scratch-trained Tiny models (0.69 -> 0.71 here), and with "
-                          "the authors' recipe leaves the pretrained-tower CLIP's gap unchanged (0.158 -> 0.160, "
-                          "make benchmark); the published shrinkage is for OpenAI CLIP. See docs/notes.md",
-                   strict=False)
-def test_one_refine_epoch_shrinks_the_centroid_gap(before_after):
-    before, after = before_after
-    assert after["centroid_gap"] < before["centroid_gap"]
+def test_refine_gap_barely_moves_at_the_authors_lr_and_widens_at_one_that_moves_the_model(scores):
+    """The published shrinkage of the gap is for OpenAI CLIP. The temperature study (study/temperature/) finds that
+    fine-tuning at a temperature sharper than the model's own widens the gap, and HyCD on raw features runs at
+    such a temperature (its inverse temperature is the product of the raw norms, several times the logit scale
+    of the models trained here: docs/notes.md): at a rate where refine moves the model the gap must widen."""
+    start, authors, moved = scores
+    assert authors["centroid_gap"] != start["centroid_gap"]                     # the epoch did run
+    assert abs(authors["centroid_gap"] - start["centroid_gap"]) < AUTHORS_BOUND
+    assert moved["centroid_gap"] - authors["centroid_gap"] > MOVING_WIDENS_BY
 
 
 def test_resume_rebuilds_the_original_teacher(refined):
