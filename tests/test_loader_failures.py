@@ -4,6 +4,7 @@ would repeat it forever), an epoch that got no batch (upstream would exit 0 havi
 imsep at a large batch with two workers trains under a low descriptor limit."""
 import errno
 import io
+import itertools
 import json
 import logging
 import os
@@ -140,6 +141,18 @@ def test_a_worker_pass_with_fewer_samples_than_a_batch_stops(tmp_path):
     assert is_user_facing(caught.value)
     assert ("worker 0 of 2: a whole pass over its shards gave 12 samples, fewer than one batch of --batch-size 16"
             in one_line(caught.value)) or "worker 1 of 2" in one_line(caught.value)
+
+
+def test_the_pass_guard_lets_passes_with_batches_and_unfinished_passes_be():
+    from webdataset.filters import batched
+
+    guard = loader_health.FullPassGuard(batched(2, partial=False), batch_size=2)
+    assert [len(b[0]) for b in guard(iter([(torch.zeros(1), i) for i in range(5)]))] == [2, 2]   # remainder dropped
+    endless = guard((torch.zeros(1), i) for i in itertools.count())         # a resampled stream: no pass end
+    assert len(next(endless)[0]) == 2
+    endless.close()                                                          # with_epoch's islice stops here
+    with pytest.raises(LoaderFailure, match="gave 1 samples, fewer than one batch of --batch-size 2"):
+        list(guard(iter([(torch.zeros(1), 0)])))
 
 
 def test_a_worker_whose_shards_all_fail_stops(tmp_path):
