@@ -16,6 +16,7 @@ Outside a distributed run both reduce to the local behaviour (raise the local er
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -27,6 +28,7 @@ FAILURE_KEY = "openclip_align/failure"
 POLL_SECONDS = 1.0
 GRACE_SECONDS = 3 * POLL_SECONDS        # the failing rank waits this long so that the others read its cause
 _WATCHING = {"thread": None}
+_WATCH_ENDS = threading.Event()          # set at a normal interpreter exit
 
 
 class RankDisagreement(RuntimeError):
@@ -137,8 +139,7 @@ def watch_for_failures(poll: float = POLL_SECONDS) -> None:
     me = rank()
 
     def watch():
-        while True:
-            time.sleep(poll)
+        while not _WATCH_ENDS.wait(poll):
             try:
                 if not store.check([FAILURE_KEY]):
                     continue
@@ -152,6 +153,14 @@ def watch_for_failures(poll: float = POLL_SECONDS) -> None:
     thread = threading.Thread(target=watch, name="openclip-align-failure-watch", daemon=True)
     _WATCHING["thread"] = thread
     thread.start()
+    atexit.register(_end_watch, thread, poll)
+
+
+def _end_watch(thread: threading.Thread, poll: float) -> None:
+    """At a normal exit, let the watcher leave its loop before the interpreter tears the store down: a daemon
+    thread still inside a store call at that moment can abort the process after a run that succeeded."""
+    _WATCH_ENDS.set()
+    thread.join(timeout=poll + 5)
 
 
 def _stop(line: str) -> None:
