@@ -228,7 +228,7 @@ def title(results: dict) -> str:
     return (f"{plan['model']}, seed {plan['seed']}; each T: {finetune['epochs']} epoch at lr {finetune['lr']:g}, "
             f"warm-up {finetune['warmup']}, batch {plan['start_budget']['batch_size']}; CLIP-Refine: the authors' "
             f"recipe (lr {plan['refine']['lr']:g}, batch {plan['refine']['batch_size']}, {plan['refine']['epochs']} "
-            f"epoch){_other_lrs(plan)})")
+            f"epoch){_other_lrs(plan)}")
 
 
 def _other_lrs(plan: dict) -> str:
