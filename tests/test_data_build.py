@@ -420,20 +420,25 @@ def test_add_emoji_group_to_an_older_corpus(corpus, tmp_path, monkeypatch):
     from openclip_align.data import build
     from openclip_align.data.packages import MissingPackageError
 
+    import shutil
+
     out, manifest = corpus
-    (tmp_path / "heldout.csv").write_text((out / "heldout.csv").read_text())    # rows point at out's images
-    (tmp_path / "manifest.json").write_text(json.dumps(_without_emoji_group(manifest)))
-    updated = build.add_emoji_group(tmp_path, install=False)
-    assert updated == json.loads((tmp_path / "manifest.json").read_text())
+    older = tmp_path / "older"              # the whole corpus (the manifest's content hash covers every pair) ...
+    shutil.copytree(out, older, symlinks=True)
+    for name in ("emoji_group.csv", "emoji_group.json"):                # ... as it was before the emoji group
+        (older / "zeroshot" / name).unlink()
+    (older / "manifest.json").write_text(json.dumps(_without_emoji_group(manifest)))
+    updated = build.add_emoji_group(older, install=False)
+    assert updated == json.loads((older / "manifest.json").read_text())
     assert updated == manifest
     for name in ("emoji_group.csv", "emoji_group.json"):
-        assert (tmp_path / "zeroshot" / name).read_bytes() == (out / "zeroshot" / name).read_bytes()
+        assert (older / "zeroshot" / name).read_bytes() == (out / "zeroshot" / name).read_bytes()
 
     missing = dataclasses.replace(build.emoji_group_source.REQUIREMENTS[0], provides=str(tmp_path / "no-such-file"))
     monkeypatch.setattr(build.emoji_group_source, "REQUIREMENTS", (missing,))
     with pytest.raises(MissingPackageError, match="apt-get install -y --no-install-recommends unicode-data"):
-        build.add_emoji_group(tmp_path, install=False)
-    assert (tmp_path / "manifest.json").exists()             # nothing touched when a package is missing
+        build.add_emoji_group(older, install=False)
+    assert (older / "manifest.json").exists()                # nothing touched when a package is missing
 
 
 def test_benchmark_evaluates_the_emoji_group_set(corpus, tmp_path):
