@@ -68,17 +68,22 @@ def save_checkpoint(obj, path: Path, torch_save, *args, **kwargs) -> None:
     if isinstance(state, dict):
         bad = non_finite_tensors(state)
         if bad:
-            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             epoch = obj.get("epoch") if isinstance(obj, dict) else None
-            raise FloatingPointError(
-                f"not writing {path}: the model's weights{f' after epoch {epoch}' if epoch else ''} hold NaN/inf "
-                f"values ({shown}); the training diverged. No checkpoint of the diverged model is written and "
-                "the checkpoints already written stay as they are. Try a lower --lr or --precision fp32.")
+            raise FloatingPointError(f"not writing {path}: {diverged_weights(bad, epoch)}")
     for stale in stale_temps(path.parent, "*.pt"):
         logging.info("openclip-align: removing %s, left by an interrupted checkpoint save", stale)
         stale.unlink(missing_ok=True)
     with atomic_open(path, "wb") as fh:
         torch_save(obj, fh, *args, **kwargs)
+
+
+def diverged_weights(bad: List[str], epoch: Optional[int] = None) -> str:
+    """What to say of weights ``bad`` (names from :func:`non_finite_tensors`) after ``epoch``: one text for the
+    check after each epoch and the check before each save."""
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return (f"the model's weights{f' after epoch {epoch}' if epoch else ''} hold NaN/inf values ({shown}); the "
+            "training diverged. No checkpoint of the diverged model is written and the checkpoints already written "
+            "stay as they are. Try a lower --lr or --precision fp32.")
 
 
 def non_finite_tensors(state: dict) -> List[str]:

@@ -506,10 +506,7 @@ def check_after_epoch(model, loss, epoch: int) -> None:
     problems = [loss.problem()] if isinstance(loss, TrainerLossAdapter) else []
     bad = checkpoints.non_finite_tensors(_unwrap(model).state_dict())
     if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        problems.append(f"the model's weights after epoch {epoch + 1} hold NaN/inf values ({shown}); the training "
-                        "diverged. No checkpoint of the diverged model is written and the checkpoints already "
-                        "written stay as they are. Try a lower --lr or --precision fp32.")
+        problems.append(checkpoints.diverged_weights(bad, epoch + 1))
     rank_agreement.agree("; ".join(p for p in problems if p) or None, FloatingPointError)
 
 
