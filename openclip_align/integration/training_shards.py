@@ -101,7 +101,7 @@ def _plan(args, needs, data_module) -> ShardPlan:
     if any(REMOTE_URL.match(u) for u in urls):
         plan = ShardPlan(urls, column_dir=column_dir, remote=True,
                          notes=["remote shards: every sample is checked as it is decoded"])
-        plan.total = _sizes_total(args, data_module)
+        plan.total = shards_size(args.train_data, data_module)
         _note_legacy_first_column(plan, needs, args)
     else:
         plan = _check_local(args, urls, needs, column_dir, data_module)
@@ -175,7 +175,7 @@ def _check_local(args, urls: List[str], needs, column_dir: Optional[str], data_m
         resampled=bool(getattr(args, "dataset_resampled", False)),
         train_num_samples=getattr(args, "train_num_samples", None), source=f"--train-data {args.train_data}")
     plan = ShardPlan(urls, check=check, column_dir=column_dir)
-    plan.total = check.samples if not check.unrecorded else _sizes_total(args, data_module)
+    plan.total = check.samples if not check.unrecorded else shards_size(args.train_data, data_module)
     if check.unrecorded:
         plan.notes.append(f"{len(check.unrecorded)} of {len(urls)} shards have no record "
                           f"({corpus.listed(check.unrecorded)}): their samples are checked as they are decoded "
@@ -215,10 +215,6 @@ def _check_local(args, urls: List[str], needs, column_dir: Optional[str], data_m
                 plan.notes.append(f"--semantic-source auto: the batches of {len(missing)} shards without precomputed "
                                   f"embeddings ({corpus.listed(missing)}) are embedded on the fly by {model}")
     return plan
-
-
-def _sizes_total(args, data_module) -> Optional[int]:
-    return shards_size(args.train_data, data_module)
 
 
 def shards_size(shards: str, data_module) -> Optional[int]:
