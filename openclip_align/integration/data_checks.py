@@ -18,7 +18,7 @@ from openclip_align.data import corpus
 from openclip_align.data.captions import DROP_FLAG, refuse
 
 from . import run_state
-from .trainer_errors import UserInputError
+from openclip_align.errors import UserInputError
 
 
 class TrainingDataError(UserInputError):

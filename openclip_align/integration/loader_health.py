@@ -23,7 +23,7 @@ import logging
 import os
 import resource
 
-from .trainer_errors import UserInputError
+from openclip_align.errors import UserInputError
 
 _FD_ERRNOS = (errno.EMFILE, errno.ENFILE)
 _FD_TEXTS = ("Too many open files", "received 0 items of ancdata")     # the OS's words; torch's on a failed fd pass

@@ -16,15 +16,11 @@ import os
 import re
 import sys
 
+from openclip_align.errors import UserInputError  # noqa: F401  (raised here, imported by tests)
+
 TRACEBACK_SWITCH = "OPENCLIP_ALIGN_TRACEBACK"
 _INSTALLED = "__openclip_align_excepthook__"
 REMOTE_URL = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)")      # shards the trainer streams, not local files
-
-
-class UserInputError(ValueError):
-    """A problem with what the user passed (a flag, a file): shown as one line without a traceback."""
-
-    user_facing = True
 
 
 def is_user_facing(exc: BaseException) -> bool:
