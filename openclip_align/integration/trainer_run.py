@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openclip_align.data.errors import MissingExtrasError
 from openclip_align.losses._common import inputs_validated
 from openclip_align.losses.registry import NEEDS_INDEX, NEEDS_SEMANTIC
 
@@ -26,7 +27,6 @@ from . import batch_extras, checkpoints, data_checks, rank_agreement, run_state,
 from . import loader_health
 from .batch_extras import STASH, ExtrasLoader
 from .checkpoints import fall_back_from_unreadable
-from .data_checks import MissingExtrasError
 from .run_state import CAPTION, INDEX, SEMANTIC, TrainerRun
 from .trainer_errors import check_data_files_once
 from .trainer_args import loss_option_names
