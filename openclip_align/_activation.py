@@ -36,16 +36,6 @@ _lock = threading.RLock()
 _active = False
 
 
-def register_patcher(module_name: str, target: str) -> None:
-    """Run ``target`` ("pkg.mod:func", called with the module) once ``module_name`` is imported."""
-    with _lock:
-        targets = _PATCHERS.setdefault(module_name, [])
-        if target not in targets:
-            targets.append(target)
-        if _active and module_name in sys.modules:
-            _run_patchers(sys.modules[module_name])
-
-
 def _resolve(target: str) -> Callable:
     module_name, func_name = target.split(":")
     return getattr(importlib.import_module(module_name), func_name)

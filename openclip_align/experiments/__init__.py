@@ -1,1 +1,2 @@
-"""`make benchmark`: the plugin's models and losses side by side against upstream OpenCLIP."""
+"""The experiments: the benchmark (`make benchmark`), the loss x optimizer grid study, the temperature study, the
+data-scaling study and the gap at initialisation, with the trainer processes and scoring they share."""

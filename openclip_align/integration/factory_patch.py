@@ -31,9 +31,9 @@ import contextvars
 import difflib
 import functools
 import json
-from pathlib import Path
 
-from .wrapping import CONFIG_DIR, with_context  # noqa: E402  (shared with authors_loading)
+from .wrapping import CONFIG_DIR, with_context   # shared with authors_loading
+
 PLUGIN_PREFIXES = ("SharedCLIP-", "AlignCLIP-", "DualCLIP-")
 _PATCHED_FLAG = "__openclip_align_patched__"
 # first key of a plugin config that plain OpenCLIP cannot build: its class then fails with
@@ -169,7 +169,7 @@ def _packaged_create_model(upstream_create_model):
 
 
 def patch_open_clip(open_clip_module) -> None:
-    """Apply the three changes above to an imported ``open_clip`` package (idempotent)."""
+    """Apply the changes above to an imported ``open_clip`` package (idempotent)."""
     factory = open_clip_module.factory
     if getattr(factory, _PATCHED_FLAG, False):
         return

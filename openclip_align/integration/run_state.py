@@ -1,7 +1,7 @@
 """The current trainer run: its parsed arguments and what its loss asks the data for.
 
 At the bottom of ``integration/``: the trainer hooks (:mod:`trainer_run`), the data side
-(:mod:`training_data`, :mod:`batch_extras`, :mod:`data_checks`) and the checkpoint writer
+(:mod:`training_shards`, :mod:`batch_extras`, :mod:`data_checks`) and the checkpoint writer
 (:mod:`checkpoints`) all read the run from here, so none of them imports another to find it.
 """
 from __future__ import annotations

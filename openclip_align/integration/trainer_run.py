@@ -364,9 +364,6 @@ def _match_tensors(teacher: nn.Module, student: nn.Module) -> None:
                                              memory_format=memory_format)
 
 
-_ENCODERS: Dict[tuple, object] = {}
-
-
 def _embed_on_the_fly(run: TrainerRun, captions, device) -> torch.Tensor:
     from openclip_align.data.semantic import embed_captions, load_sentence_encoder
 
