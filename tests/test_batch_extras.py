@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from openclip_align.integration.batch_extras import BatchStash, MissingExtrasError, collate_extras
+from openclip_align.data.errors import MissingExtrasError
+from openclip_align.integration.batch_extras import BatchStash, collate_extras
 
 
 def _batch(start, n):

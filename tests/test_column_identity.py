@@ -27,7 +27,7 @@ from openclip_align.data.check import check_shards
 from openclip_align.data.corpus import CorpusError
 from openclip_align.data.embed_column import add_fingerprints, embed_shards
 from openclip_align.integration import training_shards
-from openclip_align.integration.data_checks import TrainingDataError
+from openclip_align.data.errors import TrainingDataError
 
 N, WIDTH = 16, 384
 KEYS = [f"{i:09d}" for i in range(N)]

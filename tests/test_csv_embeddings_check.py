@@ -16,7 +16,7 @@ from _dist import spawn  # noqa: E402
 
 from openclip_align.data import embed_files  # noqa: E402
 from openclip_align.integration import batch_extras  # noqa: E402
-from openclip_align.integration.data_checks import MissingExtrasError  # noqa: E402
+from openclip_align.data.errors import MissingExtrasError  # noqa: E402
 
 
 def _write(folder: Path, rows: int = 600, bad_row=None, record: bool = True) -> Path:

@@ -14,6 +14,7 @@ from openclip_align.cli import main  # noqa: E402
 from openclip_align.data import build, captions, semantic  # noqa: E402
 from openclip_align.data import shards as sh  # noqa: E402
 from openclip_align.data.embed_files import embed_csv, embed_shards  # noqa: E402
+from openclip_align.data.errors import EmptyCaptionError  # noqa: E402
 from openclip_align.data.sources import Item  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def csv_with_blank(tmp_path):
 
 def test_embed_csv_refuses_empty_captions_by_row(csv_with_blank, capsys):
     before = _sha(csv_with_blank)
-    with pytest.raises(captions.EmptyCaptionError, match=r"2 of 4 pairs .*row 1 \(line 3\), row 3 \(line 5\)"):
+    with pytest.raises(EmptyCaptionError, match=r"2 of 4 pairs .*row 1 \(line 3\), row 3 \(line 5\)"):
         embed_csv(csv_with_blank, model="all-MiniLM-L6-v2", progress=False)
     assert main(["embed", "--data", str(csv_with_blank), "--model", "all-MiniLM-L6-v2", "--no-progress"]) == 2
     assert "--drop-empty-captions" in capsys.readouterr().err
@@ -68,7 +69,7 @@ def test_embed_shards_refuses_or_drops_empty_captions(tmp_path):
     _shard(src / "s-000000.tar", [("a", "a red apple"), ("b", " "), ("c", "grinning face")])
     _shard(src / "s-000001.tar", [("d", None), ("e", "flag Japan")])
     before = {p.name: _sha(p) for p in src.iterdir()}
-    with pytest.raises(captions.EmptyCaptionError, match=r"2 of 5 pairs .*s-000000.tar sample b.*s-000001.tar sample d"):
+    with pytest.raises(EmptyCaptionError, match=r"2 of 5 pairs .*s-000000.tar sample b.*s-000001.tar sample d"):
         embed_shards(src, tmp_path / "out", model="all-MiniLM-L6-v2", progress=False)
     assert not (tmp_path / "out").exists()
     rows = embed_shards(src, tmp_path / "out", model="all-MiniLM-L6-v2", progress=False, drop_empty_captions=True)
@@ -83,7 +84,7 @@ def test_embed_shards_refuses_or_drops_empty_captions(tmp_path):
 def test_data_build_refuses_or_drops_items_without_caption():
     items = [Item("emoji", "1F600", "grinning face", "x"), Item("emoji", "1F9FF", "  ", "y"),
              Item("emoji", "1F4A9", "", "z")]
-    with pytest.raises(captions.EmptyCaptionError, match=r"source emoji: 2 of 3 pairs .*item '1F9FF', item '1F4A9'"):
+    with pytest.raises(EmptyCaptionError, match=r"source emoji: 2 of 3 pairs .*item '1F9FF', item '1F4A9'"):
         build._without_empty_captions("emoji", items, build.SourceStats(), drop=False)
     stats = build.SourceStats()
     kept = build._without_empty_captions("emoji", items, stats, drop=True)
@@ -95,7 +96,7 @@ def test_data_build_flag_reaches_the_builder(monkeypatch, tmp_path):
 
     def fake_build(out, **kwargs):
         seen.update(kwargs)
-        raise captions.EmptyCaptionError("source emoji: 1 of 1 pairs have an empty or missing caption")
+        raise EmptyCaptionError("source emoji: 1 of 1 pairs have an empty or missing caption")
     monkeypatch.setattr(build, "build_corpus", fake_build)
     assert main(["data", "build", "--out", str(tmp_path), "--size", "small", "--drop-empty-captions"]) == 2
     assert seen["drop_empty_captions"] is True

@@ -338,7 +338,7 @@ def test_teacher_takes_the_students_dtype_memory_format_and_compilation(monkeypa
 
 
 def _refused_before_step_1(argv, tmp_path, name, match):
-    from openclip_align.integration.batch_extras import MissingExtrasError
+    from openclip_align.data.errors import MissingExtrasError
 
     with pytest.raises(MissingExtrasError, match=match):
         run_trainer([*argv, "--dataset-type", "csv", "--batch-size", str(BATCH), "--workers", "0", "--epochs", "1",

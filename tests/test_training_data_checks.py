@@ -21,10 +21,9 @@ import webdataset as wds
 
 import open_clip_train.data as oc_data
 from openclip_align.data import corpus
-from openclip_align.data.captions import EmptyCaptionError
 from openclip_align.data.corpus import CorpusError
 from openclip_align.integration import batch_extras, data_checks, run_state, training_shards
-from openclip_align.integration.data_checks import MissingExtrasError, TrainingDataError
+from openclip_align.data.errors import EmptyCaptionError, MissingExtrasError, TrainingDataError
 
 WIDTH = 384
 

@@ -64,7 +64,7 @@ def register(subparsers) -> None:
 
 def _build(args) -> int:
     from ..data.build import build_corpus
-    from ..data.captions import EmptyCaptionError
+    from ..data.errors import EmptyCaptionError
     from ..data.packages import MissingPackageError
     from ..data.semantic import EncoderNotInstalled
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 import math
 from typing import Iterable, List, Sequence
 
+from .errors import EmptyCaptionError
+
 DROP_FLAG = "--drop-empty-captions"
 SHOWN = 5                      # how many offending rows/samples a message names
-
-
-class EmptyCaptionError(ValueError):
-    """Some pairs have no caption text."""
 
 
 def is_empty(caption) -> bool:

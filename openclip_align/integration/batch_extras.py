@@ -37,7 +37,9 @@ from typing import Dict, FrozenSet, List, Optional
 import numpy as np
 import torch
 
-from .data_checks import MissingExtrasError, check_csv_captions, check_embedding_width, csv_meta_path
+from openclip_align.data.errors import MissingExtrasError
+
+from .data_checks import check_csv_captions, check_embedding_width, csv_meta_path
 from .loader_health import FullPassGuard
 from .run_state import CAPTION, INDEX, SEMANTIC
 

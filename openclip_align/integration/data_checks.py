@@ -16,19 +16,9 @@ from typing import List, Sequence
 
 from openclip_align.data import corpus
 from openclip_align.data.captions import DROP_FLAG, refuse
+from openclip_align.data.errors import MissingExtrasError, TrainingDataError
 
 from . import run_state
-from openclip_align.errors import UserInputError
-
-
-class TrainingDataError(UserInputError):
-    """The training data cannot be trained on as it is (said before step 1, in one line)."""
-
-
-class MissingExtrasError(RuntimeError):
-    """The training data lacks something the chosen loss needs (said before the first step)."""
-
-    user_facing = True
 
 
 def check_embedding_width(source: str, width: int, meta_path: str, fix: str) -> None:

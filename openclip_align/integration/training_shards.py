@@ -34,9 +34,9 @@ import torch
 
 from openclip_align.data import corpus
 from openclip_align.data.captions import DROP_FLAG, is_empty
+from openclip_align.data.errors import TrainingDataError
 
 from .batch_extras import _RAW_CAPTION_FIELD
-from .data_checks import TrainingDataError
 from .run_state import INDEX, SEMANTIC
 from .trainer_errors import REMOTE_URL
 
