@@ -1,4 +1,5 @@
-"""The registry lists every loss, and each builds from a namespace made by its own add_args alone."""
+"""The registry lists every loss, and each builds from a namespace made by its own add_args alone; the flags
+build the same loss as the constructor called by hand; a missing loss module fails loudly."""
 import argparse
 
 import pytest
@@ -6,6 +7,13 @@ import torch
 
 import openclip_align.losses as losses
 from openclip_align.losses import get_loss_spec, loss_names
+from openclip_align.losses.cyclip import CyCLIPLoss
+from openclip_align.losses.distributed import DistributedConfig
+from openclip_align.losses.imsep import IMSepLoss
+from openclip_align.losses.onlineclr import OnlineCLRLoss
+from openclip_align.losses.refine import CLIPRefineLoss
+from openclip_align.losses.sogclr import SogCLRLoss
+from openclip_align.losses.vicreg import VICRegLoss
 
 SIX = ("imsep", "refine", "sogclr", "cyclip", "vicreg", "onlineclr")
 # flag -> the authors' default (docs/methods.md: AlignCLIP, CLIP-Refine, course-study losses)
@@ -67,3 +75,119 @@ def test_trainer_distributed_flags_are_read_and_horovod_refused(name):
     args.horovod = True
     with pytest.raises(NotImplementedError, match="horovod"):
         get_loss_spec(name).cls.from_args(args, num_samples=16)
+
+
+# --- each option declared once: the flags build the same loss as the constructor called by hand -------------
+def _parsed(argv, **trainer):
+    from openclip_align.integration.trainer_args import build_plugin_parser
+
+    args = build_plugin_parser().parse_args(argv)
+    for key, value in trainer.items():      # what upstream's own parser would add
+        setattr(args, key, value)
+    return args
+
+
+def _inputs(b=6, d=5):
+    gen = torch.Generator().manual_seed(0)
+    image, text = torch.randn(b, d, generator=gen), torch.randn(b, d, generator=gen)
+    return dict(image_features=torch.nn.functional.normalize(image, dim=-1),
+                text_features=torch.nn.functional.normalize(text, dim=-1), logit_scale=torch.tensor(10.0),
+                semantic_features=torch.randn(b, 3, generator=gen), index=torch.arange(b),
+                teacher_image_features=image + 0.1, teacher_text_features=text - 0.1)
+
+
+def _public(module):
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
+
+
+def _assert_same_loss(built, by_hand):
+    assert type(built) is type(by_hand)
+    for a, b in zip(built.modules(), by_hand.modules(), strict=True):
+        assert _public(a) == _public(b), type(a).__name__
+    for (ka, va), (kb, vb) in zip(built.state_dict().items(), by_hand.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb), ka
+    for _ in range(2):                                    # a second step: moving averages, the next RaFA draw
+        inputs = _inputs()
+        torch.testing.assert_close(built(**inputs, output_dict=True), by_hand(**inputs, output_dict=True),
+                                   rtol=0, atol=0)
+
+
+D1 = DistributedConfig()
+# name -> (command line, upstream's values, context, the constructor call that command line means)
+BY_HAND = {
+    "vicreg": (["--vicreg-sim-weight", "3", "--vicreg-var-weight", "4", "--vicreg-cov-weight", "0.5"], {}, {},
+               lambda: VICRegLoss(sim_weight=3.0, var_weight=4.0, cov_weight=0.5, dist=D1)),
+    "cyclip": (["--cyclip-inmodal-weight", "0.1", "--cyclip-crossmodal-weight", "0.7"], {}, {},
+               lambda: CyCLIPLoss(inmodal_weight=0.1, crossmodal_weight=0.7, dist=D1)),
+    "onlineclr": (["--onlineclr-tau-n", "0.02", "--onlineclr-tau-p", "0.3", "--onlineclr-gamma", "0.5"],
+                  {"accum_freq": 2}, {},
+                  lambda: OnlineCLRLoss(tau_n=0.02, tau_p=0.3, gamma=0.5, accum_freq=2, dist=D1)),
+    "sogclr": (["--sogclr-gamma", "0.6", "--sogclr-tau", "0.05"], {"accum_freq": 3}, {"num_samples": 9},
+               lambda: SogCLRLoss(num_samples=9, gamma=0.6, tau=0.05, accum_freq=3, dist=D1)),
+    "imsep": (["--imsep-weight", "0.4", "--no-imsep-text"], {}, {},
+              lambda: IMSepLoss(weight=0.4, text_term=False, dist=D1)),
+    "refine": (["--hycd-alpha", "0.3", "--rafa-weight", "2", "--rafa-scale", "0.5", "--rafa-seed", "5",
+                "--hycd-logit-scale", "12"], {"accum_freq": 1, "seed": 99}, {},
+               lambda: CLIPRefineLoss(alpha=0.3, rafa_weight=2.0, rafa_scale=0.5, seed=5, hycd_logit_scale=12.0,
+                                      dist=D1)),
+}
+
+
+@pytest.mark.parametrize("name", SIX)
+def test_from_args_builds_the_loss_the_constructor_builds(name):
+    argv, upstream, context, by_hand = BY_HAND[name]
+    built = get_loss_spec(name).cls.from_args(_parsed(["--loss", name, *argv], **upstream), **context)
+    _assert_same_loss(built, by_hand())
+
+
+@pytest.mark.parametrize("name", SIX)
+def test_from_args_with_no_flag_is_the_constructor_with_no_argument(name):
+    context = {"num_samples": 9} if name == "sogclr" else {}
+    built = get_loss_spec(name).cls.from_args(_parsed(["--loss", name]), **context)
+    _assert_same_loss(built, get_loss_spec(name).cls(**context))
+
+
+def test_refine_seed_left_out_is_the_runs_seed():
+    built = CLIPRefineLoss.from_args(_parsed(["--loss", "refine"], seed=42))
+    _assert_same_loss(built, CLIPRefineLoss(seed=42))
+    assert CLIPRefineLoss.from_args(_parsed(["--loss", "refine", "--rafa-seed", "0"], seed=42)).rafa.seed == 0
+
+
+def test_an_option_that_is_not_a_constructor_keyword_fails_at_registration():
+    from openclip_align.losses.registry import register_loss
+
+    class Typo(VICRegLoss):
+        options = {"sim_wieght": "misspelt"}
+
+    with pytest.raises(TypeError, match="'sim_wieght' is not a hyperparameter keyword of"):
+        register_loss("typo", help="x")(Typo)
+    assert "typo" not in losses.LOSSES
+
+
+# --- the list of loss modules: one, and a missing module fails loudly -----------------------------------
+def test_a_missing_loss_module_raises(monkeypatch):
+    import openclip_align.losses.registry as registry
+
+    monkeypatch.setattr(registry, "LOSS_MODULES", registry.LOSS_MODULES + ("renamed_away",))
+    with pytest.raises(ModuleNotFoundError, match="openclip_align.losses.renamed_away"):
+        loss_names()
+
+
+def test_every_loss_module_is_listed_once_and_registers_a_loss():
+    import pathlib
+
+    import openclip_align.losses.registry as registry
+
+    modules = sorted(p.stem for p in pathlib.Path(registry.__file__).parent.glob("*.py"))
+    helpers = {"__init__", "_common", "distributed", "options", "registry"}
+    assert sorted(registry.LOSS_MODULES) == sorted(set(modules) - helpers) == sorted(SIX)
+    assert {get_loss_spec(n).cls.__module__.rsplit(".", 1)[1] for n in SIX} == set(registry.LOSS_MODULES)
+
+
+def test_the_package_attribute_finds_a_class_no_spec_names_and_refuses_other_names():
+    from openclip_align.losses.refine import HyCDLoss, RaFALoss
+
+    assert losses.HyCDLoss is HyCDLoss and losses.RaFALoss is RaFALoss
+    for name in ("NoSuchLoss", "DistributedConfig", "check_pair", "torch"):
+        with pytest.raises(AttributeError):
+            getattr(losses, name)

@@ -12,9 +12,10 @@ import logging
 import sys
 from typing import List, Sequence
 
+from openclip_align.losses.options import flag_dests
 from openclip_align.losses.registry import get_loss_spec, loss_names
 
-from . import temperature
+from . import fixed_temperature
 
 SEMANTIC_SOURCES = ("auto", "precomputed", "on-the-fly")
 OPT_ALIASES = {
@@ -52,7 +53,7 @@ def build_plugin_parser() -> argparse.ArgumentParser:
     group.add_argument("--log-root", default=None, metavar="DIR",
                        help="the same as upstream's --logs DIR, in a spelling torchrun does not read as an "
                             "abbreviation of its own --logs-specs (see docs/training.md)")
-    temperature.add_args(group)
+    fixed_temperature.add_args(group)
     for name in loss_names():
         if name != "clip":
             spec = get_loss_spec(name)
@@ -64,9 +65,7 @@ def loss_option_names(loss_name: str) -> List[str]:
     """The argparse dests a loss adds (recorded in checkpoints with their values)."""
     if loss_name == "clip":
         return []
-    parser = argparse.ArgumentParser(add_help=False)
-    get_loss_spec(loss_name).cls.add_args(parser)
-    return [a.dest for a in parser._actions]
+    return flag_dests(get_loss_spec(loss_name).cls)
 
 
 def _refuse_abbreviations(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
@@ -121,7 +120,7 @@ def _finish(parser: argparse.ArgumentParser, args) -> None:
             if args.momentum is None:
                 args.momentum = 0.9
         logging.info("--opt %s runs as --opt %s", opt, args.opt)
-    temperature.check_args(parser, args)
+    fixed_temperature.check_args(parser, args)
     if args.loss == "clip":
         return
     for problem in _plugin_loss_conflicts(args):

@@ -4,13 +4,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .distributed import DistributedConfig
+from .options import Option, add_flags, constructor_kwargs
 
 
 def check_pair(loss_name: str, image_features: torch.Tensor, text_features: torch.Tensor) -> int:
@@ -91,18 +92,30 @@ def as_scale(logit_scale, dtype, device) -> torch.Tensor:
     return logit_scale.to(dtype=dtype).reshape(())
 
 
-def float_flag(group, flag: str, default: float, help: str) -> None:
-    group.add_argument(flag, type=float, default=default, help=f"{help} (default: {default})")
-
-
 class AlignLoss(nn.Module):
-    """Base: distributed configuration, name, and the ``output_dict`` convention of OpenCLIP's losses."""
+    """Base: distributed configuration, name, options, and the ``output_dict`` convention of OpenCLIP's losses.
+
+    ``options`` maps each hyperparameter keyword of the constructor to its help text (or an
+    :class:`~openclip_align.losses.options.Option`); its flags and its construction from the trainer's
+    arguments follow from that (see :mod:`openclip_align.losses.options`).
+    """
 
     loss_name = "?"
+    options: Dict[str, Union[str, Option]] = {}
 
     def __init__(self, dist: Optional[DistributedConfig] = None):
         super().__init__()
         self.dist = dist or DistributedConfig()
+
+    @classmethod
+    def add_args(cls, group) -> None:
+        """Add the loss's ``--LOSS-PARAM`` flags to an argparse group."""
+        add_flags(cls, group)
+
+    @classmethod
+    def from_args(cls, args, **context):
+        """The loss built from the trainer's parsed arguments (``context``: ``num_samples``)."""
+        return cls(**constructor_kwargs(cls, args, context))
 
     @staticmethod
     def _finish(terms: Dict[str, torch.Tensor], output_dict: bool):

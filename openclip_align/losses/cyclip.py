@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ._common import AlignLoss, as_scale, check_pair, contrastive, float_flag
+from ._common import AlignLoss, as_scale, check_pair, contrastive
 from .distributed import DistributedConfig
 from .registry import register_loss
 
@@ -33,23 +33,14 @@ from .registry import register_loss
 )
 class CyCLIPLoss(AlignLoss):
     loss_name = "cyclip"
+    options = {"inmodal_weight": "CyCLIP: weight of the in-modal cyclic term",
+               "crossmodal_weight": "CyCLIP: weight of the cross-modal cyclic term"}
 
     def __init__(self, inmodal_weight: float = 0.25, crossmodal_weight: float = 0.25,
                  dist: Optional[DistributedConfig] = None):
         super().__init__(dist)
         self.inmodal_weight = float(inmodal_weight)
         self.crossmodal_weight = float(crossmodal_weight)
-
-    @staticmethod
-    def add_args(group) -> None:
-        float_flag(group, "--cyclip-inmodal-weight", 0.25, "CyCLIP: weight of the in-modal cyclic term")
-        float_flag(group, "--cyclip-crossmodal-weight", 0.25, "CyCLIP: weight of the cross-modal cyclic term")
-
-    @classmethod
-    def from_args(cls, args, **context) -> "CyCLIPLoss":
-        return cls(inmodal_weight=getattr(args, "cyclip_inmodal_weight", 0.25),
-                   crossmodal_weight=getattr(args, "cyclip_crossmodal_weight", 0.25),
-                   dist=DistributedConfig.from_args(args, cls.loss_name))
 
     def forward(self, image_features, text_features, logit_scale, output_dict=False, **kwargs):
         batch = check_pair(self.loss_name, image_features, text_features)

@@ -37,14 +37,14 @@ in rank order. ``local_loss=False``: every rank computes the loss over the whole
 """
 from __future__ import annotations
 
-import argparse
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ._common import AlignLoss, as_scale, check_pair, check_rows, contrastive, float_flag, targets
+from ._common import AlignLoss, as_scale, check_pair, check_rows, contrastive, targets
 from .distributed import DistributedConfig, compute_dtype
+from .options import Option
 from .registry import NEEDS_SEMANTIC, register_loss
 
 # Weight of each IMSep term relative to OpenCLIP's ClipLoss: the authors' beta 0.5 against their summed
@@ -74,27 +74,19 @@ def separation_term(anchor_rows, anchor_all, paired_diag, distance, scale, offse
 )
 class IMSepLoss(AlignLoss):
     loss_name = "imsep"
+    options = {
+        "weight": "weight of each IMSep term relative to OpenCLIP's CLIP loss (the mean of its two directions); "
+                  "0.25 with the text term = the authors' script (CE(tC) + CE(tC^T) + 0.5 (IMSep_img + IMSep_txt)); "
+                  "0.5 with --no-imsep-text = this project's pre-2026-11-24 default",
+        "text_term": Option("the text-side term (caption-caption logits rescaled the same way), as the authors' "
+                            "script runs it; --no-imsep-text keeps the image side only, as the paper's text "
+                            "describes the method", flag="--imsep-text"),
+    }
 
     def __init__(self, weight: float = DEFAULT_WEIGHT, text_term: bool = True, dist: Optional[DistributedConfig] = None):
         super().__init__(dist)
         self.weight = float(weight)
         self.text_term = bool(text_term)
-
-    @staticmethod
-    def add_args(group) -> None:
-        float_flag(group, "--imsep-weight", DEFAULT_WEIGHT,
-                   "weight of each IMSep term relative to OpenCLIP's CLIP loss (the mean of its two directions); "
-                   "0.25 with the text term = the authors' script (CE(tC) + CE(tC^T) + 0.5 (IMSep_img + IMSep_txt)); "
-                   "0.5 with --no-imsep-text = this project's pre-2026-11-24 default")
-        group.add_argument("--imsep-text", action=argparse.BooleanOptionalAction, default=True,
-                           help="the text-side term (caption-caption logits rescaled the same way), as the authors' "
-                                "script runs it; --no-imsep-text keeps the image side only, as the paper's text "
-                                "describes the method (default: on)")
-
-    @classmethod
-    def from_args(cls, args, **context) -> "IMSepLoss":
-        return cls(weight=getattr(args, "imsep_weight", DEFAULT_WEIGHT), text_term=getattr(args, "imsep_text", True),
-                   dist=DistributedConfig.from_args(args, cls.loss_name))
 
     def forward(self, image_features, text_features, logit_scale, semantic_features=None, output_dict=False,
                 **kwargs):

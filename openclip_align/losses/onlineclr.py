@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from ._common import (AlignLoss, check_pair, check_positive, check_rate, float_flag, log_moving_average)
+from ._common import AlignLoss, check_pair, check_positive, check_rate, log_moving_average
 from .distributed import DistributedConfig, compute_dtype, no_autocast, touch
 from .registry import register_loss
 from .sogclr import negatives_mask
@@ -47,6 +47,9 @@ from .sogclr import negatives_mask
 )
 class OnlineCLRLoss(AlignLoss):
     loss_name = "onlineclr"
+    options = {"tau_n": "OnlineCLR: temperature of the negatives",
+               "tau_p": "OnlineCLR: temperature of the positives",
+               "gamma": "OnlineCLR: moving-average rate of the normalisers"}
 
     def __init__(self, tau_n: float = 0.01, tau_p: float = 0.1, gamma: float = 0.8, accum_freq: int = 1,
                  dist: Optional[DistributedConfig] = None):
@@ -59,18 +62,6 @@ class OnlineCLRLoss(AlignLoss):
         self.register_buffer("log_u_n", torch.zeros((), dtype=torch.float32))
         self.register_buffer("log_u_p", torch.zeros((), dtype=torch.float32))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-
-    @staticmethod
-    def add_args(group) -> None:
-        float_flag(group, "--onlineclr-tau-n", 0.01, "OnlineCLR: temperature of the negatives")
-        float_flag(group, "--onlineclr-tau-p", 0.1, "OnlineCLR: temperature of the positives")
-        float_flag(group, "--onlineclr-gamma", 0.8, "OnlineCLR: moving-average rate of the normalisers")
-
-    @classmethod
-    def from_args(cls, args, **context) -> "OnlineCLRLoss":
-        return cls(tau_n=getattr(args, "onlineclr_tau_n", 0.01), tau_p=getattr(args, "onlineclr_tau_p", 0.1),
-                   gamma=getattr(args, "onlineclr_gamma", 0.8), accum_freq=getattr(args, "accum_freq", 1) or 1,
-                   dist=DistributedConfig.from_args(args, cls.loss_name))
 
     def forward(self, image_features, text_features, logit_scale, output_dict=False, **kwargs):
         batch = check_pair(self.loss_name, image_features, text_features)

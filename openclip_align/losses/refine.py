@@ -38,8 +38,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import AlignLoss, check_pair, check_rows, float_flag, targets
+from ._common import AlignLoss, check_pair, check_rows, targets
 from .distributed import DistributedConfig, compute_dtype, touch
+from .options import Option, constructor_kwargs
 from .registry import register_loss
 
 TEACHER_HINT = ("the trainer passes the frozen teacher's (the starting model's) embeddings as "
@@ -180,6 +181,17 @@ def _check_teacher(name, batch, teacher_image_features, teacher_text_features):
 )
 class CLIPRefineLoss(AlignLoss):
     loss_name = "refine"
+    # flags named after the term they set (--hycd-*, --rafa-*), not --refine-*
+    options = {
+        "alpha": Option("HyCD: weight of the identity in the target distribution", flag="--hycd-alpha"),
+        "rafa_weight": Option("weight of the RaFA term", flag="--rafa-weight"),
+        "rafa_scale": Option("RaFA: standard deviation of the Gaussian reference", flag="--rafa-scale"),
+        "hycd_logit_scale": Option("HyCD on S x cosine similarities (student and teacher) instead of the authors' "
+                                   "unscaled raw-feature dot products, i.e. at temperature 1/S",
+                                   flag="--hycd-logit-scale", metavar="S", default_text="the authors'"),
+        "seed": Option("RaFA: seed of the reference generator, the same on every rank", flag="--rafa-seed",
+                       default=None, default_text="--seed"),
+    }
 
     def __init__(self, alpha: float = 0.5, rafa_weight: float = 1.0, rafa_scale: float = 1.0, seed: int = 0,
                  accum_freq: int = 1, dist: Optional[DistributedConfig] = None,
@@ -189,27 +201,13 @@ class CLIPRefineLoss(AlignLoss):
         self.rafa = RaFALoss(rafa_scale, seed, accum_freq, self.dist)
         self.rafa_weight = float(rafa_weight)
 
-    @staticmethod
-    def add_args(group) -> None:
-        float_flag(group, "--hycd-alpha", 0.5, "HyCD: weight of the identity in the target distribution")
-        float_flag(group, "--rafa-weight", 1.0, "weight of the RaFA term")
-        float_flag(group, "--rafa-scale", 1.0, "RaFA: standard deviation of the Gaussian reference")
-        group.add_argument("--hycd-logit-scale", type=float, default=None, metavar="S",
-                           help="HyCD on S x cosine similarities (student and teacher) instead of the authors' "
-                                "unscaled raw-feature dot products, i.e. at temperature 1/S (default: the authors')")
-        group.add_argument("--rafa-seed", type=int, default=None,
-                           help="RaFA: seed of the reference generator, the same on every rank (default: --seed)")
-
     @classmethod
     def from_args(cls, args, **context) -> "CLIPRefineLoss":
-        seed = getattr(args, "rafa_seed", None)
-        if seed is None:
-            seed = getattr(args, "seed", 0) or 0
-        return cls(alpha=getattr(args, "hycd_alpha", 0.5), rafa_weight=getattr(args, "rafa_weight", 1.0),
-                   rafa_scale=getattr(args, "rafa_scale", 1.0), seed=seed,
-                   accum_freq=getattr(args, "accum_freq", 1) or 1,
-                   dist=DistributedConfig.from_args(args, cls.loss_name),
-                   hycd_logit_scale=getattr(args, "hycd_logit_scale", None))
+        """As every loss's, except that ``--rafa-seed`` left out (None) means the run's ``--seed``."""
+        kwargs = constructor_kwargs(cls, args, context)
+        if kwargs["seed"] is None:
+            kwargs["seed"] = getattr(args, "seed", 0) or 0
+        return cls(**kwargs)
 
     def forward(self, image_features, text_features, logit_scale, teacher_image_features=None,
                 teacher_text_features=None, output_dict=False, **kwargs):

@@ -7,6 +7,7 @@ loss from the parsed arguments.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet
 
@@ -34,8 +35,10 @@ def register_loss(
 ) -> Callable[[type], type]:
     """Class decorator: make ``cls`` available as ``--loss name``.
 
-    The class must provide ``add_args(parser_group)`` (static, adds its flags with reference defaults)
-    and ``from_args(args, **context)`` (class method, builds the loss from parsed trainer args).
+    The class must provide ``add_args(parser_group)`` (adds its flags with reference defaults) and
+    ``from_args(args, **context)`` (class method, builds the loss from parsed trainer args); a subclass of
+    ``AlignLoss`` derives both from its constructor and its ``options`` map (:mod:`.options`), checked here so
+    that a declaration that does not match the constructor fails when the module is imported.
     """
     unknown = set(needs) - KNOWN_NEEDS
     if unknown:
@@ -45,6 +48,9 @@ def register_loss(
         for attr in ("add_args", "from_args"):
             if not callable(getattr(cls, attr, None)):
                 raise TypeError(f"loss {name!r}: {cls.__name__} must define {attr}()")
+        from .options import flags
+
+        flags(cls)
         existing = LOSSES.get(name)
         if existing is not None and existing.cls is not cls:
             raise ValueError(f"loss {name!r} is already registered by {existing.cls.__qualname__}")
@@ -68,15 +74,11 @@ def loss_names():
     return ["clip"] + sorted(n for n in LOSSES if n != "clip")
 
 
-_BUILTIN_MODULES = ("imsep", "refine", "sogclr", "cyclip", "vicreg", "onlineclr")
+# The modules of this package that define losses: the one list (the package's lazy class attributes read it
+# too). A module listed here that cannot be imported is an error, never skipped.
+LOSS_MODULES = ("imsep", "refine", "sogclr", "cyclip", "vicreg", "onlineclr")
 
 
 def _load_builtin_losses() -> None:
-    import importlib
-
-    for module in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(f"openclip_align.losses.{module}")
-        except ModuleNotFoundError as err:  # a loss not written yet; any other missing module is a bug
-            if err.name != f"openclip_align.losses.{module}":
-                raise
+    for module in LOSS_MODULES:
+        importlib.import_module(f"{__package__}.{module}")

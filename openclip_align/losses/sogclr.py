@@ -36,8 +36,8 @@ from typing import Optional
 
 import torch
 
-from ._common import (AlignLoss, check_pair, check_positive, check_rate, check_values, float_flag,
-                      log_moving_average, targets)
+from ._common import (AlignLoss, check_pair, check_positive, check_rate, check_values, log_moving_average,
+                      targets)
 from .distributed import DistributedConfig, compute_dtype, no_autocast, touch
 from .registry import NEEDS_INDEX, register_loss
 
@@ -90,6 +90,8 @@ def negatives_mask(rows: int, cols: int, offset: int, device) -> torch.Tensor:
 )
 class SogCLRLoss(AlignLoss):
     loss_name = "sogclr"
+    options = {"gamma": "SogCLR: moving-average rate of the per-sample normalisers",
+               "tau": "SogCLR: temperature"}
 
     def __init__(self, num_samples: int, gamma: float = 0.8, tau: float = 0.01, accum_freq: int = 1,
                  dist: Optional[DistributedConfig] = None):
@@ -109,17 +111,6 @@ class SogCLRLoss(AlignLoss):
         self.register_buffer("log_s_image", torch.zeros(self.num_samples, dtype=torch.float32))
         self.register_buffer("log_s_text", torch.zeros(self.num_samples, dtype=torch.float32))
         self.register_buffer("visited", torch.zeros(self.num_samples, dtype=torch.bool))
-
-    @staticmethod
-    def add_args(group) -> None:
-        float_flag(group, "--sogclr-gamma", 0.8, "SogCLR: moving-average rate of the per-sample normalisers")
-        float_flag(group, "--sogclr-tau", 0.01, "SogCLR: temperature")
-
-    @classmethod
-    def from_args(cls, args, **context) -> "SogCLRLoss":
-        return cls(num_samples=context.get("num_samples"), gamma=getattr(args, "sogclr_gamma", 0.8),
-                   tau=getattr(args, "sogclr_tau", 0.01), accum_freq=getattr(args, "accum_freq", 1) or 1,
-                   dist=DistributedConfig.from_args(args, cls.loss_name))
 
     def forward(self, image_features, text_features, logit_scale, index=None, output_dict=False, **kwargs):
         batch = check_pair(self.loss_name, image_features, text_features)

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import AlignLoss, check_pair, float_flag
+from ._common import AlignLoss, check_pair
 from .distributed import DistributedConfig, compute_dtype, touch
 from .registry import register_loss
 
@@ -50,24 +50,14 @@ def covariance_term(z: torch.Tensor) -> torch.Tensor:
 )
 class VICRegLoss(AlignLoss):
     loss_name = "vicreg"
+    options = {"sim_weight": "VICReg: weight of the invariance (MSE) term",
+               "var_weight": "VICReg: weight of the variance term",
+               "cov_weight": "VICReg: weight of the covariance term"}
 
     def __init__(self, sim_weight: float = 25.0, var_weight: float = 25.0, cov_weight: float = 1.0,
                  dist: Optional[DistributedConfig] = None):
         super().__init__(dist)
         self.sim_weight, self.var_weight, self.cov_weight = float(sim_weight), float(var_weight), float(cov_weight)
-
-    @staticmethod
-    def add_args(group) -> None:
-        float_flag(group, "--vicreg-sim-weight", 25.0, "VICReg: weight of the invariance (MSE) term")
-        float_flag(group, "--vicreg-var-weight", 25.0, "VICReg: weight of the variance term")
-        float_flag(group, "--vicreg-cov-weight", 1.0, "VICReg: weight of the covariance term")
-
-    @classmethod
-    def from_args(cls, args, **context) -> "VICRegLoss":
-        return cls(sim_weight=getattr(args, "vicreg_sim_weight", 25.0),
-                   var_weight=getattr(args, "vicreg_var_weight", 25.0),
-                   cov_weight=getattr(args, "vicreg_cov_weight", 1.0),
-                   dist=DistributedConfig.from_args(args, cls.loss_name))
 
     def forward(self, image_features, text_features, logit_scale, output_dict=False, **kwargs):
         check_pair(self.loss_name, image_features, text_features)
