@@ -28,14 +28,8 @@ def plain_text(text):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openclip-align", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"openclip_align.commands.{name}")
-        except ModuleNotFoundError as err:  # a command not written yet; other missing modules are bugs
-            if err.name != f"openclip_align.commands.{name}":
-                raise
-            continue
-        module.register(sub)
+    for name in COMMANDS:       # a listed command whose module is missing is an error, never skipped
+        importlib.import_module(f"openclip_align.commands.{name}").register(sub)
     _plain_descriptions(parser)
     return parser
 

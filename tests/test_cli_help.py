@@ -42,3 +42,13 @@ def test_every_command_has_a_description_and_every_option_a_help():
             for action in parser._actions:
                 if action.option_strings and action.dest in ("out", "data"):
                     assert action.help, f"{name} {action.option_strings[0]} has no help"
+
+
+def test_every_listed_command_is_in_the_parser():
+    assert list(_commands()) == list(cli.COMMANDS)
+
+
+def test_a_missing_command_module_raises(monkeypatch):
+    monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + ("renamed_away",))
+    with pytest.raises(ModuleNotFoundError, match="openclip_align.commands.renamed_away"):
+        cli.build_parser()
