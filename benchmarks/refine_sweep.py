@@ -14,10 +14,10 @@ import json
 import statistics
 from pathlib import Path
 
-from openclip_align.benchmark.evaluate import evaluate_model
-from openclip_align.benchmark.regimes import PRETRAINED_LOCKS, PRETRAINED_MODEL
-from openclip_align.benchmark.run import REFINE_EXTRA, REFINE_RECIPE
-from openclip_align.benchmark.training import Budget, TrainSpec, train
+from openclip_align.experiments.scoring import evaluate_model
+from openclip_align.experiments.regimes import PRETRAINED_LOCKS, PRETRAINED_MODEL
+from openclip_align.experiments.benchmark import REFINE_EXTRA, REFINE_RECIPE
+from openclip_align.experiments.trainer_processes import Budget, TrainSpec, train
 
 KEYS = ("centroid_gap", "centroid_gap_sq_per_dim", "centroid_gap_sq_per_dim_raw", "alignment_score",
         "mean_norm_image", "mean_norm_text", "image_to_text_R@1", "text_to_image_R@1",

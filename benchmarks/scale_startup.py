@@ -257,7 +257,7 @@ def readme_block(results: list, cpu: str) -> str:
 
 def update_readme(readme: Path, results: list, cpu: str) -> bool:
     """Rewrite README's scale block from ``results`` (the .json this script wrote); False without markers."""
-    from openclip_align.benchmark.readme import replace_block
+    from openclip_align.publishing.readme import replace_block
 
     return replace_block(readme, README_MARKER, readme_block(results, cpu))
 

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from openclip_align import atomic_files
-from openclip_align.benchmark.report import write_json_atomic
+from openclip_align.experiments.benchmark_report import write_json_atomic
 from openclip_align.data import shards as sh
 
 

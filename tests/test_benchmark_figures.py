@@ -3,7 +3,7 @@ titled by model and showing the centroid gap the table reports."""
 import numpy as np
 import pytest
 
-from openclip_align.benchmark.figures import pca_title, quality_figure
+from openclip_align.experiments.benchmark_figures import pca_title, quality_figure
 from openclip_align.metrics.plots import gap_pca_figure
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import write_digits_corpus
-from openclip_align.benchmark.initialisation import INIT_KEYS, initialisation_lines, measure_initialisation
+from openclip_align.experiments.initialisation import INIT_KEYS, initialisation_lines, measure_initialisation
 
 MODELS = ["DualCLIP-Tiny", "SharedCLIP-Tiny"]
 SEEDS = (0, 1, 2, 3, 4)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from openclip_align.benchmark import publish
+from openclip_align.publishing import publish
 from test_benchmark_report import results, track
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,7 +83,7 @@ def test_other_variants_go_to_their_own_folder_and_leave_readme_alone(tmp_path):
 
 
 def test_study_is_published_the_same_way(tmp_path):
-    from openclip_align.benchmark.study import summarise
+    from openclip_align.experiments.grid_study import summarise
 
     cells = [{"loss": "clip", "optimizer": "adamw", "seed": 0, "status": "ok", "image_to_text_R@1": 0.1,
               "text_to_image_R@1": 0.2, "zeroshot_top1": 0.3, "average": 0.2, "centroid_gap": 0.5}]
@@ -154,7 +154,7 @@ def test_pair_pictures_are_redrawn_from_a_finished_runs_checkpoints(tmp_path, mo
 def test_a_published_run_gets_the_content_hash_of_a_rebuild_only_when_its_manifest_is_the_recorded_one(tmp_path):
     """A baseline from before content hashes: a rebuild with that run's code whose manifest hashes to what the run
     recorded is the same build, so its pairs' hash is the run's; any other manifest is refused."""
-    from openclip_align.benchmark.corpus import manifest_sha256
+    from openclip_align.experiments.corpus_identity import manifest_sha256
     from openclip_align.data.content import content_of_files
 
     corpus = tmp_path / "rebuilt"

@@ -1,10 +1,10 @@
-"""README's prose numbers come from results files through the generator (openclip_align/benchmark/reading.py,
+"""README's prose numbers come from results files through the generator (openclip_align/publishing/reading.py,
 readme.py): hand-made results give hand-written sentences, and the committed README regenerates unchanged."""
 import json
 import shutil
 from pathlib import Path
 
-from openclip_align.benchmark import reading, readme
+from openclip_align.publishing import reading, readme
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,7 +72,7 @@ def test_machine_text_says_only_what_was_recorded():
 
 def test_the_committed_readme_regenerates_unchanged_from_the_committed_results(tmp_path):
     """Every generated block of README.md, rewritten from the committed results files, gives README.md again."""
-    from openclip_align.benchmark.readme import update_readme, update_temperature_block
+    from openclip_align.publishing.readme import update_readme, update_temperature_block
 
     for folder in ("benchmark", "study"):
         (tmp_path / folder).symlink_to(ROOT / folder)
@@ -85,7 +85,7 @@ def test_the_committed_readme_regenerates_unchanged_from_the_committed_results(t
 
 
 def test_notes_claims_name_what_moved_beyond_the_seed_spread():
-    from openclip_align.benchmark.claims import _within, lr_text
+    from openclip_align.publishing.claims import _within, lr_text
 
     assert _within([("image_to_text_R@1", stat(0.091, 0.007), stat(0.093, 0.01))]) == "within one seed spread"
     # 21.5 -> 20.9 % with stds 0.4 and 0.3 points: 0.6 / 0.4 = 1.5x
@@ -95,7 +95,7 @@ def test_notes_claims_name_what_moved_beyond_the_seed_spread():
 
 
 def test_the_committed_notes_regenerate_unchanged_from_the_results_they_quote(tmp_path):
-    from openclip_align.benchmark.claims import update_notes
+    from openclip_align.publishing.claims import update_notes
 
     (tmp_path / "docs").mkdir()
     for folder in ("benchmark", "study"):

@@ -1,8 +1,8 @@
 """Benchmark report: tables per track, regression flags, README blocks rewritten from results.json only."""
 import json
 
-from openclip_align.benchmark import report
-from openclip_align.benchmark.readme import update_readme
+from openclip_align.experiments import benchmark_report
+from openclip_align.publishing.readme import update_readme
 
 
 def stat(mean, std=0.01):
@@ -30,7 +30,7 @@ def results(**tracks):
 def test_regressions_follow_direction_and_spread_per_track():
     before = results(scratch=track(0.40, 0.05), pretrained=track(0.40, 0.10))
     now = results(scratch=track(0.405, 0.05), pretrained=track(0.50, 0.02, rank=5.0, ratio=0.8))
-    flags = report.regressions(now, before)
+    flags = benchmark_report.regressions(now, before)
     assert any(f.startswith("pretrained / CLIP centroid_gap") for f in flags)          # gap grew beyond spread
     assert any(f.startswith("pretrained / CLIP image_to_text_R@1") for f in flags)     # recall fell
     assert any(f.startswith("pretrained / CLIP effective_rank_image") for f in flags)  # collapse
@@ -41,12 +41,12 @@ def test_regressions_follow_direction_and_spread_per_track():
 
 def test_a_run_from_before_tracks_is_compared_as_the_scratch_track():
     old = track(0.30, 0.05)                                  # the old layout: quality/speed at the top level
-    flags = report.regressions(results(scratch=track(0.40, 0.05)), old)
+    flags = benchmark_report.regressions(results(scratch=track(0.40, 0.05)), old)
     assert flags == ["scratch / CLIP centroid_gap: 0.3000 -> 0.4000 (beyond the seed spread 0.0100)"]
 
 
 def test_markdown_has_each_track_and_scaled_cells():
-    text = report.markdown(results(scratch=track(0.4, 0.05), pretrained=track(0.2, 0.123)))
+    text = benchmark_report.markdown(results(scratch=track(0.4, 0.05), pretrained=track(0.2, 0.123)))
     assert "## T" in text and text.count("Modality gap and embedding geometry") == 2
     assert "| CLIP | 0.200 ± 0.010 |" in text                  # centroid gap as is
     assert "12.3 ± 1.0" in text                              # R@1 in percent
@@ -66,7 +66,7 @@ def test_readme_blocks_are_rewritten_between_markers_only(tmp_path):
 
 
 def test_study_grid_block_comes_from_its_results(tmp_path):
-    from openclip_align.benchmark.study import summarise
+    from openclip_align.experiments.grid_study import summarise
 
     cells = [{"loss": "clip", "optimizer": "adamw", "seed": 0, "status": "ok", "image_to_text_R@1": 0.1,
               "text_to_image_R@1": 0.2, "zeroshot_top1": 0.3, "average": 0.2, "centroid_gap": 0.5},
@@ -93,23 +93,23 @@ def with_corpus(res, sha="a" * 64, train=6821, heldout=1164):
 def test_only_runs_on_the_same_corpus_are_compared():
     before = with_corpus(results(scratch=track(0.30, 0.05)), sha="b" * 64, train=6811, heldout=700)
     now = with_corpus(results(scratch=track(0.40, 0.05)))
-    other = report.compare(now, before)
+    other = benchmark_report.compare(now, before)
     assert other["flags"] == [] and other["comparison"]["status"] == "different corpus"
     assert "6,811 training / 700 held-out" in other["comparison"]["note"]
     assert "6,821 training / 1,164 held-out" in other["comparison"]["note"]
-    text = report.markdown({**now, **other})
+    text = benchmark_report.markdown({**now, **other})
     assert "Not compared with the `cpu` baseline" in text and "different corpus" in text and "⚠" not in text
 
-    unknown = report.compare(now, results(scratch=track(0.30, 0.05)))          # a baseline without a record
+    unknown = benchmark_report.compare(now, results(scratch=track(0.30, 0.05)))          # a baseline without a record
     assert unknown["flags"] == [] and unknown["comparison"]["status"] == "unknown corpus"
     assert "the baseline: unknown corpus (10 training pairs" in unknown["comparison"]["note"]
 
-    same = report.compare(now, with_corpus(results(scratch=track(0.30, 0.05))))
+    same = benchmark_report.compare(now, with_corpus(results(scratch=track(0.30, 0.05))))
     assert same["comparison"]["status"] == "compared"
     assert same["flags"] == ["scratch / CLIP centroid_gap: 0.3000 -> 0.4000 (beyond the seed spread 0.0100)"]
     assert "(same corpus; same manifest sha256 aaaaaaaaaaaa (no content hash recorded)).\nFlagged:\n" \
-        "- ⚠ scratch / CLIP centroid_gap" in report.markdown({**now, **same})
-    assert report.compare(now, None)["comparison"]["status"] == "no baseline"
+        "- ⚠ scratch / CLIP centroid_gap" in benchmark_report.markdown({**now, **same})
+    assert benchmark_report.compare(now, None)["comparison"]["status"] == "no baseline"
 
 
 def with_content(res, content, manifest_sha, version, packages, note=None):
@@ -124,22 +124,22 @@ def test_the_same_pairs_built_another_way_are_compared_and_the_build_differences
     before = with_content(results(scratch=track(0.30, 0.05)), "c" * 64, "b" * 64, 1,
                           {"pillow": "11.0", "emoji": "2.14"}, note="rebuilt with the old code")
     now = with_content(results(scratch=track(0.40, 0.05)), "c" * 64, "a" * 64, 2, {"pillow": "11.1", "emoji": "2.14"})
-    same = report.compare(now, before)
+    same = benchmark_report.compare(now, before)
     assert same["comparison"]["status"] == "compared" and len(same["flags"]) == 1
     assert same["comparison"]["differences"] == ["manifest sha256 bbbbbbbbbbbb -> aaaaaaaaaaaa",
                                                  "manifest format version 1 -> 2", "pillow 11.0 -> 11.1"]
-    text = report.markdown({**now, **same})
+    text = benchmark_report.markdown({**now, **same})
     assert "same pairs: content sha256 cccccccccccc (the baseline's: rebuilt with the old code)" in text
     assert "differ in how they were made, not in their pairs: manifest sha256" in text and "pillow 11.0 -> 11.1" in text
 
-    other = report.compare(with_content(results(scratch=track(0.40, 0.05)), "d" * 64, "b" * 64, 1,
+    other = benchmark_report.compare(with_content(results(scratch=track(0.40, 0.05)), "d" * 64, "b" * 64, 1,
                                         {"pillow": "11.0"}), before)
     # other pairs are another corpus even where the manifest's hash happens to agree
     assert other["comparison"]["status"] == "different corpus" and other["flags"] == []
     assert "content sha256 cccccccccccc" in other["comparison"]["note"]
     assert "content sha256 dddddddddddd" in other["comparison"]["note"]
     # a baseline without a content hash: its manifest hash is all there is to go by
-    legacy = report.compare(now, with_corpus(results(scratch=track(0.30, 0.05)), sha="b" * 64))
+    legacy = benchmark_report.compare(now, with_corpus(results(scratch=track(0.30, 0.05)), sha="b" * 64))
     assert legacy["comparison"]["status"] == "different corpus"
     assert "recorded no content hash" in legacy["comparison"]["note"]
 
@@ -149,18 +149,18 @@ def test_metrics_the_tables_do_not_show_are_never_flagged():
     for res, value in ((before, 0.9), (now, 0.1)):          # collapsed by far, yet not in any table
         res["tracks"]["scratch"]["quality"]["CLIP"]["crossstyle_text_to_image_R@1"] = stat(value)
         res["tracks"]["scratch"]["quality"]["CLIP"]["separability"] = stat(1 - value)
-    shown = report.table_metrics(now["tracks"]["scratch"]["quality"])
+    shown = benchmark_report.table_metrics(now["tracks"]["scratch"]["quality"])
     assert "crossstyle_text_to_image_R@1" not in shown and "separability" not in shown
-    assert report.regressions(now, before) == []
+    assert benchmark_report.regressions(now, before) == []
 
 
 def test_speed_ratios_whose_round_spreads_overlap_are_not_flagged():
     before, now = results(scratch=track(0.3, 0.05)), results(scratch=track(0.3, 0.05, ratio=0.9))
     before["tracks"]["scratch"]["speed"]["AlignCLIP"].update(ratio_min=0.95, ratio_max=1.05)
     now["tracks"]["scratch"]["speed"]["AlignCLIP"].update(ratio_min=0.85, ratio_max=0.97)
-    assert report.regressions(now, before) == []
+    assert benchmark_report.regressions(now, before) == []
     now["tracks"]["scratch"]["speed"]["AlignCLIP"].update(ratio_max=0.93)
-    assert report.regressions(now, before) == ["scratch / AlignCLIP speed ratio: 1.000 -> 0.900"]
+    assert benchmark_report.regressions(now, before) == ["scratch / AlignCLIP speed ratio: 1.000 -> 0.900"]
 
 
 def test_speed_table_shows_the_spread_and_the_machine_load():
@@ -171,7 +171,7 @@ def test_speed_table_shows_the_spread_and_the_machine_load():
                                                 "cpus": 2, "load_before": [4.1, 3.0, 2.0],
                                                 "load_after": [5.0, 4.0, 3.0], "other_processes_cores": 1.2,
                                                 "busy": True}
-    text = report.markdown(res)
+    text = benchmark_report.markdown(res)
     assert "| AlignCLIP | 90.0 | 0.900 [0.850–0.970] | 1000 | – |" in text
     assert "3 rounds" in text and "⚠ The machine was busy" in text and "4.1 / 3.0 / 2.0 before" in text
 
@@ -179,12 +179,12 @@ def test_speed_table_shows_the_spread_and_the_machine_load():
 def test_a_run_from_before_corpus_records_shows_no_unchecked_flags():
     old = results(scratch=track(0.4, 0.05))
     old.update(compared_with="2026-11-23 06:55:34", flags=["scratch / CLIP crossstyle_text_to_image_R@1: 0.0126 -> 0.0088"])
-    text = report.markdown(old)
+    text = benchmark_report.markdown(old)
     assert "crossstyle" not in text and "predates corpus records" in text
 
 
 def test_readme_block_states_the_run_time_the_results_record():
-    from openclip_align.benchmark import readme
+    from openclip_align.publishing import readme
 
     results = {"command": "openclip-align benchmark", "created": "today", "machine": {"device": "cpu"},
                "total_seconds": 2000.0,
@@ -208,7 +208,7 @@ def init_table():
 def test_markdown_has_the_initialisation_section_after_the_tracks():
     res = results(scratch=track(0.4, 0.05))
     res["initialisation"] = init_table()
-    text = report.markdown(res)
+    text = benchmark_report.markdown(res)
     assert ("| DualCLIP-Tiny | 64 | 0.812 ± 0.020 | 0.123 ± 0.005 | 0.900 ± 0.010 | 0.950 ± 0.001 | 12.3 ± 0.6 | "
             "3.0 ± 0.0 |") in text
     assert "| SharedCLIP-Tiny | 64 | 0.200 ± 0.020 | 0.123 ± 0.005 | 0.500 ± 0.010 |" in text
@@ -217,7 +217,7 @@ def test_markdown_has_the_initialisation_section_after_the_tracks():
 
 
 def test_results_without_the_initialisation_table_still_render():
-    text = report.markdown(results(scratch=track(0.4, 0.05)))       # a results.json from before the table
+    text = benchmark_report.markdown(results(scratch=track(0.4, 0.05)))       # a results.json from before the table
     assert "At initialisation" not in text and "| CLIP | 0.400 ± 0.010 |" in text
 
 
@@ -257,6 +257,6 @@ def test_the_same_pairs_with_caption_embeddings_of_another_encoder_are_not_compa
     before = with_content(results(scratch=track(0.30, 0.05)), "c" * 64, "b" * 64, 2, {})
     now = with_content(results(scratch=track(0.40, 0.05)), "c" * 64, "b" * 64, 2, {})
     before["data"]["encoder"], now["data"]["encoder"] = "all-mpnet-base-v2", "all-MiniLM-L6-v2"
-    other = report.compare(now, before)
+    other = benchmark_report.compare(now, before)
     assert other["comparison"]["status"] == "different corpus" and other["flags"] == []
     assert "from all-mpnet-base-v2, this run's from all-MiniLM-L6-v2" in other["comparison"]["note"]

@@ -6,9 +6,9 @@ import logging
 
 import pytest
 
-from openclip_align.benchmark import run as bench
-from openclip_align.benchmark.initialisation import INIT_KEYS
-from openclip_align.benchmark.training import TrainResult
+from openclip_align.experiments import benchmark as bench
+from openclip_align.experiments.initialisation import INIT_KEYS
+from openclip_align.experiments.trainer_processes import TrainResult
 
 RATE = {"upstream CLIP": 400.0, "SharedCLIP": 380.0, "AlignCLIP": 360.0, "CLIP-Refine": 300.0,
         "AlignCLIP on-the-fly (MiniLM)": 160.0}
@@ -225,7 +225,7 @@ def test_initialisation_models_and_pairs_per_variant_always_five_seeds(tmp_path,
 
 
 def test_a_failed_initialisation_is_recorded_and_reported_not_raised(tmp_path, monkeypatch):
-    from openclip_align.benchmark.initialisation import initialisation_lines
+    from openclip_align.experiments.initialisation import initialisation_lines
 
     def fail(*args, **kwargs):
         raise FileNotFoundError("heldout.csv")

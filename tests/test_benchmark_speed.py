@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from openclip_align.benchmark import speed
-from openclip_align.benchmark.training import _LAUNCHER, failure_tail, progress_line
+from openclip_align.experiments import speed
+from openclip_align.experiments.trainer_processes import _LAUNCHER, failure_tail, progress_line
 
 
 TRUE_RATE = {"upstream": 400.0, "shared": 300.0, "align": 200.0}      # samples/s on an idle machine

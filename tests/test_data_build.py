@@ -445,7 +445,7 @@ def test_benchmark_evaluates_the_emoji_group_set(corpus, tmp_path):
     import open_clip
     import torch
 
-    from openclip_align.benchmark.evaluate import evaluate_model
+    from openclip_align.experiments.scoring import evaluate_model
 
     out, _ = corpus
     torch.manual_seed(0)

@@ -74,8 +74,8 @@ def test_columns_match_a_direct_computation(study, corpus):
 
 
 def test_the_default_regime_is_the_pretrained_towers_with_locks():
-    from openclip_align.benchmark.regimes import PRETRAINED_LOCKS, REGIMES
-    from openclip_align.benchmark.study import StudyPlan
+    from openclip_align.experiments.regimes import PRETRAINED_LOCKS, REGIMES
+    from openclip_align.experiments.grid_study import StudyPlan
     from openclip_align.cli import build_parser
 
     assert build_parser().parse_args(["study"]).regime == "pretrained"

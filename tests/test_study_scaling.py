@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from openclip_align.benchmark import publish, scaling, study
-from openclip_align.benchmark.training import Budget, TrainResult
+from openclip_align.experiments import grid_study, scaling_study
+from openclip_align.experiments.trainer_processes import Budget, TrainResult
+from openclip_align.publishing import publish
 from openclip_align.cli import main
 
 
@@ -15,28 +16,28 @@ from openclip_align.cli import main
 
 def test_subset_sizes_are_floor_of_the_fraction_and_all_for_one():
     # 10 pairs: 10/4 = 2.5 -> 2, 10/2 = 5; the default corpus's 6821: 1705.25 -> 1705, 3410.5 -> 3410
-    assert {f: len(r) for f, r in scaling.nested_subsets(10, [0.25, 0.5, 1]).items()} == {0.25: 2, 0.5: 5, 1.0: 10}
-    assert {f: len(r) for f, r in scaling.nested_subsets(6821, [1, 0.5, 0.25]).items()} == \
+    assert {f: len(r) for f, r in scaling_study.nested_subsets(10, [0.25, 0.5, 1]).items()} == {0.25: 2, 0.5: 5, 1.0: 10}
+    assert {f: len(r) for f, r in scaling_study.nested_subsets(6821, [1, 0.5, 0.25]).items()} == \
         {0.25: 1705, 0.5: 3410, 1.0: 6821}
 
 
 def test_subsets_are_nested_distinct_rows_and_the_same_every_time():
-    first = scaling.nested_subsets(6821, [0.25, 0.5, 1])
-    again = scaling.nested_subsets(6821, [1, 0.25, 0.5])
+    first = scaling_study.nested_subsets(6821, [0.25, 0.5, 1])
+    again = scaling_study.nested_subsets(6821, [1, 0.25, 0.5])
     for f in (0.25, 0.5, 1.0):
         np.testing.assert_array_equal(first[f], again[f])
         assert len(set(first[f].tolist())) == len(first[f]) and first[f].min() >= 0 and first[f].max() < 6821
     assert set(first[0.25].tolist()) <= set(first[0.5].tolist()) <= set(first[1.0].tolist())
     assert first[1.0].tolist() == list(range(6821))
     # a fixed seed of its own: another subset seed draws other pairs (the training seeds are never involved)
-    other = scaling.nested_subsets(6821, [0.25], seed=scaling.SUBSET_SEED + 1)
+    other = scaling_study.nested_subsets(6821, [0.25], seed=scaling_study.SUBSET_SEED + 1)
     assert set(other[0.25].tolist()) != set(first[0.25].tolist())
 
 
 @pytest.mark.parametrize("bad", [[], [0], [1.5], [0.5, 0.5], [-0.25]])
 def test_bad_fractions_are_refused(bad):
     with pytest.raises(ValueError):
-        scaling.check_fractions(bad)
+        scaling_study.check_fractions(bad)
 
 
 def test_a_subset_csv_keeps_its_rows_renumbered_with_their_own_embeddings(tmp_path):
@@ -45,7 +46,7 @@ def test_a_subset_csv_keeps_its_rows_renumbered_with_their_own_embeddings(tmp_pa
     emb = np.arange(24, dtype=np.float32).reshape(6, 4)
     np.save(tmp_path / "train.emb.npy", emb)
     (tmp_path / "train.emb.json").write_text(json.dumps({"model": "all-MiniLM-L6-v2", "dim": 4, "n": 6}))
-    csv = scaling.write_subset(tmp_path, np.array([1, 4]), tmp_path / "sub", "train-0.5")
+    csv = scaling_study.write_subset(tmp_path, np.array([1, 4]), tmp_path / "sub", "train-0.5")
     assert csv.read_text().splitlines() == ["filepath\ttitle\tindex", "/img/1.png\tcaption 1\t0",
                                             "/img/4.png\tcaption 4\t1"]
     np.testing.assert_array_equal(np.load(tmp_path / "sub" / "train-0.5.emb.npy"), [[4, 5, 6, 7], [16, 17, 18, 19]])
@@ -56,7 +57,7 @@ def test_a_subset_csv_keeps_its_rows_renumbered_with_their_own_embeddings(tmp_pa
 # --- the plan --------------------------------------------------------------------------------------------------
 
 def test_the_plan_trains_the_benchmark_scratch_rows_with_their_flags(tmp_path):
-    plan = scaling.ScalingPlan()
+    plan = scaling_study.ScalingPlan()
     track = plan.track(tmp_path)
     cells = plan.cells(track)
     assert len(cells) == 3 * 3 * 3
@@ -78,7 +79,7 @@ def test_the_plan_trains_the_benchmark_scratch_rows_with_their_flags(tmp_path):
 
 @pytest.fixture
 def fake_runs(monkeypatch, tmp_path):
-    """study.train and study.evaluate_model replaced: every trainer run recorded; R@1 grows with the pairs read."""
+    """grid_study.train and grid_study.evaluate_model replaced: every trainer run recorded; R@1 grows with the pairs read."""
     calls = []
 
     def fake_train(spec, train_data, budget, seed, logs, progress=False, name=None, **kwargs):
@@ -96,8 +97,8 @@ def fake_runs(monkeypatch, tmp_path):
         return {"centroid_gap": 0.5, "image_to_text_R@1": pairs / 1000, "text_to_image_R@1": pairs / 1000,
                 "zeroshot_a_top1": 0.3}
 
-    monkeypatch.setattr(study, "train", fake_train)
-    monkeypatch.setattr(study, "evaluate_model", fake_evaluate)
+    monkeypatch.setattr(grid_study, "train", fake_train)
+    monkeypatch.setattr(grid_study, "evaluate_model", fake_evaluate)
     data = tmp_path / "data"
     data.mkdir()
     rows = ["filepath\ttitle\tindex"] + [f"/img/{i}.png\tcaption {i}\t{i}" for i in range(200)]
@@ -111,8 +112,8 @@ def fake_runs(monkeypatch, tmp_path):
 
 def test_every_run_trains_on_its_fraction_and_is_scored_on_the_corpus(fake_runs, tmp_path):
     calls, data = fake_runs
-    plan = scaling.ScalingPlan(fractions=[0.5, 1], seeds=[0, 1])
-    results = scaling.run_scaling_study(data, tmp_path / "out", plan, command="test")
+    plan = scaling_study.ScalingPlan(fractions=[0.5, 1], seeds=[0, 1])
+    results = scaling_study.run_scaling_study(data, tmp_path / "out", plan, command="test")
     assert len(calls) == 2 * 2 * 3 and results["complete"]
     assert [c["pairs"] for c in calls] == [100] * 6 + [200] * 6
     assert {c["train_data"] for c in calls[6:]} == {str(data / "train.csv")}          # all: the corpus's own csv
@@ -127,25 +128,25 @@ def test_every_run_trains_on_its_fraction_and_is_scored_on_the_corpus(fake_runs,
 
 def test_a_rerun_keeps_the_runs_already_done(fake_runs, tmp_path):
     calls, data = fake_runs
-    plan = scaling.ScalingPlan(fractions=[0.5, 1], seeds=[0])
-    scaling.run_scaling_study(data, tmp_path / "out", plan)
+    plan = scaling_study.ScalingPlan(fractions=[0.5, 1], seeds=[0])
+    scaling_study.run_scaling_study(data, tmp_path / "out", plan)
     first = len(calls)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     saved["cells"] = saved["cells"][:2]                 # as if stopped after two runs
     (tmp_path / "out" / "results.json").write_text(json.dumps(saved))
-    results = scaling.run_scaling_study(data, tmp_path / "out", plan)
+    results = scaling_study.run_scaling_study(data, tmp_path / "out", plan)
     assert len(calls) - first == 4 and results["complete"]
     # both sessions' records are kept: the first as saved (six runs started), the second with its four runs
     earlier = results["machine"]["earlier_sessions"]
     assert len(earlier) == 1 and len(earlier[0]["load_per_run"]) == 6 and len(results["machine"]["load_per_run"]) == 4
     assert results["seconds"] >= saved["seconds"]
-    assert " in 2 sessions." in scaling.conditions_line(results)
+    assert " in 2 sessions." in scaling_study.conditions_line(results)
 
 
 def test_fractions_smaller_than_a_batch_are_refused(fake_runs, tmp_path):
     _, data = fake_runs
     with pytest.raises(ValueError, match="fewer pairs than one batch"):
-        scaling.run_scaling_study(data, tmp_path / "out", scaling.ScalingPlan(fractions=[0.25, 1]))   # 50 < 64
+        scaling_study.run_scaling_study(data, tmp_path / "out", scaling_study.ScalingPlan(fractions=[0.25, 1]))   # 50 < 64
 
 
 # --- results.md and README from a hand-made run ------------------------------------------------------------
@@ -164,20 +165,20 @@ def hand_made_results(complete=True):
                           "centroid_gap": 0.4 if row == "upstream CLIP" else 0.3, "average": v})
     if not complete:
         cells = cells[:-1]
-    plan = {"fractions": [0.5, 1.0], "seeds": [0, 1], "subset_seed": 7, "rows": list(scaling.ROWS),
+    plan = {"fractions": [0.5, 1.0], "seeds": [0, 1], "subset_seed": 7, "rows": list(scaling_study.ROWS),
             "pairs": {"0.5": 100, "1": 200}, "budget": Budget(epochs=3).__dict__, "flags": {}, "data": "data/default"}
-    distance = scaling.distances(cells, plan["fractions"])
+    distance = scaling_study.distances(cells, plan["fractions"])
     results = {"created": "2026-12-05 04:00:00", "command": "openclip-align study --train-fractions 0.5 1", "plan": plan,
                "machine": {"cpus": 2, "started": "2026-12-05 03:00:00 UTC", "ended": "2026-12-05 04:00:00 UTC",
                            "load_per_run": [[3.0, 2, 2], [5.5, 4, 3]]},
-               "cells": cells, "table": scaling.summarise(cells, plan["fractions"], plan["rows"]),
-               "distance": distance, "trend": [scaling.trend(distance, k) for k in scaling.METRICS], "seconds": 3600}
-    results["complete"] = scaling.is_complete(results)
+               "cells": cells, "table": scaling_study.summarise(cells, plan["fractions"], plan["rows"]),
+               "distance": distance, "trend": [scaling_study.trend(distance, k) for k in scaling_study.METRICS], "seconds": 3600}
+    results["complete"] = scaling_study.is_complete(results)
     return results
 
 
 def test_the_table_rows_are_mean_and_std_over_seeds_with_the_distance_by_seed():
-    lines = scaling.table_lines(hand_made_results())
+    lines = scaling_study.table_lines(hand_made_results())
     assert "| 100 (1/2) | upstream CLIP | 2 of 2 | 11.0 ± 1.4 | 50.0 ± 0.0 | 0.400 ± 0.000 |" in lines
     assert "| 200 (all) | AlignCLIP | 2 of 2 | 20.0 ± 1.4 | 50.0 ± 0.0 | 0.300 ± 0.000 |" in lines
     assert "| 100 (1/2) | AlignCLIP − CLIP, by seed | 2 | -5.0 ± 1.4 | 0.0 ± 0.0 | -0.100 ± 0.000 |" in lines
@@ -191,12 +192,12 @@ def test_the_trend_is_measured_against_the_seed_spread():
     assert math.isclose(r1["change"], 0.04) and math.isclose(r1["spread"], math.sqrt(0.0002))
     assert r1["verdict"] == "shrinks" and (r1["from_pairs"], r1["to_pairs"]) == (100, 200)
     assert trends["zeroshot_top1"]["verdict"] == "holds"            # 0 -> 0
-    assert scaling.trend([{"fraction": 1, "seeds": 2, "pairs": 9, "retrieval_R@1": {"mean": 0, "std": 0}}],
+    assert scaling_study.trend([{"fraction": 1, "seeds": 2, "pairs": 9, "retrieval_R@1": {"mean": 0, "std": 0}}],
                          "retrieval_R@1") is None                  # one fraction: no trend
     flip = [{"fraction": 0.5, "seeds": 3, "pairs": 1, "k": {"mean": -0.03, "std": 0.01}},
             {"fraction": 1, "seeds": 3, "pairs": 2, "k": {"mean": 0.05, "std": 0.01}}]
     grow = [flip[0], {"fraction": 1, "seeds": 3, "pairs": 2, "k": {"mean": -0.08, "std": 0.01}}]
-    assert scaling.trend(flip, "k")["verdict"] == "reverses" and scaling.trend(grow, "k")["verdict"] == "grows"
+    assert scaling_study.trend(flip, "k")["verdict"] == "reverses" and scaling_study.trend(grow, "k")["verdict"] == "grows"
 
 
 def test_publish_writes_study_scaling_and_readme_block_from_results_json(tmp_path):
@@ -253,7 +254,7 @@ def test_the_command_runs_the_plan_it_was_given(monkeypatch, tmp_path):
         (out_dir / "results.md").write_text("table\n")
         return {"cells": []}
 
-    monkeypatch.setattr(scaling, "run_scaling_study", fake_run)
+    monkeypatch.setattr(scaling_study, "run_scaling_study", fake_run)
     (tmp_path / "train.csv").write_text("filepath\ttitle\n")
     (tmp_path / "heldout.csv").write_text("filepath\ttitle\n")
     monkeypatch.chdir(tmp_path)
@@ -275,9 +276,9 @@ def test_the_study_trains_tiny_models_on_nested_fractions_end_to_end(tmp_path):
     data = write_digits_corpus(tmp_path / "corpus", n_train=128, n_heldout=32)
     emb = np.random.default_rng(0).normal(size=(128, 16)).astype(np.float32)
     np.save(data / "train.emb.npy", emb / np.linalg.norm(emb, axis=1, keepdims=True))
-    plan = scaling.ScalingPlan(fractions=[0.5, 1], seeds=[0],
+    plan = scaling_study.ScalingPlan(fractions=[0.5, 1], seeds=[0],
                                budget_override={"epochs": 1, "batch_size": 32, "warmup": 1, "workers": 0})
-    results = scaling.run_scaling_study(data, tmp_path / "out", plan, command="e2e")
+    results = scaling_study.run_scaling_study(data, tmp_path / "out", plan, command="e2e")
     assert results["complete"] and [c["status"] for c in results["cells"]] == ["ok"] * 6
     assert [c["pairs"] for c in results["cells"]] == [64] * 3 + [128] * 3
     subset = tmp_path / "out" / "subsets" / "train-0.5.csv"

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from openclip_align.benchmark import publish, study, temperature
-from openclip_align.benchmark.readme import update_temperature_block
-from openclip_align.benchmark.training import Budget, TrainResult
+from openclip_align.experiments import grid_study, temperature_study
+from openclip_align.experiments.trainer_processes import Budget, TrainResult
+from openclip_align.publishing import publish
+from openclip_align.publishing.readme import update_temperature_block
 from openclip_align.cli import main
 
 LOCKS = ["--lock-image", "--lock-image-unlocked-groups", "2", "--lock-image-freeze-bn-stats",
@@ -44,7 +45,7 @@ def fake_runs(monkeypatch, tmp_path):
         return {"centroid_gap": 0.5, "alignment_score": 0.4, "image_to_text_R@1": 0.1, "text_to_image_R@1": 0.2,
                 "zeroshot_a_top1": 0.3, "zeroshot_b_top1": 0.5, "rmg": 0.1}
 
-    for module in (temperature, study):          # the start model here, the rows through study.train_and_score
+    for module in (temperature_study, grid_study):          # the start model here, the rows through grid_study.train_and_score
         monkeypatch.setattr(module, "train", fake_train)
         monkeypatch.setattr(module, "evaluate_model", fake_evaluate)
     data = tmp_path / "data"
@@ -64,10 +65,10 @@ def test_temperatures_outside_01_to_1_are_refused_with_the_reason(capsys):
         main(["study", "--temperatures", "warm"])
     assert "expected a number such as 0.05, got 'warm'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="repeated"):
-        temperature.check_temperatures([0.1, 0.1])
+        temperature_study.check_temperatures([0.1, 0.1])
     with pytest.raises(ValueError, match="must lie in"):
-        temperature.TemperaturePlan(temperatures=[1.5])
-    assert temperature.check_temperatures(["0.01", 1]) == [0.01, 1.0]     # both ends are allowed
+        temperature_study.TemperaturePlan(temperatures=[1.5])
+    assert temperature_study.check_temperatures(["0.01", 1]) == [0.01, 1.0]     # both ends are allowed
 
 
 def test_grid_flags_and_a_lone_start_are_refused(tmp_path):
@@ -84,11 +85,11 @@ def test_grid_flags_and_a_lone_start_are_refused(tmp_path):
 
 
 def test_learned_logit_scale_is_exp_of_the_stored_log(tmp_path):
-    assert temperature.learned_logit_scale(checkpoint(tmp_path / "a.pt", 42.5)) == pytest.approx(42.5, rel=1e-6)
-    assert temperature.learned_logit_scale(checkpoint(tmp_path / "b.pt", 3.0, "module.")) == pytest.approx(3.0, rel=1e-6)
+    assert temperature_study.learned_logit_scale(checkpoint(tmp_path / "a.pt", 42.5)) == pytest.approx(42.5, rel=1e-6)
+    assert temperature_study.learned_logit_scale(checkpoint(tmp_path / "b.pt", 3.0, "module.")) == pytest.approx(3.0, rel=1e-6)
     torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "c.pt")
     with pytest.raises(ValueError, match="no logit_scale"):
-        temperature.learned_logit_scale(tmp_path / "c.pt")
+        temperature_study.learned_logit_scale(tmp_path / "c.pt")
 
 
 def test_every_row_gets_its_trainer_flags_and_one_budget(fake_runs, tmp_path):
@@ -136,7 +137,7 @@ def test_every_row_gets_its_trainer_flags_and_one_budget(fake_runs, tmp_path):
 
 def test_without_start_the_pretrained_track_clip_row_is_trained_first(fake_runs, tmp_path):
     calls, data = fake_runs
-    temperature.run_temperature_study(data, tmp_path / "out", temperature.TemperaturePlan(temperatures=[0.05, 1]))
+    temperature_study.run_temperature_study(data, tmp_path / "out", temperature_study.TemperaturePlan(temperatures=[0.05, 1]))
     first = calls[0]
     assert first["spec"].loss == "clip" and first["spec"].extra == LOCKS and first["seed"] == 0
     assert (first["budget"].epochs, first["budget"].lr, first["budget"].batch_size, first["budget"].warmup) == \
@@ -225,7 +226,7 @@ def results_dict() -> dict:
 
 
 def test_results_md_renders_each_row():
-    text = temperature.markdown(results_dict())
+    text = temperature_study.markdown(results_dict())
     lines = text.splitlines()
     assert "| row | T or scale | centroid gap | alignment score | I→T R@1 | T→I R@1 | zero-shot top-1 |" in lines
     assert "| start CLIP | learned: T = 0.04 (scale 25) | 0.300 | 0.500 | 6.0 | 6.5 | 27.0 |" in lines
@@ -236,7 +237,7 @@ def test_results_md_renders_each_row():
     assert "| CLIP-Refine, HyCD x 1 | S = 1 (T = 1) | failed (out of memory) | | | | |" in lines
     assert ("Mind the Gap's published gaps (OpenAI CLIP fine-tuned on MSCOCO, from 0.83): 1.00 at T = 1/100, "
             "0.80 at T = 1/50, 0.64 at T = 1/30, 0.55 at T = 1/20, 0.30 at T = 1/10, 0.24 at T = 1.") in lines
-    assert "Total time: 10.0 min. Figure: `temperature.png`." in lines
+    assert "Total time: 10.0 min. Figure: `temperature_study.png`." in lines
 
 
 README = ("intro\n<!-- study:start -->\nGRID\n<!-- study:end -->\nmiddle\n"
@@ -271,7 +272,7 @@ def test_publish_copies_the_run_into_the_committed_folder_and_readme(tmp_path, c
     assert publish.main(["--temperature-study", str(run), "--to-temperature-study", str(committed),
                          "--readme", str(readme)]) == 0
     assert json.loads((committed / "results.json").read_text()) == json.loads(source)
-    assert (committed / "results.md").read_text() == temperature.markdown(results_dict())
+    assert (committed / "results.md").read_text() == temperature_study.markdown(results_dict())
     assert (committed / "temperature.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| CLIP, T = 0.05 |" in readme.read_text() and "GRID" in readme.read_text()
     assert (run / "results.md").read_text() == "old report" and (run / "results.json").read_text() == source
@@ -286,11 +287,11 @@ def test_end_to_end_on_tiny_models(tmp_path):
     from conftest import write_digits_corpus
 
     data = write_digits_corpus(tmp_path / "corpus", n_train=48, n_heldout=32)
-    plan = temperature.TemperaturePlan(
+    plan = temperature_study.TemperaturePlan(
         temperatures=[0.02, 1.0], model="DualCLIP-Tiny", extra=[],
         start_budget=Budget(epochs=1, batch_size=16, warmup=1), finetune={"epochs": 1, "lr": 1e-4, "warmup": 1},
-        refine={**temperature.REFINE_RECIPE, "batch_size": 16}, refine_lrs=[1e-6, 1e-4])
-    results = temperature.run_temperature_study(data, tmp_path / "out", plan)
+        refine={**temperature_study.REFINE_RECIPE, "batch_size": 16}, refine_lrs=[1e-6, 1e-4])
+    results = temperature_study.run_temperature_study(data, tmp_path / "out", plan)
     assert [r["status"] for r in results["rows"]] == ["ok"] * 9
     # refine at 1e-4 moves the weights away from the start, at 1e-6 hardly: 100x the rate, (about) 100x the step
     start = torch.load(results["start"]["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
@@ -302,6 +303,6 @@ def test_end_to_end_on_tiny_models(tmp_path):
     assert moved[1e-4] > 10 * moved[1e-6] > 0
     fixed = [r for r in results["rows"] if r["kind"] == "fixed temperature"]
     for row in fixed:            # the fine-tuned checkpoint kept the fixed scale log(1/T)
-        assert temperature.learned_logit_scale(Path(row["checkpoint"])) == pytest.approx(1 / row["temperature"],
+        assert temperature_study.learned_logit_scale(Path(row["checkpoint"])) == pytest.approx(1 / row["temperature"],
                                                                                          rel=1e-5)
     assert (tmp_path / "out" / "temperature.png").exists()

@@ -66,7 +66,7 @@ def refined(pretrained, tmp_path_factory):
 @pytest.fixture(scope="module")
 def scores(refined):
     """Held-out and zero-shot scores of the start, after the authors'-lr epoch and after the MOVING_LR epoch."""
-    from openclip_align.benchmark.evaluate import evaluate_model
+    from openclip_align.experiments.scoring import evaluate_model
 
     corpus, start, run = refined
     return (evaluate_model(MODEL, start, corpus), evaluate_model(MODEL, run / "checkpoints" / "epoch_1.pt", corpus),

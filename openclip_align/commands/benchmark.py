@@ -1,4 +1,4 @@
-"""``openclip-align benchmark``: the main job (see :mod:`openclip_align.benchmark.run`)."""
+"""``openclip-align benchmark``: the main job (see :mod:`openclip_align.experiments.benchmark`)."""
 from __future__ import annotations
 
 import logging
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from openclip_align.benchmark.run import TRACKS, run_benchmark
+    from openclip_align.experiments.benchmark import TRACKS, run_benchmark
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.gpu:
@@ -52,5 +52,5 @@ def run(args) -> int:
     if results["flags"]:
         print(f"{len(results['flags'])} regression(s) flagged against the baseline")
     print(f"Wrote {args.out}. To make it the committed copy (benchmark/, README tables): "
-          f"python -m openclip_align.benchmark.publish --benchmark {args.out}")
+          f"python -m openclip_align.publishing.publish --benchmark {args.out}")
     return 0

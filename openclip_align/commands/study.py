@@ -1,6 +1,6 @@
-"""``openclip-align study``: losses x optimizers grid (see :mod:`openclip_align.benchmark.study`), with
-``--temperatures`` the temperature study (see :mod:`openclip_align.benchmark.temperature`), or with
-``--train-fractions`` the data-scaling study (see :mod:`openclip_align.benchmark.scaling`)."""
+"""``openclip-align study``: losses x optimizers grid (see :mod:`openclip_align.experiments.grid_study`), with
+``--temperatures`` the temperature study (see :mod:`openclip_align.experiments.temperature_study`), or with
+``--train-fractions`` the data-scaling study (see :mod:`openclip_align.experiments.scaling_study`)."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +19,7 @@ def _lr_pair(text: str):
 
 
 def _temperature(text: str) -> float:
-    from openclip_align.benchmark.temperature import check_temperatures
+    from openclip_align.experiments.temperature_study import check_temperatures
 
     try:
         return check_temperatures([float(text)])[0]
@@ -45,8 +45,8 @@ _GRID_FLAGS = ("losses", "optimizers", "regime", "model", "epochs", "batch_size"
 
 
 def register(subparsers) -> None:
-    from openclip_align.benchmark.regimes import REGIMES
-    from openclip_align.benchmark.study import DEFAULT_LR, STUDY_LOSSES, STUDY_OPTIMIZERS
+    from openclip_align.experiments.regimes import REGIMES
+    from openclip_align.experiments.grid_study import DEFAULT_LR, STUDY_LOSSES, STUDY_OPTIMIZERS
     from openclip_align.losses import loss_names
 
     parser = subparsers.add_parser(
@@ -116,9 +116,9 @@ def run(args) -> int:
         raise SystemExit("--start and --refine-lrs belong to the temperature study: pass --temperatures too")
     import open_clip
 
-    from openclip_align.benchmark.regimes import REGIMES
-    from openclip_align.benchmark.study import DEFAULT_LR, StudyPlan, check_corpus, run_study
-    from openclip_align.benchmark.training import Budget
+    from openclip_align.experiments.regimes import REGIMES
+    from openclip_align.experiments.grid_study import DEFAULT_LR, StudyPlan, check_corpus, run_study
+    from openclip_align.experiments.trainer_processes import Budget
 
     regime = REGIMES[args.regime]
     args.model = args.model or regime.model
@@ -148,7 +148,7 @@ def run(args) -> int:
 def run_temperatures(args) -> int:
     from dataclasses import replace
 
-    from openclip_align.benchmark.temperature import (REFINE_RECIPE, TemperaturePlan, check_refine_lrs,
+    from openclip_align.experiments.temperature_study import (REFINE_RECIPE, TemperaturePlan, check_refine_lrs,
                                                       check_temperatures, run_temperature_study)
 
     defaults = vars(_defaults())
@@ -164,13 +164,13 @@ def run_temperatures(args) -> int:
     if args.start is not None and not args.start.is_file():
         raise SystemExit(f"--start {args.start}: no such checkpoint file")
     if args.start is not None:                 # a file that is no CLIP checkpoint: refused before any training
-        from openclip_align.benchmark.temperature import learned_logit_scale
+        from openclip_align.experiments.temperature_study import learned_logit_scale
 
         try:
             learned_logit_scale(args.start)
         except ValueError as err:
             raise SystemExit(str(err)) from None
-    from openclip_align.benchmark.study import check_corpus
+    from openclip_align.experiments.grid_study import check_corpus
 
     try:
         check_corpus(args.data)
@@ -190,8 +190,8 @@ def run_temperatures(args) -> int:
 
 
 def run_scaling(args) -> int:
-    from openclip_align.benchmark.scaling import DEFAULT_SEEDS, ScalingPlan, check_fractions, run_scaling_study
-    from openclip_align.benchmark.study import check_corpus
+    from openclip_align.experiments.scaling_study import DEFAULT_SEEDS, ScalingPlan, check_fractions, run_scaling_study
+    from openclip_align.experiments.grid_study import check_corpus
 
     if args.temperatures is not None or args.start is not None or args.refine_lrs is not None:
         raise SystemExit("--train-fractions runs the data-scaling study; --temperatures/--start/--refine-lrs belong "

@@ -19,7 +19,7 @@ trains AlignCLIP with caption embeddings computed on the fly. After the tracks, 
 randomly initialised dual- and shared-tower models once (:mod:`.initialisation`).
 
 Output goes to ``--out`` (``runs/benchmark`` by default, untracked); the committed copy under ``benchmark/``
-changes only through :mod:`.publish`.
+changes only through :mod:`openclip_align.publishing.publish`.
 """
 from __future__ import annotations
 
@@ -36,16 +36,16 @@ from typing import Dict, List, Optional
 import numpy as np
 import open_clip
 
-from . import machine, report
-from .corpus import corpus_record, count_rows
 from openclip_align.metrics.posthoc import POSTHOC_KINDS, closing_lambda
 
-from .evaluate import evaluate_with_posthoc, metric_time_100k
-from .figures import pca_path, pca_title, plot_quality
+from . import benchmark_report, machine
+from .benchmark_figures import pca_path, pca_title, plot_quality
+from .corpus_identity import corpus_record, count_rows
 from .initialisation import INIT_MODELS, measure_initialisation
 from .regimes import PRETRAINED_LOCKS, PRETRAINED_MODEL, REGIMES
+from .scoring import evaluate_with_posthoc, metric_time_100k
 from .speed import LoadMeter, SpeedPlan, conditions_line, interleave, window_csv
-from .training import Budget, TrainResult, TrainSpec, train, write_local_dir_config
+from .trainer_processes import Budget, TrainResult, TrainSpec, train, write_local_dir_config
 
 # CLIP-Refine as the authors' released code runs it: AdamW lr 1e-6 constant, weight decay 0.1, one epoch,
 # fp32, batch 512 (it fits every CPU model here). Upstream exempts gains and biases from weight decay where
@@ -259,7 +259,7 @@ def run_track(track: Track, train_csv: Path, data_dir: Path, out_dir: Path, runs
         spec = track.specs.get(label)
         loss = "refine" if label == "CLIP-Refine" else ("clip (OpenCLIP alone)" if spec.upstream else spec.loss)
         kinds = POSTHOC_KINDS if label in track.posthoc_of else ()
-        rows = {None: label, **{kind: report.posthoc_label(label, kind) for kind in kinds}}
+        rows = {None: label, **{kind: benchmark_report.posthoc_label(label, kind) for kind in kinds}}
         for i, result in enumerate(results):
             first = i == 0
             titles = {kind: pca_title(track.title, row, track.eval_models[label], loss) for kind, row in rows.items()}
@@ -276,7 +276,7 @@ def run_track(track: Track, train_csv: Path, data_dir: Path, out_dir: Path, runs
                  "posthoc": {"of": list(track.posthoc_of), "kinds": list(POSTHOC_KINDS),
                              "fitted_on": "train.csv", "train_pairs": count_rows(train_csv),
                              "shift_lambda": closing_lambda(np.ones(1))}},
-        "quality": report.summarise_quality(quality),
+        "quality": benchmark_report.summarise_quality(quality),
         **speed,
         "train_seconds": train_seconds,
         "speed_seconds": speed_seconds,
@@ -330,9 +330,9 @@ def run_benchmark(data_dir: Path, out_dir: Path, quick: bool = False, gpu: bool 
     variant = ("gpu" if gpu else "cpu") + ("-quick" if quick else "")
     results["variant"] = variant
     previous = load_baseline(baseline, variant)
-    results.update(report.compare(results, previous))
-    report.write_json_atomic(out_dir / "results.json", results)
-    (out_dir / "results.md").write_text(report.markdown(results))
+    results.update(benchmark_report.compare(results, previous))
+    benchmark_report.write_json_atomic(out_dir / "results.json", results)
+    (out_dir / "results.md").write_text(benchmark_report.markdown(results))
     plot_quality(results, out_dir / "figures" / "quality.png")
     return results
 

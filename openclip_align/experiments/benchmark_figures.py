@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .report import posthoc_base
+from .benchmark_report import posthoc_base
 
 # (metric, panel title, y-axis label, scale): the same units as the report's tables
 QUALITY_PANELS = [
@@ -129,10 +129,10 @@ def replot_pca(results: dict, run_dir: Path, data_dir: Path, figures: Path,
     """Draw the pair pictures into ``figures`` again from the checkpoints a finished run left in ``RUN/runs``
     (first seed of every trained row), e.g. for a run whose figures an older version drew. ``rows_of(track
     name, track results)`` gives each trained row's (model, loss, epochs) (the benchmark's
-    :func:`~openclip_align.benchmark.run.eval_rows`; passed in so that this module never imports the runner,
+    :func:`~openclip_align.experiments.benchmark.eval_rows`; passed in so that this module never imports the runner,
     which imports it). Rows whose checkpoint is gone are skipped with a warning; post-hoc rows are drawn
     only by the run itself (they need its training-pair embeddings)."""
-    from .evaluate import plot_heldout_gap
+    from .scoring import plot_heldout_gap
 
     written = []
     for name, track in results["tracks"].items():

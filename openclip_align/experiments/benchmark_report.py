@@ -109,7 +109,7 @@ def compare(current: dict, previous: Optional[dict]) -> dict:
     """The regression check, like with like only: a baseline of other pairs, or one that did not record its
     corpus, is not compared (its status and the reason are kept instead of flags). On the same pairs, how the
     two builds differ (manifest format, package versions) is kept in ``differences`` for the report."""
-    from .corpus import same_corpus
+    from .corpus_identity import same_corpus
 
     if previous is None:
         return {"comparison": {"status": "no baseline", "note": ""}, "compared_with": None, "flags": []}
@@ -252,7 +252,7 @@ def regression_lines(results: dict) -> List[str]:
 
 
 def _corpus_text(results: dict) -> str:
-    from .corpus import corpus_of, describe
+    from .corpus_identity import corpus_of, describe
 
     record = corpus_of(results)
     return describe(record) if record else f"{results.get('data', {}).get('train_pairs')} training pairs"

@@ -18,11 +18,11 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .evaluate import evaluate_model
+from .benchmark_report import write_json_atomic
 from .machine import at_end, at_start
 from .regimes import REGIMES
-from .report import write_json_atomic
-from .training import Budget, TrainSpec, train
+from .scoring import evaluate_model
+from .trainer_processes import Budget, TrainSpec, train
 
 STUDY_LOSSES = ("clip", "sogclr", "cyclip", "vicreg", "onlineclr")
 STUDY_OPTIMIZERS = ("adamw", "sgd", "adam")

@@ -1,7 +1,7 @@
 """The data-scaling study: does AlignCLIP's distance to CLIP shrink, hold or grow as the training pairs grow?
 
 The benchmark's scratch track (upstream CLIP, SharedCLIP, AlignCLIP: the same models, flags and budget as
-:func:`.run.scratch_track`) trained on nested subsets of the corpus's training pairs, 1/4, 1/2 and all by
+:func:`.benchmark.scratch_track`) trained on nested subsets of the corpus's training pairs, 1/4, 1/2 and all by
 default, every row and seed on the same subset and scored on the same held-out pairs and zero-shot sets. The
 budget is the track's epochs, so a smaller subset also means fewer steps, as a smaller corpus would.
 
@@ -27,10 +27,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .corpus import corpus_record
-from .report import write_json_atomic
-from .study import check_corpus, score, train_and_score
-from .training import Budget
+from .benchmark_report import write_json_atomic
+from .corpus_identity import corpus_record
+from .grid_study import check_corpus, score, train_and_score
+from .trainer_processes import Budget
 
 DEFAULT_FRACTIONS = (0.25, 0.5, 1.0)
 DEFAULT_SEEDS = (0, 1, 2)             # the benchmark's seeds
@@ -117,7 +117,7 @@ class ScalingPlan:
 
     def track(self, runs_dir: Path):
         """The benchmark's scratch track (CPU, full budget), on this plan's device and precision."""
-        from .run import scratch_track
+        from .benchmark import scratch_track
 
         track = scratch_track(runs_dir, quick=False, gpu=False)
         track.budget = replace(track.budget, device=self.device, precision=self.precision, **self.budget_override)

@@ -23,13 +23,14 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .evaluate import evaluate_model
+from openclip_align.integration.fixed_temperature import MAX_TEMPERATURE, MIN_TEMPERATURE   # --fixed-temperature's range
+
+from .benchmark import REFINE_EXTRA, REFINE_RECIPE, pretrained_track
+from .benchmark_report import write_json_atomic
+from .grid_study import check_corpus, score, train_and_score
 from .regimes import PRETRAINED_LOCKS, PRETRAINED_MODEL
-from .report import write_json_atomic
-from openclip_align.integration.temperature import MAX_TEMPERATURE, MIN_TEMPERATURE   # --fixed-temperature's range
-from .run import REFINE_EXTRA, REFINE_RECIPE, pretrained_track
-from .study import check_corpus, score, train_and_score
-from .training import Budget, TrainSpec, train
+from .scoring import evaluate_model
+from .trainer_processes import Budget, TrainSpec, train
 
 DEFAULT_TEMPERATURES = (0.01, 0.02, 0.0333, 0.05, 0.1, 1.0)   # Mind the Gap's 1/100, 1/50, 1/30, 1/20, 1/10, 1
 # The fine-tuning budget of every temperature (over the start model's batch 64 and weight decay 0.1). Mind the Gap

@@ -3,7 +3,7 @@
 The section reads one benchmark run (its trained, post-hoc and initialisation rows) and the temperature study;
 the verdicts are the notes' reading of those runs, every number in them is read here.
 
-    python -m openclip_align.benchmark.claims docs/notes.md benchmark/cpu-2026-12-02-busy/results.json \
+    python -m openclip_align.publishing.claims docs/notes.md benchmark/cpu-2026-12-02-busy/results.json \
         study/temperature/results.json
 """
 from __future__ import annotations
@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 from typing import List
 
-from .readme import replace_block
+from openclip_align.experiments.benchmark_report import posthoc_label
+
 from .reading import spread_word
-from .report import posthoc_label
+from .readme import replace_block
 
 MARKER = "notes:claims"
 
@@ -85,7 +86,7 @@ def claims_lines(bench: dict, temperature: dict, bench_link: str, temperature_li
         f"Numbers from the benchmark run of {bench['created'][:10]} ([{bench_link}]({bench_link}): "
         f"{len(pre['plan']['seeds'])} seeds, mean ± std, held-out pairs) and the temperature study "
         f"([{temperature_link}]({temperature_link}), seed {temperature['plan']['seed']}), written from their "
-        "results.json by `python -m openclip_align.benchmark.claims`. Post-hoc rows are fitted on each model's "
+        "results.json by `python -m openclip_align.publishing.claims`. Post-hoc rows are fitted on each model's "
         f"{pairs:,} training pairs and applied to the held-out pairs and the zero-shot prompts. Nothing was tuned on "
         "these numbers.",
         "",

@@ -14,7 +14,7 @@ one); the pair pictures are copied, or drawn again from the run's checkpoints wi
 A run from before corpus records gets one with ``--corpus DATA`` when DATA still holds as many training
 pairs as the run read (marked as added at publish time).
 
-    python -m openclip_align.benchmark.publish --benchmark runs/benchmark [--study runs/study]
+    python -m openclip_align.publishing.publish --benchmark runs/benchmark [--study runs/study]
         [--temperature-study runs/study-temperature] [--readme README.md]
 """
 from __future__ import annotations
@@ -28,11 +28,12 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .corpus import corpus_of, corpus_record
-from .figures import plot_quality, replot_pca
+from openclip_align.experiments.benchmark import eval_rows
+from openclip_align.experiments.benchmark_figures import plot_quality, replot_pca
+from openclip_align.experiments.benchmark_report import markdown, write_json_atomic
+from openclip_align.experiments.corpus_identity import corpus_of, corpus_record
+
 from .readme import update_readme, update_temperature_block
-from .run import eval_rows
-from .report import markdown, write_json_atomic
 
 MAIN_VARIANT = "cpu"
 
@@ -65,7 +66,7 @@ def add_content(results: dict, data_dir: Path, how: str) -> dict:
     ``data_dir`` was obtained (kept in the record as ``content_note``)."""
     from openclip_align.data.content import content_of_files
 
-    from .corpus import manifest_sha256
+    from openclip_align.experiments.corpus_identity import manifest_sha256
 
     record = corpus_of(results)
     manifest = data_dir / "manifest.json"
@@ -111,13 +112,13 @@ def publish_benchmark(run_dir: Path, committed: Path, corpus: Optional[Path] = N
 
 
 def publish_study(run_dir: Path, committed: Path) -> Path:
-    from .study import markdown, plot
+    from openclip_align.experiments.grid_study import markdown, plot
 
     return _publish_folder(run_dir, committed, "study", markdown, plot, "study.png")
 
 
 def publish_temperature_study(run_dir: Path, committed: Path) -> Path:
-    from .temperature import markdown, plot
+    from openclip_align.experiments.temperature_study import markdown, plot
 
     return _publish_folder(run_dir, committed, "study-temperature", markdown, plot, "temperature.png")
 
@@ -125,7 +126,7 @@ def publish_temperature_study(run_dir: Path, committed: Path) -> Path:
 def publish_scaling_study(run_dir: Path, committed: Path, readme: Path) -> Path:
     """study/scaling/ from a finished data-scaling study, and README's ``study:scaling`` block from it."""
     from .readme import replace_block
-    from .scaling import check_publishable, markdown, plot, readme_block
+    from openclip_align.experiments.scaling_study import check_publishable, markdown, plot, readme_block
 
     check_publishable(load_results(run_dir, "study-scaling"), run_dir)
     published = _publish_folder(run_dir, committed, "study-scaling", markdown, plot, "scaling.png")
@@ -147,7 +148,7 @@ def _publish_folder(run_dir: Path, committed: Path, kind: str, markdown, plot, f
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m openclip_align.benchmark.publish",
+    parser = argparse.ArgumentParser(prog="python -m openclip_align.publishing.publish",
                                      description="Make a finished run (`make benchmark` / `make study` write "
                                                  "them under runs/) the committed copy: benchmark/ or study/, and "
                                                  "README's tables.")

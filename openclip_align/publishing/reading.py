@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from .report import posthoc_label
+from openclip_align.experiments.benchmark_report import posthoc_label
 
 
 def _m(track: dict, label: str, metric: str) -> Optional[dict]:

@@ -6,7 +6,7 @@ The README keeps one block per benchmark track between ``<!-- benchmark:TRACK:st
 results without a measured table), and the study's grid between ``<!-- study:start -->`` and
 ``<!-- study:end -->``; everything outside the markers is left as it is.
 
-    python -m openclip_align.benchmark.readme README.md benchmark/results.json [study/results.json]
+    python -m openclip_align.publishing.readme README.md benchmark/results.json [study/results.json]
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .initialisation import initialisation_lines
-from .report import track_tables
+from openclip_align.experiments.benchmark_report import track_tables
+from openclip_align.experiments.initialisation import initialisation_lines
 
 
 def machine_text(machine: Optional[dict]) -> str:
@@ -106,7 +106,7 @@ def _duration(results: dict, track: str) -> str:
 
 
 def study_block(results: dict) -> str:
-    from .study import table_lines, title
+    from openclip_align.experiments.grid_study import table_lines, title
 
     machine = machine_text(results.get("machine"))
     return "\n".join([f"From `{results['command']}`, {results['created']} ({title(results)}; "
@@ -158,7 +158,7 @@ def update_readme(readme: Path, results_json: Optional[Path], study_json: Option
 
 
 def temperature_block(results: dict) -> str:
-    from .temperature import reference_line, table_lines, title
+    from openclip_align.experiments.temperature_study import reference_line, table_lines, title
 
     return "\n".join([f"From `{results['command']}`, {results['created']} ({title(results)}; "
                       f"{results['seconds'] / 60:.0f} min).", "", *table_lines(results), "", reference_line(results),
