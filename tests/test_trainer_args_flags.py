@@ -23,7 +23,10 @@ FLAGS = {
          "sentence-transformers model for on-the-fly caption embeddings (default: the AlignCLIP authors' "
          "all-mpnet-base-v2; all-MiniLM-L6-v2 is the fast choice)"),
         (["--semantic-embeddings"], "semantic_embeddings", None, None, None, STORE, None,
-         "csv only: path of the row-aligned .npy embeddings (default: <csv stem>.emb.npy)"),
+         "precomputed caption embeddings: for a csv, the row-aligned .npy file (default: <csv stem>.emb.npy); for "
+         "webdataset shards, the folder of their embedding columns (NAME.emb.npy + NAME.emb.json, as `openclip-align "
+         "embed --out DIR` writes them; default: beside the shards), or A::B, one folder per '::' source of "
+         "--train-data, in the same order"),   # was "csv only: ...", though shards take it too (issue 30)
         (["--csv-index-key"], "csv_index_key", "index", None, None, STORE, None,
          "csv column with a stable per-pair index (default: the row number if absent)"),
         (["--drop-empty-captions"], "drop_empty_captions", False, None, None, TRUE, None,

@@ -40,7 +40,11 @@ def build_plugin_parser() -> argparse.ArgumentParser:
                        help="sentence-transformers model for on-the-fly caption embeddings (default: the AlignCLIP "
                             "authors' all-mpnet-base-v2; all-MiniLM-L6-v2 is the fast choice)")
     group.add_argument("--semantic-embeddings", default=None,
-                       help="csv only: path of the row-aligned .npy embeddings (default: <csv stem>.emb.npy)")
+                       help="precomputed caption embeddings: for a csv, the row-aligned .npy file (default: <csv "
+                            "stem>.emb.npy); for webdataset shards, the folder of their embedding columns "
+                            "(NAME.emb.npy + NAME.emb.json, as `openclip-align embed --out DIR` writes them; "
+                            "default: beside the shards), or A::B, one folder per '::' source of --train-data, "
+                            "in the same order")
     group.add_argument("--csv-index-key", default="index",
                        help="csv column with a stable per-pair index (default: the row number if absent)")
     group.add_argument("--drop-empty-captions", action="store_true",
