@@ -53,11 +53,11 @@ study-temperature:  ## Mind the Gap's temperatures: the pretrained-tower CLIP fi
 	$(PYTHON) -m openclip_align.cli study --data $(DATA) --out $(STUDY_TEMPERATURE_OUT) \
 		--temperatures 0.01 0.02 0.0333 0.05 0.1 1 --refine-lrs 1e-6 1e-4
 
-gpu-check-dry:      ## the GPU check's CPU dry run on Tiny models (seconds): benchmarks/gpu_check.py --dry-run
-	$(PYTHON) benchmarks/gpu_check.py --dry-run --out runs/gpu-check-dry
+gpu-check-dry:      ## the GPU check's CPU dry run on Tiny models (seconds): measurements/gpu_check.py --dry-run
+	$(PYTHON) measurements/gpu_check.py --dry-run --out runs/gpu-check-dry
 
-gpu-check-prepare:  ## wheels, mpnet skeleton and small corpus for the one device call of benchmarks/gpu_check.sh
-	bash benchmarks/gpu_check.sh prepare
+gpu-check-prepare:  ## wheels, mpnet skeleton and small corpus for the one device call of measurements/gpu_check.sh
+	bash measurements/gpu_check.sh prepare
 
 study-temperature-publish:  ## make $(STUDY_TEMPERATURE_OUT) the committed copy: study/temperature/ and README's block
 	$(PYTHON) -m openclip_align.publishing.publish --temperature-study $(STUDY_TEMPERATURE_OUT)

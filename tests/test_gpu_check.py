@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py's CPU dry run (Tiny models) and its results; benchmarks/gpu_check.sh's shape."""
+"""measurements/gpu_check.py's CPU dry run (Tiny models) and its results; measurements/gpu_check.sh's shape."""
 import importlib.util
 import json
 import subprocess
@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+SCRIPT = ROOT / "measurements" / "gpu_check.sh"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "measurements" / "gpu_check.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,4 +1,4 @@
-"""README's "At scale" table is generated from benchmarks/scale_startup.json, never written by hand (issue 23).
+"""README's "At scale" table is generated from measurements/scale_startup.json, never written by hand (issue 23).
 
 A hand-made result of two sizes, with expectations worked out by hand: a row that changes by more than the
 noise between the sizes is extrapolated along the straight line through them to 10M samples, one within it
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "measurements"))
 import scale_startup  # noqa: E402
 
 
@@ -42,10 +42,10 @@ def test_block_between_the_markers_is_replaced_from_the_json(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- benchmark:scale:start -->\nOLD TABLE\n<!-- benchmark:scale:end -->\noutro\n")
     (tmp_path / "scale.json").write_text(json.dumps(RESULTS))
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale_startup.py"), "--report-only",
+    subprocess.run([sys.executable, str(ROOT / "measurements" / "scale_startup.py"), "--report-only",
                     "--out", str(tmp_path / "scale.md"), "--readme", str(readme)], check=True, capture_output=True)
     text = readme.read_text()
-    assert text.startswith("intro\n<!-- benchmark:scale:start -->\n`python benchmarks/scale_startup.py --sizes "
+    assert text.startswith("intro\n<!-- benchmark:scale:start -->\n`python measurements/scale_startup.py --sizes "
                            "1000 11000`")
     assert "OLD TABLE" not in text and text.endswith("\n<!-- benchmark:scale:end -->\noutro\n")
     rows = _rows(text)
@@ -78,6 +78,6 @@ def test_committed_readme_shows_the_committed_measurement():
     text = (ROOT / "README.md").read_text()
     block = re.search(r"<!-- benchmark:scale:start -->\n(.*?)<!-- benchmark:scale:end -->", text, re.S)
     assert block, "README has the benchmark:scale block"
-    results = json.loads((ROOT / "benchmarks" / "scale_startup.json").read_text())
+    results = json.loads((ROOT / "measurements" / "scale_startup.json").read_text())
     assert _rows(block.group(1)) == _rows("\n".join(scale_startup.table(results)))
-    assert _rows(block.group(1)) == _rows((ROOT / "benchmarks" / "scale_startup.md").read_text())
+    assert _rows(block.group(1)) == _rows((ROOT / "measurements" / "scale_startup.md").read_text())

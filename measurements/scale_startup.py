@@ -13,11 +13,11 @@ corpus record (``openclip-align data check``). Then, on the same shards, starts
 All runs train upstream's ViT-B-32 at --image-size pixels on the CPU. Peak RSS is the trainer
 process's VmHWM plus its dataloader worker's when the first step is logged (pages the
 forked worker shares are counted twice). Writes
-benchmarks/scale_startup.md (and .json); ``--readme`` also rewrites README.md's
+measurements/scale_startup.md (and .json); ``--readme`` also rewrites README.md's
 ``<!-- benchmark:scale:start -->`` block from them (``--report-only --readme``: from the last .json, no run).
 Run it nice'd; it states the load average it saw:
 
-    nice -n 10 python benchmarks/scale_startup.py --sizes 20000 200000 --readme
+    nice -n 10 python measurements/scale_startup.py --sizes 20000 200000 --readme
 """
 from __future__ import annotations
 
@@ -197,7 +197,7 @@ def extrapolate(xs, ys, x):
 
 def _header(results: list, cpu: str) -> str:
     sizes = [r["samples"] for r in results]
-    return (f"`python benchmarks/scale_startup.py --sizes {' '.join(map(str, sizes))}` on {cpu}; upstream ViT-B-32 "
+    return (f"`python measurements/scale_startup.py --sizes {' '.join(map(str, sizes))}` on {cpu}; upstream ViT-B-32 "
             "at 64 px, --batch-size 32, --workers 1, CPU. Synthetic img2dataset-like shards "
             f"({results[0]['shards'] and results[0]['samples'] // results[0]['shards']} samples each). "
             "Last column: a straight line through the measured sizes, at 10M samples.")
@@ -252,7 +252,7 @@ README_MARKER = "benchmark:scale"      # README.md: <!-- benchmark:scale:start -
 
 def readme_block(results: list, cpu: str) -> str:
     return "\n".join([_header(results, cpu), "", *table(results), "", _load_line(results) + " Details: "
-                      "[benchmarks/scale_startup.md](benchmarks/scale_startup.md)."])
+                      "[measurements/scale_startup.md](measurements/scale_startup.md)."])
 
 
 def update_readme(readme: Path, results: list, cpu: str) -> bool:

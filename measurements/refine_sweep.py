@@ -3,9 +3,9 @@
 Starts from the pretrained-track CLIPs that `make benchmark` trained (one per seed), refines each for one
 epoch with the authors' recipe at lr 1e-6 and at larger learning rates, and reports the gap in both
 conventions (||delta|| and ||delta||^2 / d, normalised and raw) with retrieval and zero-shot accuracy before
-and after. Writes benchmarks/refine_sweep.{json,md}. Run after `make benchmark`:
+and after. Writes measurements/refine_sweep.{json,md}. Run after `make benchmark`:
 
-    python benchmarks/refine_sweep.py [--seeds 0] [--lrs 1e-6 1e-5 1e-4]
+    python measurements/refine_sweep.py [--seeds 0] [--lrs 1e-6 1e-5 1e-4]
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def main() -> None:
               "T→I R@1 % | zero-shot fashion % | zero-shot digits % |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines = [f"# CLIP-Refine learning-rate sweep ({PRETRAINED_MODEL}, seeds {args.seeds}, mean over seeds)", "",
              f"One epoch, batch {REFINE_RECIPE['batch_size']}, AdamW wd {REFINE_RECIPE['wd']}, constant lr, fp32, "
-             "same tower locks as the CLIP it starts from. Made by `python benchmarks/refine_sweep.py`.", "", *header]
+             "same tower locks as the CLIP it starts from. Made by `python measurements/refine_sweep.py`.", "", *header]
     for label, m in summary.items():
         lines.append(f"| {label} | {m['centroid_gap']:.3f} | {m['centroid_gap_sq_per_dim'] * 1e3:.3f} | "
                      f"{m['centroid_gap_sq_per_dim_raw']:.4f} | {m['alignment_score']:.3f} | "

