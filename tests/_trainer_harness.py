@@ -1,7 +1,7 @@
 """Run ``open_clip_train.main`` (as ``python -m`` would) and record every loss call at full precision.
 
-Used by tests/test_trainer_distributed.py, as ``torchrun ... tests/_trainer_harness.py ARGS`` and as
-``python tests/_trainer_harness.py ARGS``. Upstream's main runs unchanged (with the plugin active);
+Launched by ``run_ranks`` in tests/_trainer_launch.py, as ``torchrun ... tests/_trainer_harness.py ARGS`` and
+as ``python tests/_trainer_harness.py ARGS``. Upstream's main runs unchanged (with the plugin active);
 the harness only adds:
 
 * a forward hook on the training loss that appends each call's terms (float64) to
