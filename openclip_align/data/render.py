@@ -16,14 +16,6 @@ WHITE = (255, 255, 255, 255)
 MARGIN = 0.06          # of the square side, on each side
 
 
-def composite_on_white(image: Image.Image) -> Image.Image:
-    """RGBA (or anything) -> RGBA over an opaque white background."""
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, WHITE)
-    background.alpha_composite(rgba)
-    return background
-
-
 def content_box(image: Image.Image, threshold: int = 8) -> Optional[tuple]:
     """Bounding box of what is drawn: alpha > threshold, and not plain white once composited."""
     rgba = image.convert("RGBA")

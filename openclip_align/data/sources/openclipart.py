@@ -42,7 +42,6 @@ _GENERIC = {"hash", "icon", "icons", "theme", "computer", "clip art", "clipart",
             "shapes", "shape", "magick", "unsorted", "svg", "image", "picture", "clip", "art", "lemon theme icon",
             "media", "inkscape", "openclipart", "various", "misc", "miscellaneous", "remix"}
 _BY_PREFIX = re.compile(r"^clip ?art by [^-]+ - ", re.I)
-_AUTHOR_TAIL = re.compile(r"(_\d+[a-z]?|_-_\d+|_+)$")
 
 
 def _metadata(path: Path) -> Tuple[str, List[str], str]:
