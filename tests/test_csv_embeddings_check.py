@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from _dist import spawn  # noqa: E402
 
-from openclip_align.data import embed_files  # noqa: E402
+from openclip_align.data import csv_embeddings  # noqa: E402
 from openclip_align.integration import batch_extras  # noqa: E402
 from openclip_align.data.errors import MissingExtrasError  # noqa: E402
 
@@ -29,7 +29,7 @@ def _write(folder: Path, rows: int = 600, bad_row=None, record: bool = True) -> 
     np.save(path, emb)
     if record:
         meta = {"model": "all-MiniLM-L6-v2", "dim": 512, "n": rows, "normalized": True,
-                embed_files.FILE_RECORD: embed_files.file_record(path, emb)}
+                csv_embeddings.FILE_RECORD: csv_embeddings.file_record(path, emb)}
         (folder / "train.emb.json").write_text(json.dumps(meta))
     return path
 
@@ -42,32 +42,32 @@ def test_the_record_holds_size_the_hash_of_both_ends_and_finiteness(tmp_path):
     ends = data[:mib] + data[max(mib, len(data) - mib):]                # the last MiB, after the first one
     assert len(data) > mib and record == {"bytes": len(data), "ends_sha256": hashlib.sha256(ends).hexdigest(),
                                           "finite": True}
-    assert embed_files.recorded_finite(path, tmp_path / "train.emb.json") is True
+    assert csv_embeddings.recorded_finite(path, tmp_path / "train.emb.json") is True
 
 
 def test_a_record_of_another_file_is_not_trusted(tmp_path):
     path = _write(tmp_path)
     meta = tmp_path / "train.emb.json"
     np.save(path, np.load(path)[:-1])                                   # one row fewer: another size
-    assert embed_files.recorded_finite(path, meta) is None
+    assert csv_embeddings.recorded_finite(path, meta) is None
     path = _write(tmp_path)
     emb = np.load(path)
     emb[-1, 0] += 1.0                                                    # rewritten last row, same size
     np.save(path, emb)
-    assert embed_files.recorded_finite(path, meta) is None
-    assert embed_files.recorded_finite(path, tmp_path / "missing.json") is None
+    assert csv_embeddings.recorded_finite(path, meta) is None
+    assert csv_embeddings.recorded_finite(path, tmp_path / "missing.json") is None
 
 
 def test_a_file_the_writer_found_non_finite_is_refused_without_reading_it(tmp_path, monkeypatch):
     path = _write(tmp_path, bad_row=5)
-    monkeypatch.setattr(batch_extras, "_non_finite_row", lambda *a: pytest.fail("read every row"))
+    monkeypatch.setattr(csv_embeddings, "non_finite_row", lambda *a: pytest.fail("read every row"))
     with pytest.raises(MissingExtrasError, match=r"train\.emb\.npy: `openclip-align embed` found non-finite"):
         batch_extras.check_embedding_file(str(path), np.load(path, mmap_mode="r"))
 
 
 def test_a_file_matching_its_record_is_trusted_without_reading_it(tmp_path, monkeypatch):
     path = _write(tmp_path)
-    monkeypatch.setattr(batch_extras, "_non_finite_row", lambda *a: pytest.fail("read every row"))
+    monkeypatch.setattr(csv_embeddings, "non_finite_row", lambda *a: pytest.fail("read every row"))
     batch_extras.check_embedding_file(str(path), np.load(path, mmap_mode="r"))
 
 
@@ -81,8 +81,8 @@ def test_a_file_without_a_record_is_read_and_its_non_finite_row_named(tmp_path):
 
 def _two_ranks_worker(rank, world_size, root):
     reads = []
-    scan = batch_extras._non_finite_row
-    batch_extras._non_finite_row = lambda *a: reads.append(rank) or scan(*a)
+    scan = csv_embeddings.non_finite_row
+    csv_embeddings.non_finite_row = lambda *a: reads.append(rank) or scan(*a)
     path = Path(root, "train.emb.npy")
     try:
         batch_extras.check_embedding_file(str(path), np.load(path, mmap_mode="r"))

@@ -13,6 +13,7 @@ import webdataset as wds
 from PIL import Image
 
 import open_clip_train.data as oc_data
+from openclip_align.data import csv_embeddings
 from openclip_align.integration import batch_extras, training_shards
 
 WIDTH = 8
@@ -56,7 +57,7 @@ def _args(pattern, **kw):
 
 def _train_loader(args):
     """Upstream's own training pipeline, built as the trainer builds it with extras requested."""
-    plan = training_shards.plan_training_shards(args, NEEDS, oc_data)
+    plan = training_shards.plan_training_shards(args, NEEDS, oc_data.expand_urls, oc_data.get_dataset_size)
     options = dict(shard_extras=training_shards.ShardSampleExtras(plan, NEEDS, "precomputed"))
     with batch_extras.requesting(NEEDS, **options):
         train = oc_data.get_wds_dataset(args, lambda image: torch.tensor([image.getpixel((0, 0))[0]]), is_train=True,
@@ -122,7 +123,7 @@ def test_a_csv_batch_carries_one_stacked_tensor_per_extra(digits_csv, tmp_path):
     rows = pd.read_csv(digits_csv, sep="\t")
     rows.to_csv(csv, sep="\t", index=False)
     vectors = np.stack([_embedding(i) for i in range(len(rows))])
-    np.save(batch_extras.csv_embedding_path(str(csv)), vectors)
+    np.save(csv_embeddings.embedding_path(str(csv)), vectors)
     with batch_extras.requesting(NEEDS, csv_index_key="index", semantic_precomputed=True):
         dataset = oc_data.CsvDataset(str(csv), lambda image: torch.zeros(1), "filepath", "title",
                                      tokenizer=lambda texts: torch.zeros(len(texts), 1, dtype=torch.long))

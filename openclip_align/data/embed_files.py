@@ -3,83 +3,27 @@
 Losses such as IMSep need a sentence embedding per pair. Computing them once, beside the data,
 keeps training fast and reproducible. Inputs are never modified:
 
-* csv: ``<stem>.emb.npy`` (float32 [N, d], row i = csv row i, L2-normalised) and ``<stem>.emb.json``
-  are written next to the csv (or into ``out``). A csv without an ``index`` column also gets a
-  copy with one (``<stem>.indexed.csv`` beside it, or ``out/<stem>.csv``), written atomically.
-* shards: a column per shard, ``NAME.emb.npy`` + ``NAME.emb.json`` beside it (or in ``out``), never a
-  copy of the shards (:mod:`.embed_column`).
-
-A csv's ``.emb.json`` also records, under ``"file"``, what the writer knew of the ``.emb.npy``: its size,
-a hash of its first and last MiB, and whether every value is finite. A trainer whose file matches the
-record trusts it instead of reading every row of a file that may hold tens of GB (:func:`recorded_finite`).
+* csv: the csv's embedding file and its record (:mod:`.csv_embeddings`), written next to the csv (or
+  into ``out``). A csv without an ``index`` column also gets a copy with one (``<stem>.indexed.csv``
+  beside it, or ``out/<stem>.csv``), written atomically.
+* shards: a column per shard beside it (or in ``out``), never a copy of the shards (:mod:`.embed_column`).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
-import numpy as np
-
+from . import csv_embeddings
 from . import shards as sh
-from .captions import csv_row_label, empty_positions, is_empty, refuse
-from .semantic import canonical_name, embed_captions, embedding_meta, load_sentence_encoder
+from .captions import csv_row_label, empty_positions, refuse
+from .semantic import embed_captions, embedding_meta, load_sentence_encoder
 
 INDEX_COLUMN = "index"
-EMB_SUFFIX = ".emb.npy"
-EMB_META_SUFFIX = ".emb.json"
-SHARD_EMB_META = "embeddings.json"
-FILE_RECORD = "file"
-_END_BYTES = 1 << 20
-
-
-def fingerprint(path) -> Dict[str, object]:
-    """Size and a hash of the first and last MiB of a file: cheap at any size, changed by any rewrite of
-    the embeddings (a copy with new file times keeps it)."""
-    path = Path(path)
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        digest.update(fh.read(_END_BYTES))
-        if size > _END_BYTES:
-            fh.seek(max(_END_BYTES, size - _END_BYTES))
-            digest.update(fh.read(_END_BYTES))
-    return {"bytes": size, "ends_sha256": digest.hexdigest()}
-
-
-def file_record(npy_path, emb: np.ndarray) -> Dict[str, object]:
-    """The ``"file"`` entry of the ``.emb.json`` for ``emb`` just written to ``npy_path``."""
-    return {**fingerprint(npy_path), "finite": bool(np.isfinite(emb).all())}
-
-
-def recorded_finite(npy_path, meta_path) -> Optional[bool]:
-    """What the writer recorded about the finiteness of ``npy_path``, if the record matches the file as it is
-    (same size, same first and last MiB); None when there is no record or it is of another file."""
-    try:
-        record = json.loads(Path(meta_path).read_text()).get(FILE_RECORD)
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not isinstance(record, dict) or "finite" not in record:
-        return None
-    if {k: record.get(k) for k in ("bytes", "ends_sha256")} != fingerprint(npy_path):
-        return None
-    return bool(record["finite"])
 
 
 def _stem(path: Path) -> str:
     return path.name[:-4] if path.name.endswith(".csv") else path.stem
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    tmp = sh.temp_name(dst)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def embed_csv(csv_path, model: str = "all-MiniLM-L6-v2", out=None, sep: str = "\t", caption_key: str = "title",
@@ -122,21 +66,15 @@ def embed_csv(csv_path, model: str = "all-MiniLM-L6-v2", out=None, sep: str = "\
         new_csv = out_dir / f"{new_stem}.csv"
         sh.atomic_write_text(new_csv, indexed.to_csv(sep=sep, index=False))
         written["csv"] = str(new_csv)
-        sh.atomic_write_npy(out_dir / f"{new_stem}{EMB_SUFFIX}", emb)
-        sh.atomic_write_json(out_dir / f"{new_stem}{EMB_META_SUFFIX}",
-                             {**meta, FILE_RECORD: file_record(out_dir / f"{new_stem}{EMB_SUFFIX}", emb)})
-        written["embeddings"] = str(out_dir / f"{new_stem}{EMB_SUFFIX}")
+        csv_embeddings.write(out_dir / f"{new_stem}{csv_embeddings.EMB_SUFFIX}", emb, meta)
+        written["embeddings"] = str(out_dir / f"{new_stem}{csv_embeddings.EMB_SUFFIX}")
     if bad:
         written["dropped_empty_captions"] = f"{len(bad)} rows ({', '.join(csv_row_label(i) for i in bad[:5])}" + \
             (" ...)" if len(bad) > 5 else ")")
     elif beside:
         # row-aligned with the original csv too (row number = index when it has no index column)
-        target = csv_path.parent / f"{stem}{EMB_SUFFIX}"
-        if "embeddings" in written:
-            _link_or_copy(Path(written["embeddings"]), target)
-        else:
-            sh.atomic_write_npy(target, emb)
-        sh.atomic_write_json(csv_path.parent / f"{stem}{EMB_META_SUFFIX}", {**meta, FILE_RECORD: file_record(target, emb)})
+        target = csv_path.parent / f"{stem}{csv_embeddings.EMB_SUFFIX}"
+        csv_embeddings.write(target, emb, meta, copy_of=written.get("embeddings"))
         written["embeddings_original"] = str(target)
         written.setdefault("embeddings", str(target))
     return written

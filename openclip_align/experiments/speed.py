@@ -155,7 +155,7 @@ def window_csv(train_csv: Path, rows: int, out_dir: Path) -> Path:
     An ``index`` column is renumbered 0..rows-1 (it addresses per-pair state of that many pairs)."""
     import pandas as pd
 
-    from openclip_align.integration.batch_extras import csv_embedding_path
+    from openclip_align.data.csv_embeddings import embedding_path
 
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"window-{rows}.csv"
@@ -165,9 +165,9 @@ def window_csv(train_csv: Path, rows: int, out_dir: Path) -> Path:
     if "index" in table.columns:
         table["index"] = range(rows)
     table.to_csv(target, sep="\t", index=False)
-    embeddings = Path(csv_embedding_path(str(train_csv)))
+    embeddings = Path(embedding_path(str(train_csv)))
     if embeddings.exists():
-        np.save(csv_embedding_path(str(target)), np.load(embeddings, mmap_mode="r")[:rows])
+        np.save(embedding_path(str(target)), np.load(embeddings, mmap_mode="r")[:rows])
     return target
 
 

@@ -18,13 +18,13 @@ the model outputs only. So the extras take a side road:
 4. the loss adapter takes from :data:`STASH` the extras of exactly the batches whose features it
    receives (the last ``accum_freq`` batches when gradient accumulation is on).
 
-Extras formats: csv: an ``index`` column (else the row number) and a row-aligned
-``<csv stem>.emb.npy`` file; webdataset: ``KEY.json`` with ``"index"``, and the caption embedding in
+Extras formats: csv: an ``index`` column (else the row number) and a row-aligned embedding
+file (:mod:`openclip_align.data.csv_embeddings`); webdataset: ``KEY.json`` with ``"index"``, and the caption embedding in
 the shard's embedding column (joined by shard url and key) or a ``KEY.emb.npy`` member
 (:class:`training_shards.ShardSampleExtras`).
 
-Values are validated on the host, never per step on the training device: the whole csv ``.emb.npy``
-(shape, finite) when the dataset is built, the csv index range against the dataset size before step 1
+Values are validated on the host, never per step on the training device: the csv's whole embedding
+file (shape, finite) when the dataset is built, the csv index range against the dataset size before step 1
 (``trainer_run``), and each shard sample's embedding and index as the sample is decoded.
 """
 from __future__ import annotations
@@ -37,13 +37,12 @@ from typing import Dict, FrozenSet, List, Optional
 import numpy as np
 import torch
 
+from openclip_align.data import csv_embeddings
 from openclip_align.data.errors import MissingExtrasError
 
-from .data_checks import check_csv_captions, check_embedding_width, csv_meta_path
+from .data_checks import check_csv_captions, check_embedding_width
 from .loader_health import FullPassGuard
 from .run_state import CAPTION, INDEX, SEMANTIC
-
-EMB_SUFFIX = ".emb.npy"         # csv side file: <csv without .csv> + EMB_SUFFIX
 
 
 # --- what the current dataset construction asks for (set only inside `requesting`) ------------
@@ -61,11 +60,6 @@ def requesting(extras, **options):
         yield
     finally:
         _requested, _options = previous
-
-
-def csv_embedding_path(csv_path: str) -> str:
-    base = csv_path[:-4] if csv_path.endswith(".csv") else csv_path
-    return base + EMB_SUFFIX
 
 
 # --- csv ------------------------------------------------------------------------------------
@@ -104,16 +98,12 @@ def make_csv_dataset_class(upstream_cls):
                 else:                          # the pair's position (after any dropped rows)
                     self.indices = np.arange(len(self.captions), dtype=np.int64)
             if SEMANTIC in self.extras and _options.get("semantic_precomputed", True):
-                path = _options.get("csv_embeddings") or csv_embedding_path(input_filename)
+                path = _options.get("csv_embeddings") or csv_embeddings.embedding_path(input_filename)
                 if os.path.exists(path):
-                    self.embeddings = np.load(path, mmap_mode="r")
+                    self.embeddings = csv_embeddings.open_rows(path, n_rows)
                     self.embeddings_path = path
-                    if self.embeddings.ndim != 2 or len(self.embeddings) != n_rows:
-                        raise MissingExtrasError(
-                            f"{path}: expected one embedding row per csv row ({n_rows}), "
-                            f"got shape {self.embeddings.shape}; recompute it with `openclip-align embed`")
                     check_embedding_file(path, self.embeddings)
-                    check_embedding_width(path, int(self.embeddings.shape[1]), csv_meta_path(path),
+                    check_embedding_width(path, int(self.embeddings.shape[1]), csv_embeddings.meta_path(path),
                                           f"Recompute it with `openclip-align embed --data {input_filename}`")
                 elif not _options.get("semantic_on_the_fly", False):
                     raise MissingExtrasError(
@@ -138,47 +128,23 @@ def make_csv_dataset_class(upstream_cls):
 
 
 def check_embedding_file(path: str, embeddings: np.ndarray, chunk_values: int = 1 << 24) -> None:
-    """Floating point and finite everywhere, without every rank reading every row.
+    """Finite everywhere, without every rank reading every row.
 
-    ``openclip-align embed`` records in the ``.emb.json`` whether the values it wrote are finite, with the
+    ``openclip-align embed`` records beside the file whether the values it wrote are finite, with the
     file's size and a hash of its ends: a file that matches its record is trusted. Any other (written by an
     older version or by hand, or changed since) is read once per run, in chunks, by rank 0 (by another rank
     too only when its copy differs from rank 0's), and every rank stops if a value is not finite."""
-    from openclip_align.data.embed_files import fingerprint, recorded_finite
-
     from . import rank_agreement
 
-    if not np.issubdtype(embeddings.dtype, np.floating):
-        raise MissingExtrasError(f"{path}: embeddings must be floating point, got dtype {embeddings.dtype}; "
-                                 "recompute it with `openclip-align embed`")
-    recorded = recorded_finite(path, csv_meta_path(path))
-    views = rank_agreement.gather((recorded, fingerprint(path)))
+    recorded = csv_embeddings.recorded_finite(path, csv_embeddings.meta_path(path))
+    views = rank_agreement.gather((recorded, csv_embeddings.fingerprint(path)))
     if all(status is True for status, _ in views):
         return
     me = rank_agreement.rank()
     (status, ours), (_, rank0s) = views[me], views[0]
-    problem = None
-    if status is False:
-        problem = (f"{path}: `openclip-align embed` found non-finite values (NaN or inf) when it wrote it; "
-                   "recompute it with `openclip-align embed`")
-    elif status is None and (me == 0 or ours != rank0s):      # rank 0 reads for every rank with the same file
-        problem = _non_finite_row(path, embeddings, chunk_values)
-    rank_agreement.agree(problem, MissingExtrasError)
-
-
-def _non_finite_row(path: str, embeddings: np.ndarray, chunk_values: int) -> Optional[str]:
-    """Read ``embeddings`` once in chunks (it may be memory-mapped and large): the first non-finite row."""
-    import logging
-
-    logging.info("openclip-align: %s has no finiteness record of `openclip-align embed` (or the file changed "
-                 "since): reading it once to check for NaN/inf", path)
-    rows = max(1, chunk_values // max(1, embeddings.shape[1]))
-    for start in range(0, len(embeddings), rows):
-        finite = np.isfinite(np.asarray(embeddings[start:start + rows])).all(axis=1)
-        if not finite.all():
-            return (f"{path}: row {start + int(np.argmin(finite))} holds non-finite values (NaN or inf); "
-                    "recompute it with `openclip-align embed`")
-    return None
+    read = status is None and (me == 0 or ours != rank0s)      # rank 0 reads for every rank with the same file
+    rank_agreement.agree(csv_embeddings.finiteness_problem(path, embeddings, status, read, chunk_values),
+                         MissingExtrasError)
 
 
 def check_index_range(where: str, indices, num_samples: int) -> None:
@@ -196,7 +162,7 @@ def check_index_range(where: str, indices, num_samples: int) -> None:
 
 
 # --- webdataset -----------------------------------------------------------------------------
-_RAW_CAPTION_FIELD = "__openclip_align_caption__"
+RAW_CAPTION_FIELD = "__openclip_align_caption__"   # a webdataset sample's caption before tokenizing
 
 
 class WebdatasetWithExtras:
@@ -234,7 +200,7 @@ class WebdatasetWithExtras:
 
 
 def _remember_caption(sample):
-    sample[_RAW_CAPTION_FIELD] = sample.get("text")
+    sample[RAW_CAPTION_FIELD] = sample.get("text")
     return sample
 
 
@@ -261,7 +227,7 @@ class _SampleToTupleWithExtras:
 
     def __call__(self, sample):
         extras = {}
-        caption = sample.get(_RAW_CAPTION_FIELD)
+        caption = sample.get(RAW_CAPTION_FIELD)
         if caption is not None and CAPTION in self.requested:
             extras[CAPTION] = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
         if self.shard_extras is not None:

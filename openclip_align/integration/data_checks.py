@@ -29,11 +29,6 @@ def check_embedding_width(source: str, width: int, meta_path: str, fix: str) -> 
         raise MissingExtrasError(str(err)) from None
 
 
-def csv_meta_path(embeddings_path: str) -> str:
-    base = embeddings_path[:-len(".npy")] if embeddings_path.endswith(".npy") else embeddings_path
-    return base + ".json"
-
-
 def drop_empty_captions_requested() -> bool:
     args = run_state.current_args()
     return bool(args is not None and getattr(args, "drop_empty_captions", False))

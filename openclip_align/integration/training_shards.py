@@ -36,7 +36,7 @@ from openclip_align.data import corpus
 from openclip_align.data.captions import DROP_FLAG, is_empty
 from openclip_align.data.errors import TrainingDataError
 
-from .batch_extras import _RAW_CAPTION_FIELD
+from .batch_extras import RAW_CAPTION_FIELD
 from .run_state import INDEX, SEMANTIC
 from .trainer_errors import REMOTE_URL
 
@@ -383,5 +383,5 @@ class ShardSampleExtras:
 
 def _caption(sample):
     """The sample's caption as the trainer sees it (before tokenizing), for the column's fingerprint check."""
-    caption = sample.get(_RAW_CAPTION_FIELD)
+    caption = sample.get(RAW_CAPTION_FIELD)
     return caption if caption is not None else sample.get("txt")
