@@ -20,3 +20,8 @@ class MissingExtrasError(TrainingDataError):
 
 class EmptyCaptionError(TrainingDataError):
     """Some pairs have no caption text."""
+
+
+class CorpusError(TrainingDataError):
+    """Shards, their record or their embedding columns cannot be trained on as they are; the message names
+    the shard, the sample and the fix."""
