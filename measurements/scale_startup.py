@@ -82,7 +82,7 @@ def write_shards(folder: Path, n: int, shard_size: int) -> list:
 def write_columns(paths: list, shard_size: int, dim: int = 384, skip: int = 1) -> None:
     """The column `embed` would write, with random unit vectors (the first ``skip`` shards are left to
     the real `openclip-align embed`)."""
-    from openclip_align.data import corpus
+    from openclip_align.data.column import CORPUS_META, write_column
 
     rng = np.random.default_rng(0)
     for shard, path in enumerate(paths[skip:], start=skip):
@@ -90,8 +90,8 @@ def write_columns(paths: list, shard_size: int, dim: int = 384, skip: int = 1) -
         keys = [f"{shard * shard_size + r:09d}" for r in range(count)]
         vectors = rng.normal(size=(count, dim)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        corpus.write_column(str(path), None, keys, vectors, model="all-MiniLM-L6-v2", index_start=shard * shard_size)
-    (paths[0].parent / corpus.CORPUS_META).write_text(json.dumps({"model": "all-MiniLM-L6-v2", "dim": dim}))
+        write_column(str(path), None, keys, vectors, model="all-MiniLM-L6-v2", index_start=shard * shard_size)
+    (paths[0].parent / CORPUS_META).write_text(json.dumps({"model": "all-MiniLM-L6-v2", "dim": dim}))
 
 
 def sizes_of(path: Path) -> int:

@@ -21,13 +21,13 @@ import webdataset as wds
 
 import open_clip_train.data as oc_data
 from openclip_align.cli import main
-from openclip_align.data import corpus
+from openclip_align.data.column import has_fingerprints, write_column
+from openclip_align.data.record import RECORD_FORMAT, RECORD_NAME, recorded_entries, scan_shard, write_record
 from openclip_align.data import shards as sh
 from openclip_align.data.check import check_shards
-from openclip_align.data.corpus import CorpusError
 from openclip_align.data.embed_column import add_fingerprints, embed_shards
 from openclip_align.integration import training_shards
-from openclip_align.data.errors import TrainingDataError
+from openclip_align.data.errors import CorpusError, TrainingDataError
 
 N, WIDTH = 16, 384
 KEYS = [f"{i:09d}" for i in range(N)]
@@ -59,8 +59,8 @@ def _export(root: Path, source: str) -> str:
 
 def _embed_by_hand(shard: str, source: str, out, fingerprints: bool = True) -> None:
     """What `embed` writes, with the known vectors (and, unless a legacy column, the captions' fingerprints)."""
-    corpus.write_column(shard, out, KEYS, np.stack([_vector(source, i) for i in range(N)]), model="all-MiniLM-L6-v2",
-                        index_start=0, captions=[_caption(source, i) for i in range(N)] if fingerprints else None)
+    write_column(shard, out, KEYS, np.stack([_vector(source, i) for i in range(N)]), model="all-MiniLM-L6-v2",
+                 index_start=0, captions=[_caption(source, i) for i in range(N)] if fingerprints else None)
 
 
 @pytest.fixture
@@ -131,9 +131,9 @@ def test_a_record_in_the_column_folder_is_not_taken_for_another_sources_shard(ex
     root, a, b = exports
     columns = root / "columns"
     _embed_by_hand(a, "A", str(columns))
-    corpus.write_record(str(columns), {a: corpus.scan_shard(a, column_dir=str(columns))})
-    assert corpus.recorded_entries([a], str(columns))[a]["path"] == "../A/00000.tar"
-    assert corpus.recorded_entries([b], str(columns)) == {}
+    write_record(str(columns), {a: scan_shard(a, column_dir=str(columns))})
+    assert recorded_entries([a], str(columns))[a]["path"] == "../A/00000.tar"
+    assert recorded_entries([b], str(columns)) == {}
     seen, err = _decoded([b], _args(b, semantic_embeddings=str(columns)))
     assert seen == [] and "shard " + b + " sample 000000000: its caption 'B caption 00'" in str(err)
 
@@ -151,12 +151,12 @@ def test_an_old_by_name_record_entry_is_not_called_a_changed_shard(exports):
     sh.write_tar(other, [(k, [("png", png), ("txt", _caption("C", i).encode())]) for i, k in enumerate(keys)])
     columns = root / "columns"
     _embed_by_hand(a, "A", str(columns))
-    record = {"format": corpus.RECORD_FORMAT, "shards": {"00000.tar": corpus.scan_shard(a, column_dir=str(columns))}}
-    (columns / corpus.RECORD_NAME).write_text(json.dumps(record))                  # no "path": found by name
+    record = {"format": RECORD_FORMAT, "shards": {"00000.tar": scan_shard(a, column_dir=str(columns))}}
+    (columns / RECORD_NAME).write_text(json.dumps(record))                  # no "path": found by name
     with pytest.raises(CorpusError) as info:
         training_shards.plan_training_shards(_args(str(other), semantic_embeddings=str(columns)), {"semantic"}, oc_data)
     message = str(info.value)
-    assert f"shard {other} has {os.path.getsize(other)} bytes, but {columns}/{corpus.RECORD_NAME} holds an entry of " \
+    assert f"shard {other} has {os.path.getsize(other)} bytes, but {columns}/{RECORD_NAME} holds an entry of " \
            f"{os.path.getsize(a)} bytes for a shard of that name, found by name only" in message
     assert "changed since it was checked" not in message
 
@@ -264,7 +264,7 @@ def test_an_embed_rerun_fingerprints_a_legacy_column_without_embedding_again(exp
                         lambda *x, **k: pytest.fail("a current column was embedded again"))
     embed_shards(str(root / "A"), str(columns), model="all-MiniLM-L6-v2", progress=False)
     assert (columns / "00000.emb.npy").read_bytes() == npy
-    assert corpus.has_fingerprints(json.loads((columns / "00000.emb.json").read_text()))
+    assert has_fingerprints(json.loads((columns / "00000.emb.json").read_text()))
     seen, err = _decoded([b], _args(b, semantic_embeddings=str(columns)))
     assert seen == [] and "'B caption 00' is not the caption row 0" in str(err)
 
@@ -291,8 +291,8 @@ def _built(root: Path) -> Path:
         keys = [f"{s}{i:08d}" for i in range(8)]
         path = corpus_dir / f"shard-{s:06d}.tar"
         sh.write_tar(path, [(k, [("png", png), ("txt", f"pair {s} {i}".encode())]) for i, k in enumerate(keys)])
-        corpus.write_column(str(path), None, keys, np.stack([_vector("A", 8 * s + i) for i in range(8)]),
-                            model="all-MiniLM-L6-v2", index_start=8 * s, captions=[f"pair {s} {i}" for i in range(8)])
+        write_column(str(path), None, keys, np.stack([_vector("A", 8 * s + i) for i in range(8)]),
+                     model="all-MiniLM-L6-v2", index_start=8 * s, captions=[f"pair {s} {i}" for i in range(8)])
     (corpus_dir / "sizes.json").write_text(json.dumps({"shard-000000.tar": 8, "shard-000001.tar": 8}))
     check_shards(str(corpus_dir), progress=False)
     return corpus_dir
@@ -301,7 +301,7 @@ def _built(root: Path) -> Path:
 @pytest.mark.parametrize("cp_flag", ["-a", "-r"])
 def test_a_copied_corpus_is_checked_against_its_own_columns(tmp_path, cp_flag, monkeypatch):
     original = _built(tmp_path)
-    record = json.loads((original / corpus.RECORD_NAME).read_text())
+    record = json.loads((original / RECORD_NAME).read_text())
     assert {e["column"]["dir"] for e in record["shards"].values()} == {"."}          # relative to the record
     copy = tmp_path / "copy"
     subprocess.run(["cp", cp_flag, str(original), str(copy)], check=True)
@@ -316,7 +316,7 @@ def test_a_copied_corpus_is_checked_against_its_own_columns(tmp_path, cp_flag, m
     os.unlink(copy / "shard-000001.emb.npy")
     os.unlink(copy / "shard-000001.emb.json")
     with pytest.raises(CorpusError, match=rf"shard {copy}/shard-000001.tar: its column {copy}/shard-000001.emb.json, "
-                                          rf"listed in {copy}/{corpus.RECORD_NAME}, is missing"):
+                                          rf"listed in {copy}/{RECORD_NAME}, is missing"):
         training_shards.plan_training_shards(_args(pattern), {"semantic"}, oc_data)
     # the original is untouched and still checks
     original_pattern = str(original / "shard-{000000..000001}.tar")
@@ -325,7 +325,7 @@ def test_a_copied_corpus_is_checked_against_its_own_columns(tmp_path, cp_flag, m
 
 def test_an_old_record_with_absolute_column_dirs_still_works(tmp_path):
     original = _built(tmp_path)
-    path = original / corpus.RECORD_NAME
+    path = original / RECORD_NAME
     record = json.loads(path.read_text())
     for entry in record["shards"].values():
         entry["column"]["dir"] = str(original)

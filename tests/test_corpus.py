@@ -12,7 +12,11 @@ import tarfile
 import numpy as np
 import pytest
 
-from openclip_align.data import corpus as C
+from openclip_align.data.column import ColumnReader, check_vector, column_paths, write_column
+from openclip_align.data.errors import CorpusError
+from openclip_align.data.preflight import verify_record
+from openclip_align.data.record import RECORD_FORMAT, read_record, scan_shard, write_record
+from openclip_align.data.shard_files import shard_name
 
 
 def _npy(array) -> bytes:
@@ -50,9 +54,9 @@ def unit_rows(n, d, seed=0):
 
 
 def test_column_paths_beside_the_shard_and_in_a_directory():
-    assert C.column_paths("/d/s/train-000003.tar", None) == ("/d/s/train-000003.emb.npy", "/d/s/train-000003.emb.json")
-    assert C.column_paths("/d/s/x.tar", "/cols") == ("/cols/x.emb.npy", "/cols/x.emb.json")
-    assert C.shard_name("pipe:aws s3 cp s3://b/cc12m/00012.tar -") == "00012.tar"
+    assert column_paths("/d/s/train-000003.tar", None) == ("/d/s/train-000003.emb.npy", "/d/s/train-000003.emb.json")
+    assert column_paths("/d/s/x.tar", "/cols") == ("/cols/x.emb.npy", "/cols/x.emb.json")
+    assert shard_name("pipe:aws s3 cp s3://b/cc12m/00012.tar -") == "00012.tar"
 
 
 def test_scan_shard_counts_hashes_and_index_range(tmp_path):
@@ -60,7 +64,7 @@ def test_scan_shard_counts_hashes_and_index_range(tmp_path):
     samples = plain_samples(keys, first_index=10, captions=["a", "  ", "c", "d"])
     del samples[3][1]["txt"]                                  # no caption member at all
     path = make_shard(tmp_path / "s.tar", samples)
-    entry = C.scan_shard(path, want_index=True)
+    entry = scan_shard(path, want_index=True)
     assert entry["count"] == 4
     assert entry["keys_sha256"] == hashlib.sha256("000000\n000001\n000002\n000003".encode()).hexdigest()
     assert (entry["index_min"], entry["index_max"], entry["index_count"]) == (10, 13, 4)
@@ -81,7 +85,7 @@ def test_scan_shard_never_reads_image_members(tmp_path, monkeypatch):
         return real(self, member)
 
     monkeypatch.setattr(tarfile.TarFile, "extractfile", spy)
-    C.scan_shard(path)
+    scan_shard(path)
     assert sorted(read) == ["a0.txt", "a1.txt"]
 
 
@@ -90,7 +94,7 @@ def test_scan_shard_finds_duplicate_indices_and_bad_members(tmp_path):
     emb[2, 1] = np.nan
     samples = plain_samples(["k0", "k1", "k2"], first_index=0, emb=emb)
     samples[1][1]["json"] = b'{"index": 0}'
-    entry = C.scan_shard(make_shard(tmp_path / "s.tar", samples))
+    entry = scan_shard(make_shard(tmp_path / "s.tar", samples))
     assert entry["indices_unique"] is False
     assert entry["emb_member_count"] == 3 and entry["emb_member_width"] == 4
     assert entry["emb_member_finite"] is False
@@ -101,12 +105,12 @@ def test_truncated_shard_is_named(tmp_path):
     path = make_shard(tmp_path / "s.tar", plain_samples([f"k{i}" for i in range(5)]))
     data = open(path, "rb").read()
     open(path, "wb").write(data[:1700])
-    with pytest.raises(C.CorpusError, match=r"s\.tar cannot be read to its end"):
-        C.scan_shard(path)
+    with pytest.raises(CorpusError, match=r"s\.tar cannot be read to its end"):
+        scan_shard(path)
 
 
 def _column_for(shard, coldir, rows, keys, **kw):
-    return C.write_column(shard, coldir, keys, rows, model="all-MiniLM-L6-v2", **kw)
+    return write_column(shard, coldir, keys, rows, model="all-MiniLM-L6-v2", **kw)
 
 
 def test_column_round_trip_in_float16_and_pickled_reader(tmp_path):
@@ -114,12 +118,12 @@ def test_column_round_trip_in_float16_and_pickled_reader(tmp_path):
     shard = make_shard(tmp_path / "s.tar", plain_samples(keys))
     rows = unit_rows(3, 384)
     meta = _column_for(shard, None, rows, keys, index_start=100)
-    npy, js = C.column_paths(shard, None)
+    npy, js = column_paths(shard, None)
     assert np.load(npy).dtype == np.float16
     assert json.load(open(js))["keys"] == keys and meta["count"] == 3
     # 2 bytes per value plus the npy header: within the 2*d + 64 budget per sample
     assert os.path.getsize(npy) <= 3 * 2 * 384 + 128
-    reader = pickle.loads(pickle.dumps(C.ColumnReader(expected_width=384)))
+    reader = pickle.loads(pickle.dumps(ColumnReader(expected_width=384)))
     got = reader.lookup(shard, "k1")
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, rows[1], atol=1e-3)
@@ -128,7 +132,7 @@ def test_column_round_trip_in_float16_and_pickled_reader(tmp_path):
 
 
 def test_reader_keeps_a_few_shards_open(tmp_path):
-    reader = C.ColumnReader(cache_size=2)
+    reader = ColumnReader(cache_size=2)
     shards = []
     for i in range(3):
         shard = make_shard(tmp_path / f"s{i}.tar", plain_samples([f"k{i}"]))
@@ -141,80 +145,80 @@ def test_reader_keeps_a_few_shards_open(tmp_path):
 def test_reader_refuses_missing_foreign_short_wide_and_nan_columns(tmp_path):
     a = make_shard(tmp_path / "a.tar", plain_samples(["a0", "a1"]))
     b = make_shard(tmp_path / "b.tar", plain_samples(["b0", "b1"]))
-    with pytest.raises(C.CorpusError, match=r"a\.tar: no embedding column .*openclip-align embed"):
-        C.ColumnReader().lookup(a, "a0")
+    with pytest.raises(CorpusError, match=r"a\.tar: no embedding column .*openclip-align embed"):
+        ColumnReader().lookup(a, "a0")
     # b's column copied under a's name: another shard's keys
     _column_for(b, None, unit_rows(2, 8), ["b0", "b1"])
     for suffix in (".emb.npy", ".emb.json"):
         os.replace(str(tmp_path / "b") + suffix, str(tmp_path / "a") + suffix)
-    with pytest.raises(C.CorpusError, match=r"is the column of shard b\.tar, not of a\.tar"):
-        C.ColumnReader().lookup(a, "a0")
+    with pytest.raises(CorpusError, match=r"is the column of shard b\.tar, not of a\.tar"):
+        ColumnReader().lookup(a, "a0")
     # a missing row
     _column_for(a, None, unit_rows(1, 8), ["a0"], shard_keys=["a0", "a1"])
-    with pytest.raises(C.CorpusError, match=r"a\.tar sample a1 has no row"):
-        C.ColumnReader().lookup(a, "a1")
+    with pytest.raises(CorpusError, match=r"a\.tar sample a1 has no row"):
+        ColumnReader().lookup(a, "a1")
     # the wrong width
     _column_for(a, None, unit_rows(2, 8), ["a0", "a1"])
-    with pytest.raises(C.CorpusError, match=r"a\.tar.*width 8, expected 384"):
-        C.ColumnReader(expected_width=384).lookup(a, "a0")
+    with pytest.raises(CorpusError, match=r"a\.tar.*width 8, expected 384"):
+        ColumnReader(expected_width=384).lookup(a, "a0")
     # a NaN row
     rows = unit_rows(2, 8)
     rows[1, 3] = np.nan
     _column_for(a, None, rows, ["a0", "a1"], dtype="float32")
-    reader = C.ColumnReader()
+    reader = ColumnReader()
     np.testing.assert_allclose(reader.lookup(a, "a0"), rows[0])
-    with pytest.raises(C.CorpusError, match=r"a\.tar sample a1: row 1 .*non-finite"):
+    with pytest.raises(CorpusError, match=r"a\.tar sample a1: row 1 .*non-finite"):
         reader.lookup(a, "a1")
 
 
 def test_a_column_without_its_json_is_incomplete(tmp_path):
     shard = make_shard(tmp_path / "s.tar", plain_samples(["k0"]))
     _column_for(shard, None, unit_rows(1, 8), ["k0"])
-    os.unlink(C.column_paths(shard, None)[1])
-    with pytest.raises(C.CorpusError, match="incomplete"):
-        C.ColumnReader().lookup(shard, "k0")
+    os.unlink(column_paths(shard, None)[1])
+    with pytest.raises(CorpusError, match="incomplete"):
+        ColumnReader().lookup(shard, "k0")
 
 
 def test_a_shard_changed_after_embedding_is_noticed_by_the_reader(tmp_path):
     shard = make_shard(tmp_path / "s.tar", plain_samples(["k0", "k1"]))
     _column_for(shard, None, unit_rows(2, 8), ["k0", "k1"])
     make_shard(tmp_path / "s.tar", plain_samples([f"k{i}" for i in range(40)]))     # past tar's 10 KiB padding
-    with pytest.raises(C.CorpusError, match="the shard changed since"):
-        C.ColumnReader().lookup(shard, "k0")
+    with pytest.raises(CorpusError, match="the shard changed since"):
+        ColumnReader().lookup(shard, "k0")
 
 
 def _recorded(tmp_path, shards):
-    C.write_record(str(tmp_path), {os.path.basename(s): C.scan_shard(s) for s in shards})
-    return C.read_record(str(tmp_path))
+    write_record(str(tmp_path), {os.path.basename(s): scan_shard(s) for s in shards})
+    return read_record(str(tmp_path))
 
 
 def test_record_round_trip_merges_entries(tmp_path):
     a = make_shard(tmp_path / "a.tar", plain_samples(["a0"]))
     b = make_shard(tmp_path / "b.tar", plain_samples(["b0", "b1"]))
-    C.write_record(str(tmp_path), {"a.tar": C.scan_shard(a)})
-    C.write_record(str(tmp_path), {"b.tar": C.scan_shard(b)})
-    record = C.read_record(str(tmp_path))
-    assert record["format"] == C.RECORD_FORMAT
+    write_record(str(tmp_path), {"a.tar": scan_shard(a)})
+    write_record(str(tmp_path), {"b.tar": scan_shard(b)})
+    record = read_record(str(tmp_path))
+    assert record["format"] == RECORD_FORMAT
     assert {k: v["count"] for k, v in record["shards"].items()} == {"a.tar": 1, "b.tar": 2}
-    assert C.read_record(str(tmp_path / "nowhere")) is None
+    assert read_record(str(tmp_path / "nowhere")) is None
 
 
 def test_verify_record_detects_a_changed_shard_by_size_and_keys_not_by_mtime(tmp_path):
     a = make_shard(tmp_path / "a.tar", plain_samples(["a0", "a1"]))
     _recorded(tmp_path, [a])
-    assert C.verify_record([a]).counts == {a: 2}
+    assert verify_record([a]).counts == {a: 2}
     os.utime(a, ns=(os.stat(a).st_atime_ns, os.stat(a).st_mtime_ns + 10**9))    # same bytes, new time (cp -r)
-    check = C.verify_record([a])
+    check = verify_record([a])
     assert check.counts == {a: 2} and check.rehashed == [a]
     size = os.path.getsize(a)
     make_shard(a, plain_samples(["a0", "b1"]))                 # same size, other keys: rewritten
     assert os.path.getsize(a) == size
-    with pytest.raises(C.CorpusError, match=r"a\.tar has the size .* records but other keys .*data check"):
-        C.verify_record([a])
+    with pytest.raises(CorpusError, match=r"a\.tar has the size .* records but other keys .*data check"):
+        verify_record([a])
     make_shard(a, plain_samples(["a0", "a1", "a2"] + [f"x{i}" for i in range(30)]))     # another size
-    with pytest.raises(C.CorpusError, match=r"a\.tar changed since it was checked: it has \d+ bytes, .*record.* "
+    with pytest.raises(CorpusError, match=r"a\.tar changed since it was checked: it has \d+ bytes, .*record.* "
                                             r"recorded \d+; .*data check"):
-        C.verify_record([a])
+        verify_record([a])
 
 
 def test_verify_record_reads_no_shard(tmp_path, monkeypatch):
@@ -222,16 +226,16 @@ def test_verify_record_reads_no_shard(tmp_path, monkeypatch):
               for i in range(3)]
     _recorded(tmp_path, shards)
     monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("verify_record opened a shard"))
-    check = C.verify_record(shards, needs_index=True, batch_size=3, workers=1)
+    check = verify_record(shards, needs_index=True, batch_size=3, workers=1)
     assert check.samples == 9 and not check.unrecorded and set(check.index_from.values()) == {"json"}
 
 
 def test_verify_record_empty_captions_refused_or_dropped(tmp_path):
     a = make_shard(tmp_path / "a.tar", plain_samples(["a0", "a1", "a2"], captions=["x", "", "y"]))
     _recorded(tmp_path, [a])
-    with pytest.raises(C.CorpusError, match=r"1 of 3 .*a\.tar sample a1.*--drop-empty-captions"):
-        C.verify_record([a])
-    check = C.verify_record([a], drop_empty_captions=True)
+    with pytest.raises(CorpusError, match=r"1 of 3 .*a\.tar sample a1.*--drop-empty-captions"):
+        verify_record([a])
+    check = verify_record([a], drop_empty_captions=True)
     assert check.dropped == {(a, "a1")} and check.kept(a) == 2
 
 
@@ -239,16 +243,16 @@ def test_verify_record_index_ranges_must_be_disjoint_and_in_range(tmp_path):
     a = make_shard(tmp_path / "a.tar", plain_samples(["a0", "a1"], first_index=0))
     b = make_shard(tmp_path / "b.tar", plain_samples(["b0", "b1"], first_index=1))      # 1..2 overlaps 0..1
     _recorded(tmp_path, [a, b])
-    with pytest.raises(C.CorpusError, match=r"a\.tar \(0\.\.1\) and .*b\.tar \(1\.\.2\) overlap"):
-        C.verify_record([a, b], needs_index=True)
+    with pytest.raises(CorpusError, match=r"a\.tar \(0\.\.1\) and .*b\.tar \(1\.\.2\) overlap"):
+        verify_record([a, b], needs_index=True)
     c = make_shard(tmp_path / "c.tar", plain_samples(["c0", "c1"], first_index=5))      # 4 samples: 5 is outside
     _recorded(tmp_path, [c])
-    with pytest.raises(C.CorpusError, match=r"c\.tar has index 6, outside \[0, 4\)"):
-        C.verify_record([a, c], needs_index=True)
+    with pytest.raises(CorpusError, match=r"c\.tar has index 6, outside \[0, 4\)"):
+        verify_record([a, c], needs_index=True)
     d = make_shard(tmp_path / "d.tar", plain_samples(["d0"]))
     _recorded(tmp_path, [d])
-    with pytest.raises(C.CorpusError, match=r"d\.tar has no KEY\.json \"index\""):
-        C.verify_record([a, d], needs_index=True)
+    with pytest.raises(CorpusError, match=r"d\.tar has no KEY\.json \"index\""):
+        verify_record([a, d], needs_index=True)
 
 
 def test_verify_record_index_from_the_column(tmp_path):
@@ -257,7 +261,7 @@ def test_verify_record_index_from_the_column(tmp_path):
     _column_for(a, None, unit_rows(2, 384), ["a0", "a1"], index_start=0)
     _column_for(b, None, unit_rows(3, 384), ["b0", "b1", "b2"], index_start=2)
     _recorded(tmp_path, [a, b])
-    check = C.verify_record([a, b], needs_index=True, needs_semantic=True, expected_width=384)
+    check = verify_record([a, b], needs_index=True, needs_semantic=True, expected_width=384)
     assert check.index_from == {a: "column", b: "column"} and check.width == 384
     assert check.semantic_from == {a: "column", b: "column"}
 
@@ -266,58 +270,58 @@ def test_verify_record_column_problems(tmp_path):
     a = make_shard(tmp_path / "a.tar", plain_samples(["a0", "a1"]))
     b = make_shard(tmp_path / "b.tar", plain_samples(["b0"]))
     _recorded(tmp_path, [a, b])
-    with pytest.raises(C.CorpusError, match=r"precomputed: shard .*a\.tar has no embedding column"):
-        C.verify_record([a, b], needs_semantic=True)
-    assert C.verify_record([a, b], needs_semantic=True, semantic_source="auto").semantic_from == {a: "none", b: "none"}
+    with pytest.raises(CorpusError, match=r"precomputed: shard .*a\.tar has no embedding column"):
+        verify_record([a, b], needs_semantic=True)
+    assert verify_record([a, b], needs_semantic=True, semantic_source="auto").semantic_from == {a: "none", b: "none"}
     # columns written after the record: read from their json; a's has a missing row
     _column_for(a, None, unit_rows(1, 384), ["a0"], shard_keys=["a0", "a1"])
     _column_for(b, None, unit_rows(1, 384), ["b0"])
-    with pytest.raises(C.CorpusError, match=r"a\.tar: its column has 1 rows .* 2 samples"):
-        C.verify_record([a, b], needs_semantic=True)
+    with pytest.raises(CorpusError, match=r"a\.tar: its column has 1 rows .* 2 samples"):
+        verify_record([a, b], needs_semantic=True)
     _column_for(a, None, unit_rows(2, 16), ["a0", "a1"])          # named MiniLM, but 16 wide
-    with pytest.raises(C.CorpusError, match=r"a\.tar: embeddings of width 16, but .*all-MiniLM-L6-v2, whose .* 384"):
-        C.verify_record([a, b], needs_semantic=True)
-    C.write_column(a, None, ["a0", "a1"], unit_rows(2, 16), model="my/encoder")
-    with pytest.raises(C.CorpusError, match=r"b\.tar: caption embeddings of width 384, the shards before it width 16"):
-        C.verify_record([a, b], needs_semantic=True)
+    with pytest.raises(CorpusError, match=r"a\.tar: embeddings of width 16, but .*all-MiniLM-L6-v2, whose .* 384"):
+        verify_record([a, b], needs_semantic=True)
+    write_column(a, None, ["a0", "a1"], unit_rows(2, 16), model="my/encoder")
+    with pytest.raises(CorpusError, match=r"b\.tar: caption embeddings of width 384, the shards before it width 16"):
+        verify_record([a, b], needs_semantic=True)
     _column_for(a, None, unit_rows(2, 384), ["a0", "a1"])
-    with pytest.raises(C.CorpusError, match=r"width 384, but the run's encoder .* width 768"):
-        C.verify_record([a, b], needs_semantic=True, expected_width=768)
+    with pytest.raises(CorpusError, match=r"width 384, but the run's encoder .* width 768"):
+        verify_record([a, b], needs_semantic=True, expected_width=768)
 
 
 def test_verify_record_members_of_todays_shards(tmp_path):
     a = make_shard(tmp_path / "a.tar", plain_samples(["a0", "a1"], emb=unit_rows(2, 384)))
     _recorded(tmp_path, [a])
-    check = C.verify_record([a], needs_semantic=True, expected_width=384)
+    check = verify_record([a], needs_semantic=True, expected_width=384)
     assert check.semantic_from == {a: "member"} and check.width == 384
 
 
 def test_verify_record_sizes_and_a_batch_per_worker(tmp_path):
     shards = [make_shard(tmp_path / f"s{i}.tar", plain_samples([f"s{i}k{j}" for j in range(4)])) for i in range(2)]
     _recorded(tmp_path, shards)
-    with pytest.raises(C.CorpusError, match="deal a worker as few as 1 shard"):
-        C.verify_record(shards, batch_size=5, workers=2)
-    C.verify_record(shards, batch_size=4, workers=2)
+    with pytest.raises(CorpusError, match="deal a worker as few as 1 shard"):
+        verify_record(shards, batch_size=5, workers=2)
+    verify_record(shards, batch_size=4, workers=2)
     (tmp_path / "sizes.json").write_text(json.dumps({"s0.tar": 4, "s1.tar": 6}))
-    with pytest.raises(C.CorpusError, match=r"says .*s1\.tar holds 6 samples, but it holds 4"):
-        C.verify_record(shards)
-    C.verify_record(shards, train_num_samples=8)          # upstream then does not read sizes.json
+    with pytest.raises(CorpusError, match=r"says .*s1\.tar holds 6 samples, but it holds 4"):
+        verify_record(shards)
+    verify_record(shards, train_num_samples=8)          # upstream then does not read sizes.json
 
 
 def test_unrecorded_shards_are_returned_for_per_sample_checks(tmp_path):
     a = make_shard(tmp_path / "a.tar", plain_samples(["a0"]))
     b = make_shard(tmp_path / "b.tar", plain_samples(["b0"]))
     _recorded(tmp_path, [a])
-    check = C.verify_record([a, b], needs_index=True, batch_size=64)      # shard-set checks wait for b
+    check = verify_record([a, b], needs_index=True, batch_size=64)      # shard-set checks wait for b
     assert check.unrecorded == [b] and list(check.recorded) == [a]
 
 
 def test_check_vector_names_the_sample():
-    with pytest.raises(C.CorpusError, match="s.tar sample k: .*non-finite"):
-        C.check_vector("s.tar sample k", _npy(np.array([np.inf, 0.0], np.float32)), None)
-    with pytest.raises(C.CorpusError, match="width 3, expected 2"):
-        C.check_vector("w", np.zeros(3, np.float32), 2)
-    assert C.check_vector("w", _npy(np.zeros(5, np.float16)), None) == 5
+    with pytest.raises(CorpusError, match="s.tar sample k: .*non-finite"):
+        check_vector("s.tar sample k", _npy(np.array([np.inf, 0.0], np.float32)), None)
+    with pytest.raises(CorpusError, match="width 3, expected 2"):
+        check_vector("w", np.zeros(3, np.float32), 2)
+    assert check_vector("w", _npy(np.zeros(5, np.float16)), None) == 5
 
 
 def test_data_check_records_in_parallel_and_resumes(tmp_path, monkeypatch, capsys):
@@ -327,15 +331,16 @@ def test_data_check_records_in_parallel_and_resumes(tmp_path, monkeypatch, capsy
               for i in range(3)]
     assert main(["data", "check", "--data", str(tmp_path), "--workers", "2", "--no-progress"]) == 0
     assert "3 shards, 9 samples" in capsys.readouterr().out
-    record = C.read_record(str(tmp_path))
+    record = read_record(str(tmp_path))
     assert {k: (v["count"], v["index_min"], v["index_max"]) for k, v in record["shards"].items()} == \
         {"s-000.tar": (3, 0, 2), "s-001.tar": (3, 3, 5), "s-002.tar": (3, 6, 8)}
-    C.verify_record(shards, needs_index=True)
+    verify_record(shards, needs_index=True)
     assert json.loads((tmp_path / "sizes.json").read_text()) == {"s-000.tar": 3, "s-001.tar": 3, "s-002.tar": 3}
     # a rerun reads only the shard that changed
     scanned = []
-    real = C.scan_shard
-    monkeypatch.setattr(C, "scan_shard", lambda path, **kw: scanned.append(os.path.basename(path)) or real(path, **kw))
+    real = scan_shard
+    monkeypatch.setattr("openclip_align.data.record.scan_shard",
+                        lambda path, **kw: scanned.append(os.path.basename(path)) or real(path, **kw))
     make_shard(tmp_path / "s-001.tar", plain_samples(["1x0", "1x1"], captions=["ok", ""], first_index=3))
     assert main(["data", "check", "--data", str(tmp_path), "--workers", "1", "--no-progress"]) == 1
     assert scanned == ["s-001.tar"]
@@ -351,4 +356,4 @@ def test_data_check_names_a_damaged_shard_and_goes_on(tmp_path, capsys):
     open(bad, "r+b").truncate(1700)
     assert main(["data", "check", "--data", str(tmp_path), "--workers", "1", "--no-progress"]) == 1
     assert "b.tar cannot be read to its end" in capsys.readouterr().err
-    assert list(C.read_record(str(tmp_path))["shards"]) == [os.path.basename(good)]
+    assert list(read_record(str(tmp_path))["shards"]) == [os.path.basename(good)]

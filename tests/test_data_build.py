@@ -124,19 +124,20 @@ def test_captions_non_empty_images_decode_indices_stable(corpus):
 
 
 def test_build_writes_the_column_and_the_record_of_its_shards(corpus):
-    from openclip_align.data import corpus as cp
+    from openclip_align.data.column import ColumnReader
+    from openclip_align.data.preflight import verify_record
 
     out, manifest = corpus
     emb = np.load(out / "train.emb.npy")
     shards = [str(p) for p in sh.list_shards(out / "train")]
-    reader = cp.ColumnReader(expected_width=384, expected_model="all-MiniLM-L6-v2")
+    reader = ColumnReader(expected_width=384, expected_model="all-MiniLM-L6-v2")
     for shard in shards:
         for key, members in sh.read_tar(shard):
             i = json.loads(members["json"])["index"]
             assert np.allclose(reader.lookup(shard, key), emb[i], atol=2e-3)        # float16 of the same row
             assert reader.index(shard, key) == i
-    check = cp.verify_record(shards, needs_index=True, needs_semantic=True, expected_width=384,
-                             expected_model="all-MiniLM-L6-v2", batch_size=8, workers=2)
+    check = verify_record(shards, needs_index=True, needs_semantic=True, expected_width=384,
+                          expected_model="all-MiniLM-L6-v2", batch_size=8, workers=2)
     assert not check.unrecorded and check.samples == len(emb) == manifest["counts"]["train"]
     assert set(check.semantic_from.values()) == {"column"}
 

@@ -108,7 +108,8 @@ def _src_shards(tmp_path):
 
 
 def test_embed_shards_writes_a_column_and_keeps_the_shards(tmp_path, encoder):
-    from openclip_align.data import corpus
+    from openclip_align.data.column import ColumnReader
+    from openclip_align.data.record import read_record
 
     src, out = _src_shards(tmp_path), tmp_path / "out"
     before = {p.name: p.read_bytes() for p in src.glob("*.tar")}
@@ -118,14 +119,14 @@ def test_embed_shards_writes_a_column_and_keeps_the_shards(tmp_path, encoder):
     assert not list(out.glob("*.tar"))                                          # no copy of them
     expected = semantic.embed_captions(encoder, CAPTIONS, progress=False)
     keys = [f"sample{i:03d}" for i in range(len(CAPTIONS))]
-    reader = corpus.ColumnReader(column_dir=str(out), expected_width=384)
+    reader = ColumnReader(column_dir=str(out), expected_width=384)
     for i, key in enumerate(keys):
         shard = str(src / f"shard-{i // 4:06d}.tar")
         assert np.allclose(reader.lookup(shard, key), expected[i], atol=1e-5)
         assert reader.index(shard, key) == i              # numbered 0..N-1 over the sorted shards
     meta = json.loads((out / "shard-000001.emb.json").read_text())
     assert meta["keys"] == keys[4:] and meta["index_start"] == 4 and meta["dtype"] == "float32"
-    record = corpus.read_record(str(out))
+    record = read_record(str(out))
     assert record["shards"]["shard-000000.tar"]["column"]["rows"] == 4
     # the default: float16, beside the shards
     assert main(["embed", "--model", "all-MiniLM-L6-v2", "--data", str(src), "--no-progress"]) == 0

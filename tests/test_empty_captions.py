@@ -62,7 +62,7 @@ def _shard(path, rows):
 
 
 def test_embed_shards_refuses_or_drops_empty_captions(tmp_path):
-    from openclip_align.data import corpus
+    from openclip_align.data.record import read_record
 
     src = tmp_path / "in"
     src.mkdir()
@@ -76,7 +76,7 @@ def test_embed_shards_refuses_or_drops_empty_captions(tmp_path):
     assert rows == {"s-000000.tar": 2, "s-000001.tar": 1}
     meta = json.loads((tmp_path / "out" / "s-000000.emb.json").read_text())
     assert meta["keys"] == ["a", "c"] and meta["dropped_empty_captions"] == ["b"]
-    assert corpus.read_record(str(tmp_path / "out"))["shards"]["s-000001.tar"]["empty_caption_keys"] == ["d"]
+    assert read_record(str(tmp_path / "out"))["shards"]["s-000001.tar"]["empty_caption_keys"] == ["d"]
     assert {p.name: _sha(p) for p in src.iterdir() if p.suffix == ".tar"} == \
         {k: v for k, v in before.items() if k.endswith(".tar")}
 

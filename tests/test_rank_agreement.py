@@ -320,7 +320,7 @@ def test_two_nodes_stop_together_when_one_node_lacks_the_column_folder(digits_cs
     its first sample: both end, each naming it."""
     import shutil
 
-    from openclip_align.data import corpus
+    from openclip_align.data.column import write_column
     from test_training_data_checks import _vectors, write_shards
 
     cwds = _nodes(tmp_path)
@@ -334,8 +334,8 @@ def test_two_nodes_stop_together_when_one_node_lacks_the_column_folder(digits_cs
     write_shards(cwds[0] / "shards", digits_csv, parts, edit=strip)
     for shard, part in enumerate(parts):
         keys = [f"{i:09d}" for i in part]
-        corpus.write_column(str(cwds[0] / "shards" / f"shard-{shard:06d}.tar"), str(cwds[0] / "columns"), keys,
-                            emb[list(part)], model="all-MiniLM-L6-v2", index_start=part[0], shard_keys=keys)
+        write_column(str(cwds[0] / "shards" / f"shard-{shard:06d}.tar"), str(cwds[0] / "columns"), keys,
+                     emb[list(part)], model="all-MiniLM-L6-v2", index_start=part[0], shard_keys=keys)
     shutil.copytree(cwds[0] / "shards", cwds[1] / "shards")
     argv = _trainer_argv("shards/shard-{000000..000001}.tar", "--model", "AlignCLIP-Tiny", "--loss", "imsep",
                          "--dataset-type", "webdataset", "--train-num-samples", "32", "--semantic-source",

@@ -368,7 +368,7 @@ def test_indices_outside_the_dataset_are_refused_before_the_first_step(data, tmp
 
 
 def test_shard_samples_are_checked_as_they_are_decoded():
-    from openclip_align.data.corpus import CorpusError
+    from openclip_align.data.errors import CorpusError
     from openclip_align.integration.batch_extras import _SampleToTupleWithExtras
     from openclip_align.integration.training_shards import ShardPlan, ShardSampleExtras
 

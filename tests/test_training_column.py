@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import open_clip_train.data as oc_data
-from openclip_align.data import corpus
-from openclip_align.data.corpus import CorpusError
+from openclip_align.data.column import encode_fingerprints, write_column
+from openclip_align.data.errors import CorpusError
 from openclip_align.integration import batch_extras, training_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,10 +32,10 @@ def _columned(folder: Path, csv, parts, column_dir=None, with_index=False, edit=
     for shard, part in enumerate(parts):
         keys = [f"{i:09d}" for i in part]
         rows = [i for i in part if edit is None or edit(i)]
-        corpus.write_column(str(folder / f"shard-{shard:06d}.tar"), column_dir, [f"{i:09d}" for i in rows],
-                            emb[rows], model="all-MiniLM-L6-v2", index_start=part[0], shard_keys=keys,
-                            captions=[f"pair {i}" for i in rows],
-                            shard_captions=[f"pair {i}" for i in part])
+        write_column(str(folder / f"shard-{shard:06d}.tar"), column_dir, [f"{i:09d}" for i in rows],
+                     emb[rows], model="all-MiniLM-L6-v2", index_start=part[0], shard_keys=keys,
+                     captions=[f"pair {i}" for i in rows],
+                     shard_captions=[f"pair {i}" for i in part])
     return pattern
 
 
@@ -67,7 +67,7 @@ def test_a_column_of_other_captions_stops_the_workers_at_the_first_sample(digits
     pattern = _columned(tmp_path, digits_csv, [range(0, 24), range(24, 48)])
     json_path = tmp_path / "shard-000001.emb.json"
     meta = json.loads(json_path.read_text())
-    meta["caption_fingerprints"] = corpus.encode_fingerprints(
+    meta["caption_fingerprints"] = encode_fingerprints(
         [f"pair {i}" if i != 30 else "a caption from another export" for i in range(24, 48)])
     json_path.write_text(json.dumps(meta))
     args = _args(pattern, loss="imsep", batch_size=8, workers=2, train_num_samples=N, seed=0, world_size=1,
@@ -96,8 +96,8 @@ def test_column_with_a_missing_row(digits_csv, tmp_path):
 
 def test_column_of_another_width(digits_csv, tmp_path):
     pattern = _columned(tmp_path, digits_csv, [range(0, 24), range(24, 48)])
-    corpus.write_column(str(tmp_path / "shard-000001.tar"), None, [f"{i:09d}" for i in range(24, 48)],
-                        _vectors(24, 768), model="all-mpnet-base-v2", index_start=24)
+    write_column(str(tmp_path / "shard-000001.tar"), None, [f"{i:09d}" for i in range(24, 48)],
+                 _vectors(24, 768), model="all-mpnet-base-v2", index_start=24)
     with pytest.raises(CorpusError, match=r"shard-000001.tar: its column .*has width 768, expected 384"):
         _decoded(pattern, _args(pattern))
     _record(tmp_path)

@@ -1,7 +1,7 @@
 """Training data refused by name, never a hang or a silent fallback (issues 16 and 23).
 
 What a shard's record vouches for is checked before step 1 in O(shards) (``training_shards``, through
-``corpus.verify_record``); shards without a record are checked sample by sample as upstream's own
+``preflight.verify_record``); shards without a record are checked sample by sample as upstream's own
 pipeline decodes them. Unit level on real digit scans; end to end: the trainer stops with the message
 naming shard, key and fix, and nothing already written is lost."""
 import builtins
@@ -20,10 +20,9 @@ import pytest
 import webdataset as wds
 
 import open_clip_train.data as oc_data
-from openclip_align.data import corpus
-from openclip_align.data.corpus import CorpusError
+from openclip_align.data.record import scan_shard, write_record
 from openclip_align.integration import batch_extras, data_checks, run_state, training_shards
-from openclip_align.data.errors import EmptyCaptionError, MissingExtrasError, TrainingDataError
+from openclip_align.data.errors import CorpusError, EmptyCaptionError, MissingExtrasError, TrainingDataError
 
 WIDTH = 384
 
@@ -67,9 +66,9 @@ def _args(train_data, **kw):
 
 
 def _record(folder: Path, want_index=True):
-    """What `openclip-align data check` writes: one record entry per shard (corpus.scan_shard)."""
-    corpus.write_record(str(folder), {p.name: corpus.scan_shard(str(p), want_index=want_index)
-                                      for p in sorted(folder.glob("*.tar"))})
+    """What `openclip-align data check` writes: one record entry per shard (record.scan_shard)."""
+    write_record(str(folder), {p.name: scan_shard(str(p), want_index=want_index)
+                               for p in sorted(folder.glob("*.tar"))})
 
 
 def _plan(args, semantic=True, index=False):

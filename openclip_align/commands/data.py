@@ -115,7 +115,8 @@ def _check(args) -> int:
     import os
 
     from ..data.check import check_shards
-    from ..data.corpus import RECORD_NAME, CorpusError
+    from ..data.errors import CorpusError
+    from ..data.record import RECORD_NAME
 
     try:
         found = check_shards(args.data, workers=args.workers or os.cpu_count() or 1, out=args.out,

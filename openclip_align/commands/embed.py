@@ -46,7 +46,7 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from ..data.corpus import CorpusError
+    from ..data.errors import CorpusError
     from ..data.embed_files import embed_csv, embed_shards
     from ..data.semantic import EncoderNotInstalled
 

@@ -9,7 +9,7 @@ tests and the benchmark call it). The output is plain OpenCLIP input, readable b
     OUT/train/train-000000.tar ...     webdataset shards: KEY.png KEY.txt KEY.json (no embeddings inside)
     OUT/train/sizes.json               {"train-000000.tar": n, ...}
     OUT/train/train-000000.emb.npy/.json   the shard's caption embedding column (float16, row = sample)
-    OUT/train/openclip_align_record.json   what each shard holds, for the trainer's check (data/corpus.py)
+    OUT/train/openclip_align_record.json   what each shard holds, for the trainer's check (data/record.py)
     OUT/train.csv                      filepath<TAB>title<TAB>index<TAB>source (absolute PNG paths)
     OUT/train.emb.npy, .emb.json       float32 [N, d], row i = csv row i = sample index i
     OUT/heldout.csv (+ heldout/ shards, heldout.emb.*)    pairs of held-out bases
@@ -328,24 +328,26 @@ def _shard_samples(records: Sequence[Record]):
 
 def _record_shards(writer: Writer, directory: Path, sizes: Dict[str, int], emb: Optional[np.ndarray],
                    encoder: Optional[str]) -> None:
-    """Beside the shards: each shard's caption embedding column and the corpus record (:mod:`.corpus`),
-    so that training verifies these shards from the record instead of reading them."""
-    from . import corpus
+    """Beside the shards: each shard's caption embedding column (:mod:`.column`) and the corpus record
+    (:mod:`.record`), so that training verifies these shards from the record instead of reading them."""
+    from .column import column_paths, write_column
+    from .record import RECORD_NAME, scan_shard, write_record
+    from .shard_files import caption_text, iter_samples
     from .semantic import canonical_name
 
     offset = 0
     for name in sorted(sizes):
         path = str(directory / name)
         if emb is not None:
-            samples = [(key, corpus.caption_text(m.get("txt"))) for key, m in corpus.iter_samples(path, frozenset({"txt"}))]
+            samples = [(key, caption_text(m.get("txt"))) for key, m in iter_samples(path, frozenset({"txt"}))]
             keys, captions = [k for k, _ in samples], [c for _, c in samples]
             rows = emb[offset:offset + len(keys)]
-            corpus.write_column(path, None, keys, rows, model=canonical_name(encoder), index_start=offset,
-                                captions=captions)
-            writer.written.update(Path(p) for p in corpus.column_paths(path, None))
+            write_column(path, None, keys, rows, model=canonical_name(encoder), index_start=offset,
+                         captions=captions)
+            writer.written.update(Path(p) for p in column_paths(path, None))
             offset += len(keys)
-    corpus.write_record(str(directory), {name: corpus.scan_shard(str(directory / name)) for name in sizes}, replace=True)
-    for leftover in (corpus.RECORD_NAME, corpus.RECORD_NAME + ".lock"):
+    write_record(str(directory), {name: scan_shard(str(directory / name)) for name in sizes}, replace=True)
+    for leftover in (RECORD_NAME, RECORD_NAME + ".lock"):
         if (directory / leftover).exists():
             writer.written.add(directory / leftover)
 

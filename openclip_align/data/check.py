@@ -1,5 +1,5 @@
 """``openclip-align data check``: scan shards made by other tools (img2dataset ...) once, in parallel
-processes, and record what they hold (:mod:`.corpus`), so the trainer verifies them from the record in
+processes, and record what they hold (:mod:`.record`), so the trainer verifies them from the record in
 time proportional to the number of shards. Resumable: shards already recorded with the same bytes and
 mtime are not read again; entries are written as the scan goes."""
 from __future__ import annotations
@@ -7,7 +7,11 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
-from . import corpus as cp
+from .errors import CorpusError
+from .preflight import check_index_ranges
+from .record import RecordWriter, record_dir_for, recorded_entries_by_folder, scan_shards, writable_dir
+from .shard_files import listed
+from .sizes import SIZES_FILE
 
 
 def check_shards(data, workers: int = 1, out: Optional[str] = None, progress: bool = True) -> dict:
@@ -20,12 +24,12 @@ def check_shards(data, workers: int = 1, out: Optional[str] = None, progress: bo
     targets = {}
     for path in paths:
         folder = os.path.dirname(path)
-        targets[path] = str(out) if out is not None else cp.record_dir_for(folder)
-    known = cp.recorded_entries_by_folder(paths, targets.__getitem__)
-    writers = {d: cp.RecordWriter(d) for d in set(targets.values())}
+        targets[path] = str(out) if out is not None else record_dir_for(folder)
+    known = recorded_entries_by_folder(paths, targets.__getitem__)
+    writers = {d: RecordWriter(d) for d in set(targets.values())}
     try:
-        entries, errors = cp.scan_shards(paths, workers=workers, known=known, progress=progress,
-                                         on_entry=lambda path, entry: writers[targets[path]].add(path, entry))
+        entries, errors = scan_shards(paths, workers=workers, known=known, progress=progress,
+                                      on_entry=lambda path, entry: writers[targets[path]].add(path, entry))
     finally:
         for writer in writers.values():
             writer.flush()
@@ -38,7 +42,7 @@ def check_shards(data, workers: int = 1, out: Optional[str] = None, progress: bo
         problems.extend(entry.get("problems", ()))
         if entry["empty_caption_keys"]:
             problems.append(f"shard {path}: {len(entry['empty_caption_keys'])} samples have an empty or missing "
-                            f"caption ({cp.listed(entry['empty_caption_keys'])}); write them, or train with "
+                            f"caption ({listed(entry['empty_caption_keys'])}); write them, or train with "
                             "--drop-empty-captions")
         if 0 < entry["index_count"] < entry["count"]:
             problems.append(f"shard {path}: only {entry['index_count']} of {entry['count']} samples have a KEY.json "
@@ -48,9 +52,9 @@ def check_shards(data, workers: int = 1, out: Optional[str] = None, progress: bo
     indexed = [p for p in paths if p in entries and entries[p]["index_count"] == entries[p]["count"] > 0]
     if indexed and len(indexed) == len(entries):
         try:
-            cp.check_index_ranges("the shards", [(entries[p]["index_min"], entries[p]["index_max"], f"shard {p}")
-                                                 for p in indexed], sum(entries[p]["count"] for p in paths))
-        except cp.CorpusError as err:
+            check_index_ranges("the shards", [(entries[p]["index_min"], entries[p]["index_max"], f"shard {p}")
+                                              for p in indexed], sum(entries[p]["count"] for p in paths))
+        except CorpusError as err:
             problems.append(str(err))
     return {"entries": entries, "errors": errors, "problems": problems, "record_dirs": sorted(writers)}
 
@@ -62,7 +66,7 @@ def _write_sizes_where_missing(paths: List[str], entries: Dict[str, dict]) -> No
 
     for folder in sorted({os.path.dirname(p) for p in paths}):
         mine = [p for p in paths if os.path.dirname(p) == folder]
-        target = os.path.join(folder, cp.SIZES_FILE)
-        if os.path.exists(target) or not cp.writable_dir(folder) or any(p not in entries for p in mine):
+        target = os.path.join(folder, SIZES_FILE)
+        if os.path.exists(target) or not writable_dir(folder) or any(p not in entries for p in mine):
             continue
         atomic_write_json(target, {os.path.basename(p): entries[p]["count"] for p in mine})

@@ -1,6 +1,6 @@
 """``embed`` for webdataset shards: caption embeddings as a column beside the shards, never a copy of them.
 
-Per shard ``NAME.emb.npy`` + ``NAME.emb.json`` (see :mod:`.corpus`), written in the column directory
+Per shard ``NAME.emb.npy`` + ``NAME.emb.json`` (see :mod:`.column`), written in the column directory
 (default: beside the shards). At CC12M size this runs on several devices at once (one process per
 device, each taking the next shard from a shared queue), resumes after an interruption (a shard whose
 column is complete and made from the same shard bytes, keys, model and numbering is skipped; a partial
@@ -10,7 +10,7 @@ The shards are scanned first (small members only, in parallel, reusing the recor
 gives every shard's keys and empty captions, the total for the progress bar, and where each shard's
 dataset index starts (``index_start``: shards numbered in sorted order over the rows they keep).
 
-Every row carries its caption's fingerprint (see :mod:`.corpus`). ``--out DIR`` never overwrites the
+Every row carries its caption's fingerprint (see :mod:`.column`). ``--out DIR`` never overwrites the
 column of another shard of the same name (two img2dataset exports both hold ``00000.tar``): it stops,
 naming both, and the fix is another ``--out``. :func:`add_fingerprints` gives columns written before
 fingerprints existed their fingerprints, reading captions only and rewriting only each column's json.
@@ -23,8 +23,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from openclip_align.atomic_files import stale_temps
 
-from . import corpus as cp
 from .captions import is_empty, refuse
+from .column import CORPUS_META, FIX_EMBED, FIX_OTHER_SOURCE, caption_fingerprint, captions_sha256, column_paths, \
+    column_problem, column_source, column_summary, encode_fingerprints, has_fingerprints, read_column_meta, \
+    shard_identity, write_column, write_column_meta
+from .errors import CorpusError
+from .record import RecordWriter, recorded_entries, recorded_entries_by_folder, scan_shards, writable_dir, write_record
+from .shard_files import caption_text, fingerprint, iter_samples, keys_sha256, shard_name
+from .sizes import SIZES_FILE
 
 DTYPES = ("float16", "float32")
 
@@ -50,10 +56,10 @@ def resolve_devices(device: str = "auto", devices: Optional[str] = None, num_pro
 
 def _captions(path: str, drop: set) -> Tuple[List[str], List[str], List[str], List[str]]:
     """(row keys, their captions, every key, every caption) of a shard in tar order; ``drop``: keys left
-    out. Captions are the text the trainer's decoder gives (:func:`corpus.caption_text`)."""
+    out. Captions are the text the trainer's decoder gives (:func:`.shard_files.caption_text`)."""
     keys, texts, every, every_text = [], [], [], []
-    for key, members in cp.iter_samples(path, frozenset({"txt"})):
-        text = cp.caption_text(members.get("txt"))
+    for key, members in iter_samples(path, frozenset({"txt"})):
+        text = caption_text(members.get("txt"))
         every.append(key)
         every_text.append(text)
         if key in drop:
@@ -68,21 +74,21 @@ def _foreign_columns(paths: Sequence[str], entries: Dict[str, dict], out: str) -
     CorpusError naming them otherwise (a column made from this very shard, or a copy of it, is fine)."""
     by_name: Dict[str, str] = {}
     for path in paths:
-        name = cp.shard_name(path)
+        name = shard_name(path)
         if name in by_name:
-            raise cp.CorpusError(f"--data holds two shards named {name} ({by_name[name]} and {path}); in one --out "
-                                 f"{out} they would share one column. {cp.FIX_OTHER_SOURCE}")
+            raise CorpusError(f"--data holds two shards named {name} ({by_name[name]} and {path}); in one --out "
+                              f"{out} they would share one column. {FIX_OTHER_SOURCE}")
         by_name[name] = path
     for path in paths:
-        json_path = cp.column_paths(path, out)[1]
+        json_path = column_paths(path, out)[1]
         try:
-            meta = cp.read_column_meta(json_path)
-        except cp.CorpusError:
+            meta = read_column_meta(json_path)
+        except CorpusError:
             continue                                    # a damaged json is rewritten
         if meta is None:
             continue
         entry = entries[path]
-        source = cp.column_source(meta, json_path)
+        source = column_source(meta, json_path)
         if source == os.path.abspath(path):
             continue                                    # this shard's own column (maybe stale): redone
         differs = []
@@ -96,7 +102,7 @@ def _foreign_columns(paths: Sequence[str], entries: Dict[str, dict], out: str) -
             differs.append("captions")
         if differs:
             made = source or f"a shard named {meta.get('shard')} (path not recorded)"
-            raise cp.CorpusError(
+            raise CorpusError(
                 f"--out {out} already holds {json_path}, the column of {made}, not of {path}: their "
                 f"{' and '.join(differs)} differ. Refusing to overwrite it: pass another --out for these shards "
                 f"(and train with --semantic-embeddings DIR_A::DIR_B), or delete that column if it is no longer used")
@@ -106,13 +112,13 @@ def _column_is_current(path: str, column_dir: str, entry: dict, model: str, dtyp
                        dropped: Sequence[str]) -> Optional[dict]:
     """The column's json when the column was made from this shard as it is, with this model, dtype and
     numbering (it may lack fingerprints: a column written before them); None when it must be embedded."""
-    npy_path, json_path = cp.column_paths(path, column_dir)
+    npy_path, json_path = column_paths(path, column_dir)
     try:
-        meta = cp.read_column_meta(json_path)
-    except cp.CorpusError:
+        meta = read_column_meta(json_path)
+    except CorpusError:
         return None
-    if meta is None or cp.column_problem(path, column_dir, meta=meta, shard_keys_hash=entry["keys_sha256"],
-                                         shard_captions_hash=entry.get("captions_sha256")) is not None:
+    if meta is None or column_problem(path, column_dir, meta=meta, shard_keys_hash=entry["keys_sha256"],
+                                      shard_captions_hash=entry.get("captions_sha256")) is not None:
         return None
     current = (meta.get("shard_captions_sha256") in (None, entry.get("captions_sha256"))
                and meta.get("shard_mtime_ns") == entry["mtime_ns"] and meta.get("model") == model
@@ -128,17 +134,17 @@ def _embed_one(encoder, job: dict, batch_size: int, report) -> dict:
     from .semantic import embed_captions
 
     keys, texts, every, every_text = _captions(job["path"], set(job["dropped"]))
-    if cp.keys_sha256(every) != job["keys_sha256"]:
-        raise cp.CorpusError(f"shard {job['path']} changed while it was being embedded; rerun the same command")
+    if keys_sha256(every) != job["keys_sha256"]:
+        raise CorpusError(f"shard {job['path']} changed while it was being embedded; rerun the same command")
     chunk = max(batch_size, 1) * 4
     parts = []
     for start in range(0, len(texts), chunk):
         parts.append(embed_captions(encoder, texts[start:start + chunk], batch_size=batch_size, progress=False))
         report(len(parts[-1]))
     emb = np.concatenate(parts) if parts else embed_captions(encoder, [], batch_size=batch_size, progress=False)
-    meta = cp.write_column(job["path"], job["column_dir"], keys, emb, model=job["model"], dtype=job["dtype"],
-                           dropped=job["dropped"], index_start=job["index_start"], shard_keys=every,
-                           captions=texts, shard_captions=every_text)
+    meta = write_column(job["path"], job["column_dir"], keys, emb, model=job["model"], dtype=job["dtype"],
+                        dropped=job["dropped"], index_start=job["index_start"], shard_keys=every,
+                        captions=texts, shard_captions=every_text)
     return {"path": job["path"], "rows": meta["count"], "dim": meta["dim"]}
 
 
@@ -180,17 +186,17 @@ def embed_shards(data, out=None, model: str = "all-MiniLM-L6-v2", batch_size: in
     folders = sorted({os.path.dirname(p) for p in paths})
     if out is None:
         for folder in folders:
-            if not cp.writable_dir(folder):
+            if not writable_dir(folder):
                 raise ValueError(f"{folder} is not writable, so the embedding columns cannot go beside its shards; "
                                  "pass --out DIR")
     column_dir = lambda path: str(out) if out is not None else os.path.dirname(path)   # noqa: E731
 
     # 1. scan (reusing the record's entries) for keys, empty captions and where each shard's index starts
-    known = cp.recorded_entries_by_folder(paths, column_dir)
+    known = recorded_entries_by_folder(paths, column_dir)
     workers = scan_workers or min(8, os.cpu_count() or 1)
-    entries, errors = cp.scan_shards(paths, workers=workers, known=known, progress=progress)
+    entries, errors = scan_shards(paths, workers=workers, known=known, progress=progress)
     if errors:
-        raise cp.CorpusError(next(iter(errors.values())))
+        raise CorpusError(next(iter(errors.values())))
     empty = [(p, k) for p in paths for k in entries[p]["empty_caption_keys"]]
     if empty and not drop_empty_captions:
         raise refuse(f"shards {data}", [f"{os.path.basename(p)} sample {k}" for p, k in empty],
@@ -211,16 +217,16 @@ def embed_shards(data, out=None, model: str = "all-MiniLM-L6-v2", batch_size: in
     for path in paths:
         dropped = list(entries[path]["empty_caption_keys"])
         meta = _column_is_current(path, column_dir(path), entries[path], model_name, dtype, index_start[path], dropped)
-        if meta is not None and not cp.has_fingerprints(meta):     # written before fingerprints: add them, no embedding
+        if meta is not None and not has_fingerprints(meta):     # written before fingerprints: add them, no embedding
             _fingerprint_column(path, column_dir(path), meta)
         if meta is None:
             jobs.append({"path": path, "column_dir": column_dir(path), "model": model_name, "dtype": dtype,
                          "dropped": dropped, "index_start": index_start[path],
                          "keys_sha256": entries[path]["keys_sha256"]})
-    writers = {folder: cp.RecordWriter(folder) for folder in {column_dir(p) for p in paths}}
+    writers = {folder: RecordWriter(folder) for folder in {column_dir(p) for p in paths}}
 
     def record(path: str) -> None:
-        entry = dict(entries[path], column=cp.column_summary(path, column_dir(path)))
+        entry = dict(entries[path], column=column_summary(path, column_dir(path)))
         entries[path] = entry
         writers[column_dir(path)].add(path, entry)
 
@@ -258,13 +264,13 @@ def embed_shards(data, out=None, model: str = "all-MiniLM-L6-v2", batch_size: in
         dropped = sum(len(entries[p]["empty_caption_keys"]) for p in mine)
         from .shards import atomic_write_json
 
-        atomic_write_json(os.path.join(folder, cp.CORPUS_META),
+        atomic_write_json(os.path.join(folder, CORPUS_META),
                           {"model": model_name, "dim": dims.pop() if len(dims) == 1 else None,
                            "n": int(sum(c["rows"] for c in cols)), "normalized": True, "dtype": dtype,
                            "layout": "column", **({"dropped_empty_captions": dropped} if dropped else {})})
     for folder in folders:
-        sizes_path = os.path.join(folder, cp.SIZES_FILE)
-        if not os.path.exists(sizes_path) and cp.writable_dir(folder):
+        sizes_path = os.path.join(folder, SIZES_FILE)
+        if not os.path.exists(sizes_path) and writable_dir(folder):
             from .shards import atomic_write_json
 
             atomic_write_json(sizes_path, {os.path.basename(p): entries[p]["count"] - len(entries[p]["empty_caption_keys"])
@@ -322,46 +328,46 @@ def add_fingerprints(data, out=None) -> Dict[str, int]:
     done: Dict[str, int] = {}
     for path in paths:
         folder = str(out) if out is not None else os.path.dirname(path)
-        json_path = cp.column_paths(path, folder)[1]
-        meta = cp.read_column_meta(json_path)
+        json_path = column_paths(path, folder)[1]
+        meta = read_column_meta(json_path)
         if meta is None:
-            raise cp.CorpusError(f"shard {path}: no column {json_path} to add fingerprints to; {cp.FIX_EMBED}")
-        if cp.has_fingerprints(meta):
-            done[cp.shard_name(path)] = 0
+            raise CorpusError(f"shard {path}: no column {json_path} to add fingerprints to; {FIX_EMBED}")
+        if has_fingerprints(meta):
+            done[shard_name(path)] = 0
             continue
         every_text = _fingerprint_column(path, folder, meta)
         _refresh_record(path, folder, every_text)
-        done[cp.shard_name(path)] = len(meta["keys"])
+        done[shard_name(path)] = len(meta["keys"])
     return done
 
 
 def _fingerprint_column(path: str, folder: str, meta: dict) -> List[str]:
     """Add the rows' caption fingerprints to the column json ``meta`` of the shard at ``path`` (see
     :func:`add_fingerprints`); returns every caption of the shard."""
-    json_path = cp.column_paths(path, folder)[1]
+    json_path = column_paths(path, folder)[1]
     keys, texts, every, every_text = _captions(path, set(meta.get("dropped_empty_captions", ())))
-    size = cp.fingerprint(path)[0]
+    size = fingerprint(path)[0]
     differs = []
-    if meta.get("shard") != cp.shard_name(path):
+    if meta.get("shard") != shard_name(path):
         differs.append(f"shard name ({meta.get('shard')})")
     if meta.get("shard_bytes") != size:
         differs.append(f"size ({meta.get('shard_bytes')} bytes when embedded, {size} now)")
-    if meta.get("shard_keys_sha256") != cp.keys_sha256(every) or list(meta.get("keys", ())) != keys:
+    if meta.get("shard_keys_sha256") != keys_sha256(every) or list(meta.get("keys", ())) != keys:
         differs.append("keys")
     if differs:
-        raise cp.CorpusError(f"shard {path}: cannot vouch that {json_path} was made from it (its "
-                             f"{' and '.join(differs)} differ); re-embed it instead: {cp.FIX_EMBED}")
-    meta.update(cp.shard_identity(path, every, every_text, folder))
-    meta["caption_fingerprints"] = cp.encode_fingerprints(texts)
-    cp.write_column_meta(json_path, meta)
+        raise CorpusError(f"shard {path}: cannot vouch that {json_path} was made from it (its "
+                          f"{' and '.join(differs)} differ); re-embed it instead: {FIX_EMBED}")
+    meta.update(shard_identity(path, every, every_text, folder))
+    meta["caption_fingerprints"] = encode_fingerprints(texts)
+    write_column_meta(json_path, meta)
     return every_text
 
 
 def _refresh_record(path: str, folder: str, every_text: Sequence[str]) -> None:
     """The shard's record entry (if any) learns its captions hash and its column's new json."""
-    entry = cp.recorded_entries([path], folder).get(path)
+    entry = recorded_entries([path], folder).get(path)
     if entry is None:
         return
-    entry = dict(entry, captions_sha256=cp.captions_sha256(cp.caption_fingerprint(t) for t in every_text),
-                 column=cp.column_summary(path, folder))
-    cp.write_record(os.path.dirname(entry["_record"]), {path: entry})
+    entry = dict(entry, captions_sha256=captions_sha256(caption_fingerprint(t) for t in every_text),
+                 column=column_summary(path, folder))
+    write_record(os.path.dirname(entry["_record"]), {path: entry})

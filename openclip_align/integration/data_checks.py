@@ -1,8 +1,9 @@
 """Checks of a run's training data that belong to the trainer, not to the corpus format.
 
 Shards are checked by :mod:`training_shards` (their record once per run, the rest as samples are
-decoded, both through :mod:`openclip_align.data.corpus`). What stays here is about the csv dataset,
-which upstream reads whole into memory anyway, and the one check that needs the built dataloader:
+decoded, both through :mod:`openclip_align.data.preflight` and :mod:`openclip_align.data.column`). What
+stays here is about the csv dataset, which upstream reads whole into memory anyway, and the one check
+that needs the built dataloader:
 
 * csv captions: none empty or missing (:mod:`openclip_align.data.captions`; ``--drop-empty-captions``
   drops and counts them instead);
@@ -14,9 +15,9 @@ from __future__ import annotations
 import logging
 from typing import List, Sequence
 
-from openclip_align.data import corpus
+from openclip_align.data import column
 from openclip_align.data.captions import DROP_FLAG, refuse
-from openclip_align.data.errors import MissingExtrasError, TrainingDataError
+from openclip_align.data.errors import CorpusError, MissingExtrasError, TrainingDataError
 
 from . import run_state
 
@@ -24,8 +25,8 @@ from . import run_state
 def check_embedding_width(source: str, width: int, meta_path: str, fix: str) -> None:
     """``width`` agrees with the metadata beside the embeddings and with the encoder it names."""
     try:
-        corpus.check_embedding_width(source, width, meta_path, fix)
-    except corpus.CorpusError as err:
+        column.check_embedding_width(source, width, meta_path, fix)
+    except CorpusError as err:
         raise MissingExtrasError(str(err)) from None
 
 

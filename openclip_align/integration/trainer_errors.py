@@ -28,7 +28,7 @@ def is_user_facing(exc: BaseException) -> bool:
     if getattr(exc, "user_facing", False):
         return True
     from openclip_align.data.captions import EmptyCaptionError
-    from openclip_align.data.corpus import CorpusError
+    from openclip_align.data.errors import CorpusError
 
     return isinstance(exc, (CorpusError, EmptyCaptionError))
 

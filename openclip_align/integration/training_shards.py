@@ -3,8 +3,8 @@
 Nothing here reads a shard before step 1. What can be known per shard (counts, empty captions, index
 ranges, the embedding column's width and completeness, sizes.json, a batch per worker) comes from the
 record that ``data build`` / ``embed`` / ``data check`` wrote beside the shards, verified by
-:func:`openclip_align.data.corpus.verify_record` in time proportional to the number of shards, on rank 0
-only: the other ranks receive its outcome (an error stops every rank with the same message).
+:func:`openclip_align.data.preflight.verify_record` in time proportional to the number of shards, on
+rank 0 only: the other ranks receive its outcome (an error stops every rank with the same message).
 
 Shards without a record entry, and every sample as a second line of defence, are checked in the
 dataloader workers as samples are decoded, inside upstream's own pipeline (its shuffling, resampling
@@ -32,9 +32,14 @@ from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 import numpy as np
 import torch
 
-from openclip_align.data import corpus
 from openclip_align.data.captions import DROP_FLAG, is_empty
-from openclip_align.data.errors import TrainingDataError
+from openclip_align.data.column import COLUMN_META_SUFFIX, CORPUS_META, EMB_MEMBER, FIX_EMBED, ColumnReader, \
+    check_embedding_width, check_vector, column_folder, column_paths, encoder_width, has_fingerprints, legacy_warning, \
+    metadata_width, read_column_meta
+from openclip_align.data.preflight import RecordCheck, check_batch_per_worker, verify_record
+from openclip_align.data.shard_files import listed
+from openclip_align.data.sizes import SIZES_FILE
+from openclip_align.data.errors import CorpusError, TrainingDataError
 
 from .batch_extras import RAW_CAPTION_FIELD
 from .run_state import INDEX, SEMANTIC
@@ -48,7 +53,7 @@ FIX_CAPTION = (f"write its caption, pass {DROP_FLAG} to drop such samples, or ru
 class ShardPlan:
     """What the run knows about its shards before step 1 (sent from rank 0 to the others)."""
     urls: List[str]
-    check: Optional[corpus.RecordCheck] = None       # None: remote shards, no record looked for
+    check: Optional[RecordCheck] = None       # None: remote shards, no record looked for
     column_dir: object = None                        # --semantic-embeddings: DIR or {url: DIR}; None: beside
     width: Optional[int] = None                      # of the precomputed caption embeddings, when known
     total: Optional[int] = None                      # samples the shards hold (record, else sizes.json)
@@ -84,7 +89,7 @@ def once_per_run(args, check: Callable[[], object]):
     try:
         error = kind(message)
     except Exception:  # an error type that cannot be rebuilt from its message
-        error = corpus.CorpusError(message)
+        error = CorpusError(message)
     raise error
 
 
@@ -153,22 +158,22 @@ def _note_legacy_first_column(plan: ShardPlan, needs, args) -> None:
     """Remote shards: where the first shard's column is a local file, say once if it has no fingerprints."""
     if SEMANTIC not in needs or getattr(args, "semantic_source", "auto") == "on-the-fly" or not plan.urls:
         return
-    json_path = corpus.column_paths(plan.urls[0], plan.column_dir)[1]
+    json_path = column_paths(plan.urls[0], plan.column_dir)[1]
     if REMOTE_URL.match(json_path) or not os.path.isfile(json_path):
         return
     try:
-        meta = corpus.read_column_meta(json_path)
-    except corpus.CorpusError:
+        meta = read_column_meta(json_path)
+    except CorpusError:
         return                  # named when the column is opened
-    if meta is not None and not corpus.has_fingerprints(meta):
-        plan.warnings.append(corpus.legacy_warning(f"the column {json_path}"))
+    if meta is not None and not has_fingerprints(meta):
+        plan.warnings.append(legacy_warning(f"the column {json_path}"))
         plan.legacy_noted = True
 
 
 def _check_local(args, urls: List[str], needs, column_dir: Optional[str], data_module) -> ShardPlan:
     source = getattr(args, "semantic_source", "auto")
     wants_semantic = SEMANTIC in needs and source != "on-the-fly"
-    check = corpus.verify_record(
+    check = verify_record(
         urls, needs_index=INDEX in needs, needs_semantic=wants_semantic, column_dir=column_dir,
         drop_empty_captions=bool(getattr(args, "drop_empty_captions", False)), semantic_source=source,
         batch_size=args.batch_size, workers=getattr(args, "workers", 1), world_size=getattr(args, "world_size", 1),
@@ -178,7 +183,7 @@ def _check_local(args, urls: List[str], needs, column_dir: Optional[str], data_m
     plan.total = check.samples if not check.unrecorded else shards_size(args.train_data, data_module)
     if check.unrecorded:
         plan.notes.append(f"{len(check.unrecorded)} of {len(urls)} shards have no record "
-                          f"({corpus.listed(check.unrecorded)}): their samples are checked as they are decoded "
+                          f"({listed(check.unrecorded)}): their samples are checked as they are decoded "
                           "(`openclip-align data check --data SHARDS` records them)")
         if not check.recorded:
             _batch_per_worker_from_sizes(args, urls)
@@ -187,8 +192,8 @@ def _check_local(args, urls: List[str], needs, column_dir: Optional[str], data_m
                           f"their keys were re-read from the tar headers): accepted; `openclip-align data check "
                           f"--data SHARDS` records their new times")
     if check.legacy:
-        plan.warnings.append(corpus.legacy_warning(f"the column of {len(check.legacy)} of {len(urls)} shards "
-                                             f"({corpus.listed(check.legacy)})"))
+        plan.warnings.append(legacy_warning(f"the column of {len(check.legacy)} of {len(urls)} shards "
+                                      f"({listed(check.legacy)})"))
         plan.legacy_noted = True
     if check.dropped:
         plan.notes.append(f"dropping {len(check.dropped)} of {check.samples} recorded samples with an empty or missing "
@@ -202,18 +207,18 @@ def _check_local(args, urls: List[str], needs, column_dir: Optional[str], data_m
             plan.legacy_noted = first.legacy_noted
         if plan.width is not None:
             meta = _corpus_meta(urls, column_dir)
-            corpus.check_embedding_width(f"--train-data {args.train_data}", plan.width, meta, corpus.FIX_EMBED)
+            check_embedding_width(f"--train-data {args.train_data}", plan.width, meta, FIX_EMBED)
             missing = [u for u, how in check.semantic_from.items() if how in ("none", "partial")]
             if source == "auto" and missing:
                 model = args.semantic_model
-                if corpus.encoder_width(model) != plan.width:
-                    raise corpus.CorpusError(
+                if encoder_width(model) != plan.width:
+                    raise CorpusError(
                         f"--train-data {args.train_data}: the precomputed embeddings have width {plan.width} but "
                         f"--semantic-model {model}, which embeds the samples of {len(missing)} shards without one "
-                        f"({corpus.listed(missing)}), has width {corpus.encoder_width(model)}; pass the "
-                        f"--semantic-model that made them, or {corpus.FIX_EMBED}")
+                        f"({listed(missing)}), has width {encoder_width(model)}; pass the "
+                        f"--semantic-model that made them, or {FIX_EMBED}")
                 plan.notes.append(f"--semantic-source auto: the batches of {len(missing)} shards without precomputed "
-                                  f"embeddings ({corpus.listed(missing)}) are embedded on the fly by {model}")
+                                  f"embeddings ({listed(missing)}) are embedded on the fly by {model}")
     return plan
 
 
@@ -235,36 +240,36 @@ def shards_size(shards: str, data_module) -> Optional[int]:
 
 def _batch_per_worker_from_sizes(args, urls: List[str]) -> None:
     """Without a record, the batch-per-worker check runs on what sizes.json claims (O(shards))."""
-    path = os.path.join(os.path.dirname(urls[0]), corpus.SIZES_FILE)
+    path = os.path.join(os.path.dirname(urls[0]), SIZES_FILE)
     if getattr(args, "train_num_samples", None) is not None or not os.path.isfile(path):
         return
     with open(path) as fh:
         claimed = json.load(fh)
     names = [os.path.basename(u) for u in urls]
     if all(n in claimed for n in names):
-        corpus.check_batch_per_worker(f"--train-data {args.train_data}", [int(claimed[n]) for n in names],
-                                      args.batch_size, getattr(args, "workers", 1), getattr(args, "world_size", 1),
-                                      bool(getattr(args, "dataset_resampled", False)))
+        check_batch_per_worker(f"--train-data {args.train_data}", [int(claimed[n]) for n in names],
+                               args.batch_size, getattr(args, "workers", 1), getattr(args, "world_size", 1),
+                               bool(getattr(args, "dataset_resampled", False)))
 
 
 def _corpus_meta(urls: List[str], column_dir) -> Optional[str]:
-    first = corpus.column_folder(column_dir, urls[0])
+    first = column_folder(column_dir, urls[0])
     folders = ([first] if first else []) + [os.path.dirname(urls[0])]
     for folder in folders:
-        path = os.path.join(folder, corpus.CORPUS_META)
+        path = os.path.join(folder, CORPUS_META)
         if os.path.isfile(path):
             return path
-    legacy = os.path.dirname(urls[0]).rstrip(os.sep) + corpus.COLUMN_META_SUFFIX     # `data build`'s layout
+    legacy = os.path.dirname(urls[0]).rstrip(os.sep) + COLUMN_META_SUFFIX     # `data build`'s layout
     return legacy if os.path.isfile(legacy) else None
 
 
 def _first_column_width(urls: List[str], column_dir) -> Optional[int]:
     """The width of the first shard's column (one small json), else of the corpus metadata."""
-    meta = corpus.read_column_meta(corpus.column_paths(urls[0], column_dir)[1])
+    meta = read_column_meta(column_paths(urls[0], column_dir)[1])
     if meta is not None:
         return int(meta["dim"])
     path = _corpus_meta(urls, column_dir)
-    return corpus.metadata_width(path)[0] if path else None
+    return metadata_width(path)[0] if path else None
 
 
 # --- as samples are decoded (picklable: runs in the dataloader workers) ----------------------------
@@ -289,7 +294,7 @@ class CaptionFilter:
         if not is_empty(sample.get("txt")):
             return True
         if not self.drop_empty:
-            raise corpus.CorpusError(f"shard {url} sample {key} has an empty or missing caption; {FIX_CAPTION}")
+            raise CorpusError(f"shard {url} sample {key} has an empty or missing caption; {FIX_CAPTION}")
         if self._logged < 3:
             self._logged += 1
             logging.warning("openclip-align: dropped shard %s sample %s: empty caption (%s)", url, key, DROP_FLAG)
@@ -320,8 +325,8 @@ class ShardSampleExtras:
         self.precomputed_only = semantic_source == "precomputed"
         self.index_limit = plan.total
         self.width = plan.width
-        self.columns = corpus.ColumnReader(plan.column_dir, expected_width=plan.width,
-                                           warn_legacy=not plan.legacy_noted)
+        self.columns = ColumnReader(plan.column_dir, expected_width=plan.width,
+                                    warn_legacy=not plan.legacy_noted)
         self.column_dir = plan.column_dir
         self._has_column: Dict[str, bool] = {}
 
@@ -333,7 +338,7 @@ class ShardSampleExtras:
     def has_column(self, url: str) -> bool:
         found = self._has_column.get(url)
         if found is None:
-            found = self._has_column[url] = any(os.path.exists(p) for p in corpus.column_paths(url, self.column_dir))
+            found = self._has_column[url] = any(os.path.exists(p) for p in column_paths(url, self.column_dir))
         return found
 
     def __call__(self, sample) -> dict:
@@ -355,23 +360,23 @@ class ShardSampleExtras:
         index = meta.get("index") if isinstance(meta, dict) else None
         if not isinstance(index, int) or isinstance(index, bool):
             if not self.has_column(url):
-                raise corpus.CorpusError(
+                raise CorpusError(
                     f"{where}: the loss needs a per-pair dataset index, but the sample has no KEY.json \"index\" and "
                     "its shard has no embedding column recording where its numbering starts; number the pairs with "
                     "`openclip-align embed --data SHARDS` over all training shards together")
             index = self.columns.index(url, key, _caption(sample))
         if self.index_limit is not None and not 0 <= index < self.index_limit:
-            raise corpus.CorpusError(
+            raise CorpusError(
                 f"{where}: dataset index {index} is outside [0, {self.index_limit}); a loss that keeps per-sample "
                 f"state has one slot per training pair ({self.index_limit}), addressed by this index. Number the "
                 "pairs 0..N-1")
         return int(index)
 
     def _embedding(self, sample, url: str, key: str, where: str):
-        if corpus.EMB_MEMBER in sample:             # today's format: the embedding inside the shard
-            raw = sample[corpus.EMB_MEMBER]
-            width = corpus.check_vector(where, raw, self.width, "recompute the shards' embeddings with "
-                                        "`openclip-align embed --data SHARDS`")
+        if EMB_MEMBER in sample:             # today's format: the embedding inside the shard
+            raw = sample[EMB_MEMBER]
+            width = check_vector(where, raw, self.width, "recompute the shards' embeddings with "
+                                 "`openclip-align embed --data SHARDS`")
             if self.width is None:                   # no metadata: the first sample sets the width
                 self.width = width
             value = np.load(io.BytesIO(raw), allow_pickle=False) if isinstance(raw, (bytes, bytearray)) else raw
