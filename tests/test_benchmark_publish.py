@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from _benchmark_results import results, track
 from openclip_align.publishing import publish
-from test_benchmark_report import results, track
 
 REPO = Path(__file__).resolve().parent.parent
 README = ("intro\n<!-- benchmark:scratch:start -->\nOLD\n<!-- benchmark:scratch:end -->\n"
