@@ -114,7 +114,7 @@ def _add_clip_benchmark(args) -> int:
 def _check(args) -> int:
     import os
 
-    from ..data.check import check_shards
+    from ..data.check_shards import check_shards
     from ..data.errors import CorpusError
     from ..data.record import RECORD_NAME
 
