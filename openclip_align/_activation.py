@@ -19,17 +19,17 @@ from typing import Callable, Dict, List
 ENV_SWITCH = "OPENCLIP_ALIGN_DISABLE"
 
 # module name -> "package.module:function" patchers, resolved lazily so start-up imports nothing heavy
+_ADAPTER = "openclip_align.integration.trainer_adapter"
 _PATCHERS: Dict[str, List[str]] = {
     "open_clip": [
         "openclip_align.integration.factory_patch:patch_open_clip",
-        "openclip_align.integration.trainer_patch:patch_open_clip_trainer_api",
+        f"{_ADAPTER}:patch_open_clip_trainer_api",
     ],
-    "open_clip_train.params": ["openclip_align.integration.trainer_patch:patch_params",
-                               "openclip_align.integration.checkpoints:patch_torch_save"],
-    "open_clip_train.data": ["openclip_align.integration.trainer_patch:patch_data"],
-    "open_clip_train.train": ["openclip_align.integration.trainer_patch:patch_train"],
-    "open_clip_train.distributed": ["openclip_align.integration.ddp_cpu:patch_distributed"],
-    "open_clip_train.file_utils": ["openclip_align.integration.ddp_resume:patch_file_utils"],
+    "open_clip_train.params": [f"{_ADAPTER}:patch_params", f"{_ADAPTER}:patch_torch_save"],
+    "open_clip_train.data": [f"{_ADAPTER}:patch_data"],
+    "open_clip_train.train": [f"{_ADAPTER}:patch_train"],
+    "open_clip_train.distributed": [f"{_ADAPTER}:patch_distributed"],
+    "open_clip_train.file_utils": [f"{_ADAPTER}:patch_file_utils"],
 }
 
 _lock = threading.RLock()

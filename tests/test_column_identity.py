@@ -82,7 +82,7 @@ def _decoded(urls, args):
     """(url, key, caption, embedding) of every sample as upstream's webdataset stages decode them, in shard
     order; stops where the check raises (the samples before it are in ``seen``)."""
     needs = {"semantic", "caption"}
-    plan = training_shards.plan_training_shards(args, needs, oc_data)
+    plan = training_shards.plan_training_shards(args, needs, oc_data.expand_urls, oc_data.get_dataset_size)
     extras = training_shards.ShardSampleExtras(plan, needs, args.semantic_source)
     stream = wds.DataPipeline(wds.SimpleShardList(urls), oc_data.tarfile_to_samples_nothrow, wds.decode("pilrgb"),
                               wds.map(lambda s: (s["__url__"], s["__key__"], s["txt"], extras(s)["semantic"])))
@@ -119,11 +119,11 @@ def test_recorded_sources_with_one_column_folder_stop_before_step_1(exports):
     for shard in (a, b):
         check_shards(shard, progress=False)                    # each export's record beside its shards
     assert training_shards.plan_training_shards(_args(a, semantic_embeddings=str(columns)),
-                                                {"semantic"}, oc_data).width == WIDTH
+                                                {"semantic"}, oc_data.expand_urls, oc_data.get_dataset_size).width == WIDTH
     with pytest.raises(CorpusError, match=rf"shard {b}: its column {columns}/00000.emb.json was made from other "
                                           rf"captions \(same keys.*made from {a}"):
         training_shards.plan_training_shards(_args(f"{a}::{b}", semantic_embeddings=str(columns)), {"semantic"},
-                                             oc_data)
+                                             oc_data.expand_urls, oc_data.get_dataset_size)
 
 
 def test_a_record_in_the_column_folder_is_not_taken_for_another_sources_shard(exports):
@@ -154,7 +154,7 @@ def test_an_old_by_name_record_entry_is_not_called_a_changed_shard(exports):
     record = {"format": RECORD_FORMAT, "shards": {"00000.tar": scan_shard(a, column_dir=str(columns))}}
     (columns / RECORD_NAME).write_text(json.dumps(record))                  # no "path": found by name
     with pytest.raises(CorpusError) as info:
-        training_shards.plan_training_shards(_args(str(other), semantic_embeddings=str(columns)), {"semantic"}, oc_data)
+        training_shards.plan_training_shards(_args(str(other), semantic_embeddings=str(columns)), {"semantic"}, oc_data.expand_urls, oc_data.get_dataset_size)
     message = str(info.value)
     assert f"shard {other} has {os.path.getsize(other)} bytes, but {columns}/{RECORD_NAME} holds an entry of " \
            f"{os.path.getsize(a)} bytes for a shard of that name, found by name only" in message
@@ -178,10 +178,10 @@ def test_semantic_embeddings_a_b_pairs_column_folders_with_the_sources(exports):
     with pytest.raises(TrainingDataError, match=r"names 3 column folders but --train-data has 2 '::' sources"):
         training_shards.plan_training_shards(
             _args(f"{a}::{b}", semantic_embeddings=f"{root / 'colA'}::{root / 'colB'}::{root / 'colA'}"),
-            {"semantic"}, oc_data)
+            {"semantic"}, oc_data.expand_urls, oc_data.get_dataset_size)
     with pytest.raises(TrainingDataError, match=r"--semantic-embeddings: .*nowhere \(for --train-data source .*B"):
         training_shards.plan_training_shards(_args(f"{a}::{b}", semantic_embeddings=f"{root / 'colA'}::{root}/nowhere"),
-                                             {"semantic"}, oc_data)
+                                             {"semantic"}, oc_data.expand_urls, oc_data.get_dataset_size)
 
 
 def test_semantic_dir_runs_inside_the_once_per_run_check(exports, monkeypatch):
@@ -193,7 +193,7 @@ def test_semantic_dir_runs_inside_the_once_per_run_check(exports, monkeypatch):
     monkeypatch.setattr(training_shards, "semantic_dirs", lambda *x: ran.append("dirs") or real(*x))
     with pytest.raises(TrainingDataError, match="no such directory"):
         training_shards.plan_training_shards(_args(f"pipe:cat {a}", semantic_embeddings=str(root / "nowhere")),
-                                             {"semantic"}, oc_data)
+                                             {"semantic"}, oc_data.expand_urls, oc_data.get_dataset_size)
     assert ran == ["once", "dirs"]
 
 
@@ -308,7 +308,7 @@ def test_a_copied_corpus_is_checked_against_its_own_columns(tmp_path, cp_flag, m
     pattern = str(copy / "shard-{000000..000001}.tar")
     if cp_flag == "-a":                       # same times: a stat per file, no shard opened
         monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("a shard was opened"))
-    plan = training_shards.plan_training_shards(_args(pattern), {"semantic", "index"}, oc_data)
+    plan = training_shards.plan_training_shards(_args(pattern), {"semantic", "index"}, oc_data.expand_urls, oc_data.get_dataset_size)
     assert plan.width == WIDTH and not plan.unrecorded and plan.total == 16
     assert plan.check.rehashed == ([] if cp_flag == "-a" else [str(copy / "shard-000000.tar"),
                                                                 str(copy / "shard-000001.tar")])
@@ -317,10 +317,10 @@ def test_a_copied_corpus_is_checked_against_its_own_columns(tmp_path, cp_flag, m
     os.unlink(copy / "shard-000001.emb.json")
     with pytest.raises(CorpusError, match=rf"shard {copy}/shard-000001.tar: its column {copy}/shard-000001.emb.json, "
                                           rf"listed in {copy}/{RECORD_NAME}, is missing"):
-        training_shards.plan_training_shards(_args(pattern), {"semantic"}, oc_data)
+        training_shards.plan_training_shards(_args(pattern), {"semantic"}, oc_data.expand_urls, oc_data.get_dataset_size)
     # the original is untouched and still checks
     original_pattern = str(original / "shard-{000000..000001}.tar")
-    assert training_shards.plan_training_shards(_args(original_pattern), {"semantic"}, oc_data).width == WIDTH
+    assert training_shards.plan_training_shards(_args(original_pattern), {"semantic"}, oc_data.expand_urls, oc_data.get_dataset_size).width == WIDTH
 
 
 def test_an_old_record_with_absolute_column_dirs_still_works(tmp_path):
@@ -332,7 +332,7 @@ def test_an_old_record_with_absolute_column_dirs_still_works(tmp_path):
         entry.pop("path", None)
     path.write_text(json.dumps(record))
     plan = training_shards.plan_training_shards(_args(str(original / "shard-{000000..000001}.tar")), {"semantic"},
-                                                oc_data)
+                                                oc_data.expand_urls, oc_data.get_dataset_size)
     assert plan.width == WIDTH and not plan.unrecorded
 
 

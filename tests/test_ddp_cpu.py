@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _dist import spawn  # noqa: E402
 
-from openclip_align.integration import ddp_cpu  # noqa: E402
+from openclip_align.integration import ddp_cpu, trainer_adapter  # noqa: E402
 
 
 def _wrap_worker(rank, world_size, out_dir):
@@ -40,7 +40,7 @@ def _fake_distributed(device, distributed, horovod=False):
         return torch.device(device)
 
     module = SimpleNamespace(init_distributed_device=init_distributed_device)
-    ddp_cpu.patch_distributed(module)
+    trainer_adapter.patch_distributed(module)
     return module, SimpleNamespace(horovod=horovod)
 
 
@@ -61,7 +61,7 @@ def test_patch_is_idempotent(monkeypatch):
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", DistributedDataParallel)
     module, args = _fake_distributed("cpu", True)
     wrapped = module.init_distributed_device
-    ddp_cpu.patch_distributed(module)                      # a second activation changes nothing
+    trainer_adapter.patch_distributed(module)                      # a second activation changes nothing
     assert module.init_distributed_device is wrapped
     module.init_distributed_device(args)
     module.init_distributed_device(args)

@@ -292,6 +292,6 @@ def test_a_mixture_is_sized_from_each_sources_own_folder(tmp_path):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "sizes.json").write_text(json.dumps(sizes))
     mixture = f"{tmp_path}/A/a-{{000000..000001}}.tar::{tmp_path}/B/b-000000.tar"
-    assert shards_size(mixture, data_module) == 7 + 5 + 30
+    assert shards_size(mixture, data_module.get_dataset_size) == 7 + 5 + 30
     (tmp_path / "B" / "sizes.json").unlink()
-    assert shards_size(mixture, data_module) is None            # one source without a size: unknown
+    assert shards_size(mixture, data_module.get_dataset_size) is None            # one source without a size: unknown

@@ -38,5 +38,12 @@ def test_no_import_cycle_inside_integration():
 
 
 def test_the_data_side_does_not_import_the_trainer_hooks():
-    for name in ("run_state", "data_checks", "training_shards", "batch_extras", "checkpoints"):
-        assert "trainer_run" not in _imports(PACKAGE / f"{name}.py"), name
+    hooks = {"trainer_adapter", "data_wiring", "before_train", "loss_adapter", "loss_state", "eval_gap_metrics"}
+    for name in ("run_state", "data_checks", "training_shards", "batch_extras", "checkpoints", "loader_health"):
+        assert not _imports(PACKAGE / f"{name}.py") & hooks, name
+
+
+def test_only_the_adapter_imports_the_adapter():
+    """The concern modules receive the run and plain callables from trainer_adapter, never reach back."""
+    importers = {p.stem for p in PACKAGE.glob("*.py") if "trainer_adapter" in _imports(p)}
+    assert importers == set(), importers

@@ -21,7 +21,7 @@ import webdataset as wds
 from PIL import Image
 
 import open_clip_train.data as oc_data
-from openclip_align.integration import loader_health
+from openclip_align.integration import loader_health, trainer_adapter
 from openclip_align.integration.loader_health import LoaderFailure
 from openclip_align.integration.trainer_errors import is_user_facing, one_line
 
@@ -49,7 +49,7 @@ def _clip_loader(pattern, batch_size, workers):
     """Upstream's training pipeline for --loss clip, built under the plugin's read-error handler."""
     args = SimpleNamespace(train_data=pattern, batch_size=batch_size, workers=workers, world_size=1, seed=0,
                            train_num_samples=None, dataset_resampled=False, train_data_upsampling_factors=None)
-    with loader_health.stopping_on_fatal_read_errors(oc_data):
+    with trainer_adapter.stopping_on_fatal_read_errors(oc_data):
         train = oc_data.get_wds_dataset(args, lambda image: torch.zeros(1), is_train=True,
                                         tokenizer=lambda text: [torch.zeros(1, dtype=torch.long)])
     return train.dataloader

@@ -40,16 +40,16 @@ def test_outside_a_distributed_run_agree_raises_the_local_error():
 
 
 def test_after_an_epoch_non_finite_weights_stop_the_run_naming_the_tensors(monkeypatch):
-    from openclip_align.integration import run_state, trainer_run
+    from openclip_align.integration import before_train, run_state
 
     monkeypatch.setattr(run_state, "RUN", None)
-    run_state.start_run(SimpleNamespace(loss="clip", resume=None))
+    run = run_state.start_run(SimpleNamespace(loss="clip", resume=None))
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
-    trainer_run.check_after_epoch(model, None, epoch=0)                         # finite: nothing to say
+    before_train.check_after_epoch(run, model, None, epoch=0)                         # finite: nothing to say
     with torch.no_grad():
         model[1].bias[0] = float("inf")
     with pytest.raises(FloatingPointError, match=r"^the model's weights after epoch 3 hold NaN/inf values \(1\.bias\)"):
-        trainer_run.check_after_epoch(model, None, epoch=2)
+        before_train.check_after_epoch(run, model, None, epoch=2)
 
 
 # --- two ranks in a gloo group ------------------------------------------------------------------------

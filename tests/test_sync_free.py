@@ -72,7 +72,7 @@ def _short(filename: str) -> str:
 
 @pytest.fixture
 def recorder(monkeypatch):
-    from openclip_align.integration import trainer_run
+    from openclip_align.integration import loss_adapter
 
     rec = SyncRecorder()
     for method in SYNC_METHODS:
@@ -84,7 +84,7 @@ def recorder(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, method, counted)
 
-    adapter = trainer_run.TrainerLossAdapter
+    adapter = loss_adapter.TrainerLossAdapter
     forward, start_epoch = adapter.forward, adapter.start_epoch
 
     def counted_forward(self, image_features, *args, **kwargs):
@@ -187,7 +187,7 @@ def test_no_synchronisation_per_step(loss, device, data, recorder, tmp_path):
     for step in range(STEPS):
         calls = recorder.inside[step]
         if step in LOGGED:       # the non-finite record is read once, where upstream reads the loss anyway
-            assert len(calls) == 1 and "trainer_run.py" in calls[0][1], report
+            assert len(calls) == 1 and "loss_adapter.py" in calls[0][1], report
         else:
             assert calls == [], report
     assert recorder.outside["steps"] == [], report            # plugin code between the loss calls
@@ -234,7 +234,7 @@ def _adapter(loss, **args):
     import argparse
     from types import SimpleNamespace
 
-    from openclip_align.integration.trainer_run import TrainerLossAdapter
+    from openclip_align.integration.loss_adapter import TrainerLossAdapter
 
     options = {"loss": "fake", "accum_freq": 1, "log_every_n_steps": 3, **args}
     run = SimpleNamespace(args=argparse.Namespace(**options), needs=set(), needs_teacher=False)
@@ -312,7 +312,7 @@ def test_teacher_takes_the_students_dtype_memory_format_and_compilation(monkeypa
 
     import open_clip
 
-    from openclip_align.integration.trainer_run import TeacherEncoder, prepare_teacher
+    from openclip_align.integration.teacher import TeacherEncoder, prepare_teacher
 
     student = open_clip.create_model("DualCLIP-Tiny")
     teacher = copy.deepcopy(student).eval().requires_grad_(False)

@@ -253,7 +253,7 @@ def test_resume_on_any_number_of_ranks_continues_the_run(setup, resumed):
     that wrote the checkpoint: loss terms, weights and the plugin's record (SogCLR's per-sample state,
     CLIP-Refine's teacher fingerprint and RaFA draw count)."""
     import open_clip
-    from openclip_align.integration.trainer_run import state_fingerprint
+    from openclip_align.integration.teacher import state_fingerprint
 
     loss, runs = resumed
     steps = N // (2 * LOCAL_B)

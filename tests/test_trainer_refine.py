@@ -46,7 +46,7 @@ def digests(directory):
 
 
 def fingerprint_of(checkpoint):
-    from openclip_align.integration.trainer_run import state_fingerprint
+    from openclip_align.integration.teacher import state_fingerprint
 
     return state_fingerprint(open_clip.create_model(MODEL, pretrained=str(checkpoint)))
 

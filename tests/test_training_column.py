@@ -46,7 +46,7 @@ def test_column_joined_by_key_through_upstream_shuffling_resampling_and_workers(
     args = _args(pattern, loss="sogclr", batch_size=8, workers=2, dataset_resampled=True, train_num_samples=N,
                  seed=0, world_size=1, train_data_upsampling_factors=None)
     needs = {"semantic", "caption", "index"}
-    plan = training_shards.plan_training_shards(args, needs, oc_data)
+    plan = training_shards.plan_training_shards(args, needs, oc_data.expand_urls, oc_data.get_dataset_size)
     options = dict(shard_extras=training_shards.ShardSampleExtras(plan, needs, "precomputed"))
     with batch_extras.requesting(needs, **options):
         train = oc_data.get_wds_dataset(args, lambda image: np.zeros(1, np.float32), is_train=True,
@@ -73,7 +73,7 @@ def test_a_column_of_other_captions_stops_the_workers_at_the_first_sample(digits
     args = _args(pattern, loss="imsep", batch_size=8, workers=2, train_num_samples=N, seed=0, world_size=1,
                  dataset_resampled=False, train_data_upsampling_factors=None)
     needs = {"semantic", "caption"}
-    plan = training_shards.plan_training_shards(args, needs, oc_data)
+    plan = training_shards.plan_training_shards(args, needs, oc_data.expand_urls, oc_data.get_dataset_size)
     options = dict(shard_extras=training_shards.ShardSampleExtras(plan, needs, "precomputed"))
     with batch_extras.requesting(needs, **options):
         train = oc_data.get_wds_dataset(args, lambda image: np.zeros(1, np.float32), is_train=True,

@@ -73,7 +73,7 @@ def _record(folder: Path, want_index=True):
 
 def _plan(args, semantic=True, index=False):
     needs = ({"semantic", "caption"} if semantic else set()) | ({"index"} if index else set())
-    return training_shards.plan_training_shards(args, needs, oc_data)
+    return training_shards.plan_training_shards(args, needs, oc_data.expand_urls, oc_data.get_dataset_size)
 
 
 def _decoded(pattern, args, semantic=True, index=False):

@@ -4,7 +4,8 @@ Upstream's ``main`` writes ``epoch_N.pt`` with ``torch.save(checkpoint, path)`` 
 name, so a process killed mid-write leaves a truncated file that ``--resume latest`` then picks and dies
 on. ``main`` may run as ``__main__`` (``python -m open_clip_train.main``), where no import hook can reach
 its globals, but it always calls ``torch.save`` through the ``torch`` module. So, from the moment
-``open_clip_train.params`` is imported (see ``_activation.py``), ``torch.save`` is wrapped once:
+``open_clip_train.params`` is imported (see ``_activation.py``), ``torch.save`` is wrapped once
+(:func:`.trainer_adapter.patch_torch_save`):
 
 * a save whose target lies in the current trainer run's checkpoint folder (``args.checkpoint_path``)
   first checks that the weights in the checkpoint are finite (one device sync per save), then goes
@@ -29,34 +30,12 @@ from typing import List, Optional
 
 from openclip_align.atomic_files import atomic_open, stale_temps
 
-from . import rank_agreement, run_state
-
-_FLAG = "__openclip_align_atomic_checkpoints__"
+from . import rank_agreement
 
 
 # --- saving ---------------------------------------------------------------------------------------
-def patch_torch_save(_module=None) -> None:
-    """Wrap ``torch.save`` once (idempotent); inert outside a trainer run's checkpoint folder."""
-    import torch
-
-    if getattr(torch.save, _FLAG, False):
-        return
-    upstream = torch.save
-
-    def save(obj, f, *args, **kwargs):
-        if not _is_run_checkpoint(f):
-            return upstream(obj, f, *args, **kwargs)
-        return save_checkpoint(obj, Path(f), upstream, *args, **kwargs)
-
-    setattr(save, _FLAG, True)
-    save.__wrapped__ = upstream
-    save.__doc__ = upstream.__doc__
-    torch.save = save
-
-
-def _is_run_checkpoint(f) -> bool:
-    args = run_state.current_args()
-    folder = getattr(args, "checkpoint_path", None) if args is not None else None
+def is_in_folder(f, folder) -> bool:
+    """Whether ``f`` (what ``torch.save`` was given) is a file directly inside the run's checkpoint folder."""
     if not folder or not isinstance(f, (str, os.PathLike)):
         return False
     return os.path.abspath(os.path.dirname(os.fspath(f))) == os.path.abspath(folder)
@@ -171,7 +150,7 @@ PLUGIN_KEY = "openclip_align"        # the plugin's record inside checkpoint["op
 _RESUMED = {}                         # path -> the plugin record taken from upstream's resume load
 
 
-def load_once(upstream_pt_load, path, map_location=None):
+def load_once(upstream_load, path, map_location=None):
     """Upstream's resume load, read once for upstream and the plugin alike.
 
     A local checkpoint in torch's zip format is memory-mapped: tensors are read from the page cache when
@@ -185,7 +164,7 @@ def load_once(upstream_pt_load, path, map_location=None):
     if local and zipfile.is_zipfile(path):
         checkpoint = torch.load(path, map_location=map_location, mmap=True)
     else:
-        checkpoint = upstream_pt_load(path, map_location=map_location)
+        checkpoint = upstream_load(path, map_location=map_location)
     optimizer = checkpoint.get("optimizer") if isinstance(checkpoint, dict) else None
     _RESUMED[str(path)] = optimizer.pop(PLUGIN_KEY, None) if isinstance(optimizer, dict) else None
     return checkpoint

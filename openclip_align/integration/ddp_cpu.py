@@ -7,17 +7,15 @@ wants there, and gloo then runs upstream's training loop unchanged.
 
 The plugin cannot change that line of ``main`` (it may run as ``__main__`` under ``-m``, and it looks
 the class up as ``torch.nn.parallel.DistributedDataParallel`` when the call happens). So, only in a
-distributed run on the CPU, as soon as ``open_clip_train.distributed.init_distributed_device`` has set
-the run up, ``torch.nn.parallel.DistributedDataParallel`` becomes :class:`CpuDeviceIdsDDP`: a subclass
-that drops CPU ``device_ids`` and is otherwise DDP itself. Accelerator runs and single-process runs
-never see it. ``patches/open_clip-ddp-cpu.patch`` is the upstream fix that makes this unnecessary.
+distributed run on the CPU, as soon as upstream's distributed set-up is done, ``torch.nn.parallel.
+DistributedDataParallel`` becomes :class:`CpuDeviceIdsDDP` (:func:`.trainer_adapter.patch_distributed`):
+a subclass that drops CPU ``device_ids`` and is otherwise DDP itself. Accelerator runs and single-process
+runs never see it. ``patches/open_clip-ddp-cpu.patch`` is the upstream fix that makes this unnecessary.
 """
 from __future__ import annotations
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-
-_FLAG = "__openclip_align_ddp_cpu_patched__"
 
 
 def _all_cpu(devices) -> bool:
@@ -37,28 +35,3 @@ class CpuDeviceIdsDDP(DistributedDataParallel):
             if output_device is not None and _all_cpu([output_device]):
                 output_device = None
         super().__init__(module, device_ids, output_device, *args, **kwargs)
-
-
-def use_cpu_device_ids_ddp() -> None:
-    """Make ``torch.nn.parallel.DistributedDataParallel`` accept a CPU device (idempotent)."""
-    if not issubclass(torch.nn.parallel.DistributedDataParallel, CpuDeviceIdsDDP):
-        torch.nn.parallel.DistributedDataParallel = CpuDeviceIdsDDP
-
-
-def patch_distributed(distributed_module) -> None:
-    """Wrap ``open_clip_train.distributed.init_distributed_device`` (``main`` imports it by name after
-    this runs): once a run is known to be distributed on the CPU, DDP accepts the CPU device."""
-    if getattr(distributed_module, _FLAG, False):
-        return
-    setattr(distributed_module, _FLAG, True)
-    upstream = distributed_module.init_distributed_device
-
-    def init_distributed_device(args):
-        device = upstream(args)
-        if getattr(args, "distributed", False) and not getattr(args, "horovod", False) \
-                and torch.device(device).type == "cpu":
-            use_cpu_device_ids_ddp()
-        return device
-
-    init_distributed_device.__wrapped__ = upstream
-    distributed_module.init_distributed_device = init_distributed_device

@@ -44,22 +44,13 @@ def fix_logit_scale(model: torch.nn.Module, temperature: float) -> None:
     scale.requires_grad_(False)
 
 
-def wrap_create_model_and_transforms(upstream):
-    """Fix the first model a trainer run creates (the one it trains; a --distill teacher comes later)."""
-    state = {"done": False}
-
-    def create_model_and_transforms(*args, **kwargs):
-        from . import run_state
-
-        result = upstream(*args, **kwargs)
-        run = run_state.RUN
-        temperature = None if run is None else getattr(run.args, "fixed_temperature", None)
-        if temperature is not None and not state["done"]:
-            state["done"] = True
-            fix_logit_scale(result[0], temperature)
-            logging.info("openclip-align: --fixed-temperature %g: logit_scale fixed at log(1/T) = %.4f, not learned",
-                         temperature, math.log(1.0 / temperature))
-        return result
-
-    create_model_and_transforms.__wrapped__ = upstream
-    return create_model_and_transforms
+def apply(args, model: torch.nn.Module) -> bool:
+    """Fix ``model``'s logit scale when the run asks for ``--fixed-temperature``; whether it did. Called with
+    the first model a trainer run creates (the one it trains; a --distill teacher comes later)."""
+    temperature = getattr(args, "fixed_temperature", None)
+    if temperature is None:
+        return False
+    fix_logit_scale(model, temperature)
+    logging.info("openclip-align: --fixed-temperature %g: logit_scale fixed at log(1/T) = %.4f, not learned",
+                 temperature, math.log(1.0 / temperature))
+    return True

@@ -1,6 +1,6 @@
 """A training loader that cannot deliver batches stops the run and says why: never a hang, never exit 0.
 
-Upstream's webdataset pipeline hands every read error to ``log_and_continue``: a shard that cannot be
+Upstream's webdataset pipeline hands every read error to its logging handler: a shard that cannot be
 opened or a sample that cannot be decoded is logged and skipped. That is right for one bad shard among
 thousands and wrong when the cause is the process itself. With its file descriptors exhausted (errno
 EMFILE) every open fails, and because a training pipeline repeats its pass over a worker's shards until
@@ -8,17 +8,16 @@ the epoch's batch count is reached (``with_epoch``), a pass that makes no batch 
 hangs while the log grows by millions of warnings. When the loader gives up instead, upstream's epoch
 ends after zero steps and the run exits 0 having trained nothing. Here:
 
-* :class:`StopOnFatal` replaces the handler while the pipelines are built: descriptor exhaustion raises
-  :class:`LoaderFailure` naming the limit and ``ulimit -n``; every other error is upstream's to skip;
+* :class:`StopOnFatal` replaces the handler while the pipelines are built (:mod:`.trainer_adapter` swaps
+  it in): descriptor exhaustion raises :class:`LoaderFailure` naming the limit and ``ulimit -n``; every
+  other error is upstream's to skip;
 * :class:`FullPassGuard` raises when one whole pass over a worker's shards makes no batch;
 * :class:`CountingLoader` counts an epoch's batches in the main process, names descriptor exhaustion met
   while receiving a batch, and :func:`check_trained` refuses an epoch that got no batch.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
-import functools
 import logging
 import os
 import resource
@@ -71,24 +70,6 @@ def _shard_named(exc: BaseException) -> str:
         return f"reading {extra[-1]}"
     name = getattr(exc, "filename", None)
     return f"opening {name}" if name else "reading a training shard"
-
-
-@contextlib.contextmanager
-def stopping_on_fatal_read_errors(data_module):
-    """While ``open_clip_train.data`` builds its pipelines, its read-error handler is :class:`StopOnFatal`.
-
-    ``log_and_continue`` is looked up when a pipeline is built; ``tarfile_to_samples_nothrow`` binds it as
-    a default argument, so it is given the handler explicitly."""
-    upstream_handler = data_module.log_and_continue
-    upstream_reader = data_module.tarfile_to_samples_nothrow
-    handler = StopOnFatal(upstream_handler)
-    data_module.log_and_continue = handler
-    data_module.tarfile_to_samples_nothrow = functools.partial(upstream_reader, handler=handler)
-    try:
-        yield
-    finally:
-        data_module.log_and_continue = upstream_handler
-        data_module.tarfile_to_samples_nothrow = upstream_reader
 
 
 class FullPassGuard:

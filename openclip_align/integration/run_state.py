@@ -1,8 +1,10 @@
 """The current trainer run: its parsed arguments and what its loss asks the data for.
 
-At the bottom of ``integration/``: the trainer hooks (:mod:`trainer_run`), the data side
-(:mod:`training_shards`, :mod:`batch_extras`, :mod:`data_checks`) and the checkpoint writer
-(:mod:`checkpoints`) all read the run from here, so none of them imports another to find it.
+At the bottom of ``integration/``. :mod:`.trainer_adapter` starts the run when upstream parses its
+arguments and hands it to the concern modules (:mod:`.data_wiring`, :mod:`.loss_adapter`,
+:mod:`.before_train`, :mod:`.loss_state`, :mod:`.eval_gap_metrics`, :mod:`.teacher`) as an argument; only
+code that upstream calls without the run (the adapter's wrappers, :mod:`.data_checks` inside dataset
+builders) reads :data:`RUN`.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ class TrainerRun:
         self.semantic_width: Optional[int] = None      # width of the precomputed embeddings, when known
         self.loss_module = None
         self.raw_tally = None
-        self._attached = False
+        self.startup_checked = False         # the checks after distributed init ran (first model creation)
+        self.attached = False                # the set-up before step 1 ran (first epoch)
         self.resume_latest = getattr(args, "resume", None) == "latest"   # upstream resolves it to a path later
 
     @property

@@ -24,13 +24,9 @@ REMOTE_URL = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)")      # shards the trai
 
 
 def is_user_facing(exc: BaseException) -> bool:
-    """Marked as such, or a data problem named by :mod:`openclip_align.data` (corpus, captions)."""
-    if getattr(exc, "user_facing", False):
-        return True
-    from openclip_align.data.captions import EmptyCaptionError
-    from openclip_align.data.errors import CorpusError
-
-    return isinstance(exc, (CorpusError, EmptyCaptionError))
+    """Marked as such: every :class:`openclip_align.errors.UserInputError`, the training-data problems of
+    :mod:`openclip_align.data.errors` included."""
+    return bool(getattr(exc, "user_facing", False))
 
 
 def one_line(exc: BaseException) -> str:
@@ -73,23 +69,24 @@ def install_excepthook() -> None:
 
 
 # --- checks on the parsed arguments, before anything is built ------------------------------------
-def check_trainer_inputs(args) -> None:
+def check_trainer_inputs(args, expand) -> None:
     """Refuse, with the flag and the fix named, inputs upstream would only fail on later and less clearly.
 
     Runs on every rank before distributed init. A run of one process checks every local data file here;
     in a run of several, each rank checks only the first file of each directory and the last one (a
     mistyped path or folder, on every rank at once), and every file is checked after distributed init
     by rank 0 alone, its finding shared (:func:`check_data_files_once`): 41k shards x 64 ranks of stat
-    calls on a shared filesystem would otherwise precede step 1."""
+    calls on a shared filesystem would otherwise precede step 1. ``expand(spec)`` is the trainer's own
+    expansion of a data flag into (urls, weights)."""
     _check_model_name(getattr(args, "model", None))
     _check_pretrained(getattr(args, "model", None), getattr(args, "pretrained", None))
     every_file = _world_size() <= 1
     for flag in ("train_data", "val_data"):
         _check_data_files(f"--{flag.replace('_', '-')}", getattr(args, flag, None),
-                          getattr(args, "dataset_type", "auto"), every_file=every_file)
+                          getattr(args, "dataset_type", "auto"), expand, every_file=every_file)
 
 
-def check_data_files_once(args) -> None:
+def check_data_files_once(args, expand) -> None:
     """After distributed init, on every rank: rank 0 checks every local data file, every rank raises what
     it found (a run of one process did this in :func:`check_trainer_inputs`)."""
     from . import rank_agreement
@@ -101,7 +98,7 @@ def check_data_files_once(args) -> None:
         try:
             for flag in ("train_data", "val_data"):
                 _check_data_files(f"--{flag.replace('_', '-')}", getattr(args, flag, None),
-                                  getattr(args, "dataset_type", "auto"))
+                                  getattr(args, "dataset_type", "auto"), expand)
         except UserInputError as err:
             problem = str(err)
     problem = rank_agreement.broadcast(problem)
@@ -144,18 +141,16 @@ def _check_pretrained(model, pretrained) -> None:
                          "pass the path of a checkpoint (e.g. logs/RUN/checkpoints/epoch_N.pt)")
 
 
-def _local_files(spec: str):
+def _local_files(spec: str, expand):
     """Local paths named by a data flag, expanded as the trainer expands them (``::``-joined sources, brace
     patterns); remote ones (``pipe:``, URLs) are the trainer's to open."""
-    from open_clip_train.data import expand_urls
-
-    return [url for url in expand_urls(spec)[0] if not REMOTE_URL.match(url)]
+    return [url for url in expand(spec)[0] if not REMOTE_URL.match(url)]
 
 
-def _check_data_files(flag: str, spec, dataset_type: str, every_file: bool = True) -> None:
+def _check_data_files(flag: str, spec, dataset_type: str, expand, every_file: bool = True) -> None:
     if not spec or dataset_type == "synthetic":
         return
-    paths = _local_files(spec)
+    paths = _local_files(spec, expand)
     if not every_file:
         paths = _spot_checks(paths)
     missing = [path for path in paths if not os.path.exists(path)]
@@ -198,17 +193,3 @@ def explain_checkpoint_mismatch(error: RuntimeError, model: str, pretrained: str
     return CheckpointMismatchError(
         f"--pretrained {pretrained} does not fit --model {model}: {', '.join(parts)} (first: {first}); "
         "pass the --model the checkpoint was trained with")
-
-
-def wrap_model_errors(upstream):
-    """``create_model_and_transforms`` whose checkpoint/architecture mismatch is a user-facing error."""
-    def create_model_and_transforms(model_name, pretrained=None, *args, **kwargs):
-        try:
-            return upstream(model_name, pretrained, *args, **kwargs)
-        except RuntimeError as err:
-            if pretrained and "Error(s) in loading state_dict" in str(err):
-                raise explain_checkpoint_mismatch(err, model_name, pretrained) from err
-            raise
-
-    create_model_and_transforms.__wrapped__ = upstream
-    return create_model_and_transforms

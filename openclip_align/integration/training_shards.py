@@ -21,7 +21,6 @@ with ``--train-data``'s ``::`` sources, in order.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -94,22 +93,23 @@ def once_per_run(args, check: Callable[[], object]):
 
 
 # --- before step 1 ----------------------------------------------------------------------------------
-def plan_training_shards(args, needs, data_module) -> ShardPlan:
+def plan_training_shards(args, needs, expand, source_size) -> ShardPlan:
     """The run's shards and what their record says, checked once per run (rank 0; the others receive
-    the plan, or the error, so no rank decides alone while another waits)."""
-    return once_per_run(args, lambda: _plan(args, needs, data_module))
+    the plan, or the error, so no rank decides alone while another waits). ``expand(spec)`` is upstream's
+    url expansion (``(urls, weights)``), ``source_size(source)`` its size reader (``(samples, shards)``)."""
+    return once_per_run(args, lambda: _plan(args, needs, expand, source_size))
 
 
-def _plan(args, needs, data_module) -> ShardPlan:
-    urls = [str(u) for u in data_module.expand_urls(args.train_data)[0]]
-    column_dir = semantic_dirs(args, data_module)
+def _plan(args, needs, expand, source_size) -> ShardPlan:
+    urls = [str(u) for u in expand(args.train_data)[0]]
+    column_dir = semantic_dirs(args, expand)
     if any(REMOTE_URL.match(u) for u in urls):
         plan = ShardPlan(urls, column_dir=column_dir, remote=True,
                          notes=["remote shards: every sample is checked as it is decoded"])
-        plan.total = shards_size(args.train_data, data_module)
+        plan.total = shards_size(args.train_data, source_size)
         _note_legacy_first_column(plan, needs, args)
     else:
-        plan = _check_local(args, urls, needs, column_dir, data_module)
+        plan = _check_local(args, urls, needs, column_dir, source_size)
     for line in plan.warnings:
         logging.warning("openclip-align: %s", line)
     return plan
@@ -127,7 +127,7 @@ def semantic_dir(args) -> Optional[str]:
     return str(value)
 
 
-def semantic_dirs(args, data_module):
+def semantic_dirs(args, expand):
     """``--semantic-embeddings``: None, one folder for every shard, or ``A::B`` -> {url: folder}, pairing
     each folder with the ``--train-data`` source in the same place (upstream splits sources at ``::``)."""
     value = getattr(args, "semantic_embeddings", None)
@@ -145,7 +145,7 @@ def semantic_dirs(args, data_module):
             raise TrainingDataError(f"--semantic-embeddings: {folder} (for --train-data source {source}) is not a "
                                     "directory; it names the folder holding that source's embedding columns "
                                     "(`openclip-align embed --data SOURCE --out DIR` writes them)")
-        for url in data_module.expand_urls(source)[0]:
+        for url in expand(source)[0]:
             url = str(url)
             if mapping.get(url, folder) != folder:
                 raise TrainingDataError(f"--semantic-embeddings {value}: shard {url} is in two --train-data sources "
@@ -170,7 +170,7 @@ def _note_legacy_first_column(plan: ShardPlan, needs, args) -> None:
         plan.legacy_noted = True
 
 
-def _check_local(args, urls: List[str], needs, column_dir: Optional[str], data_module) -> ShardPlan:
+def _check_local(args, urls: List[str], needs, column_dir: Optional[str], source_size) -> ShardPlan:
     source = getattr(args, "semantic_source", "auto")
     wants_semantic = SEMANTIC in needs and source != "on-the-fly"
     check = verify_record(
@@ -180,7 +180,7 @@ def _check_local(args, urls: List[str], needs, column_dir: Optional[str], data_m
         resampled=bool(getattr(args, "dataset_resampled", False)),
         train_num_samples=getattr(args, "train_num_samples", None), source=f"--train-data {args.train_data}")
     plan = ShardPlan(urls, check=check, column_dir=column_dir)
-    plan.total = check.samples if not check.unrecorded else shards_size(args.train_data, data_module)
+    plan.total = check.samples if not check.unrecorded else shards_size(args.train_data, source_size)
     if check.unrecorded:
         plan.notes.append(f"{len(check.unrecorded)} of {len(urls)} shards have no record "
                           f"({listed(check.unrecorded)}): their samples are checked as they are decoded "
@@ -222,14 +222,14 @@ def _check_local(args, urls: List[str], needs, column_dir: Optional[str], data_m
     return plan
 
 
-def shards_size(shards: str, data_module) -> Optional[int]:
+def shards_size(shards: str, source_size) -> Optional[int]:
     """Samples in ``shards``: the sum over a ``::`` mixture's sources, each from its own folder's sizes.json /
     __len__ (upstream's reader looks only in the first shard's folder, so a second source elsewhere had no
     size); None when a source has none (a loss that needs the size says so when it is built)."""
     total = 0
     for source in str(shards).split("::"):
         try:
-            size, _ = data_module.get_dataset_size(source)
+            size, _ = source_size(source)
         except Exception:  # noqa: BLE001 - a size file that does not list these shards: no size
             return None
         if size is None:
@@ -301,19 +301,10 @@ class CaptionFilter:
         return False
 
 
-@contextlib.contextmanager
-def filtering_captions(data_module, plan: Optional[ShardPlan], drop_empty: bool):
-    """While the train pipeline is built, its sample filter is :class:`CaptionFilter`."""
-    if plan is None:
-        yield
-        return
-    upstream = data_module.filter_no_caption_or_no_image
+def caption_filter(upstream, plan: ShardPlan, drop_empty: bool) -> CaptionFilter:
+    """The train pipeline's sample filter while it is built: upstream's, then the plan's caption rules."""
     dropped = plan.check.dropped if plan.check is not None else frozenset()
-    data_module.filter_no_caption_or_no_image = CaptionFilter(upstream, plan.urls, dropped, drop_empty)
-    try:
-        yield
-    finally:
-        data_module.filter_no_caption_or_no_image = upstream
+    return CaptionFilter(upstream, plan.urls, dropped, drop_empty)
 
 
 class ShardSampleExtras:

@@ -1,0 +1,86 @@
+"""The training data of a run whose loss needs more than images and tokens.
+
+Upstream's data builder makes every split; for ``--train-data`` shards the run's shards are planned
+first (:mod:`.training_shards`: what their record says, checked once per run), and when the loss reads
+per-pair extras (caption embeddings, dataset indices, the raw inputs for a teacher) the train split is
+built here, its loader wrapped so each batch's extras reach the stash (:mod:`.batch_extras`). Upstream's
+builders come in as plain callables (:class:`UpstreamData`, made by :mod:`.trainer_adapter`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Optional
+
+import torch
+
+from openclip_align.data.errors import MissingExtrasError
+from openclip_align.losses.registry import NEEDS_INDEX, NEEDS_SEMANTIC
+
+from . import batch_extras, data_checks, training_shards
+from .batch_extras import ExtrasLoader
+from .run_state import TrainerRun
+
+
+@dataclass(frozen=True)
+class UpstreamData:
+    """Upstream's data side as plain callables."""
+    build_all: Callable                 # (args, preprocess_fns, epoch=, tokenizer=) -> {split: DataInfo}
+    train_builder: Callable             # (args) -> the builder of args.train_data: (args, preprocess, is_train=,
+                                        #   epoch=, tokenizer=) -> DataInfo
+    builds_shards: Callable             # (builder) -> whether it reads webdataset shards
+    expand: Callable                    # (spec) -> (urls, weights), ``::`` sources and brace patterns expanded
+    source_size: Callable               # (one source) -> (samples, shards) from its sizes.json / __len__
+    reading: Callable[..., ContextManager]   # (plan, drop_empty) -> while built: caption filter, read errors
+
+
+def build_data(run: Optional[TrainerRun], args, preprocess_fns, epoch, tokenizer, upstream: UpstreamData) -> dict:
+    """What upstream's data builder returns, with the train split planned, checked and carrying extras."""
+    if run is None or not args.train_data or args.dataset_type == "synthetic":
+        if run is not None and run.uses_stash and args.dataset_type == "synthetic":
+            raise MissingExtrasError(f"--loss {args.loss} needs captions/indices; synthetic data has none")
+        return upstream.build_all(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+    dataset_fn = upstream.train_builder(args)
+    plan = None
+    if upstream.builds_shards(dataset_fn):              # no shard is opened here: see training_shards
+        plan = training_shards.plan_training_shards(args, run.data_extras(), upstream.expand, upstream.source_size)
+        for note in plan.notes:
+            logging.info("openclip-align: %s", note)
+    drop_empty = bool(getattr(args, "drop_empty_captions", False))
+    if not run.uses_stash:
+        with upstream.reading(plan, drop_empty):
+            data = upstream.build_all(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+        if "train" in data:
+            data_checks.check_has_a_batch(args, data["train"])
+        return data
+    source = args.semantic_source
+    options = dict(csv_index_key=args.csv_index_key, csv_embeddings=None if plan else args.semantic_embeddings,
+                   semantic_precomputed=source != "on-the-fly", semantic_on_the_fly=source != "precomputed")
+    if plan is not None:
+        options["shard_extras"] = training_shards.ShardSampleExtras(plan, run.data_extras(), source)
+        run.semantic_width = plan.width
+    with batch_extras.requesting(run.data_extras(), **options), upstream.reading(plan, drop_empty):
+        train = dataset_fn(args, preprocess_fns[0], is_train=True, epoch=epoch, tokenizer=tokenizer)
+    data_checks.check_has_a_batch(args, train)
+    if NEEDS_SEMANTIC in run.needs and plan is None:
+        data_checks.log_csv_on_the_fly(args, train)
+    train.dataloader = ExtrasLoader(train.dataloader)
+    run.num_train_samples = plan.total if plan is not None else _dataset_size(args, train, upstream.source_size)
+    indices = getattr(getattr(train.dataloader, "dataset", None), "indices", None)
+    if NEEDS_INDEX in run.needs and indices is not None and run.num_train_samples:
+        batch_extras.check_index_range(f"--loss {args.loss}: {args.train_data}", indices, run.num_train_samples)
+    saved = args.train_data
+    args.train_data = None          # upstream builds val / imagenet exactly as before
+    try:
+        data = upstream.build_all(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+    finally:
+        args.train_data = saved
+    return {"train": train, **data}
+
+
+def _dataset_size(args, train, source_size) -> Optional[int]:
+    """Number of distinct pairs (sizes the per-sample state of losses like SogCLR)."""
+    dataset = getattr(train.dataloader, "dataset", None)
+    if dataset is not None and not isinstance(dataset, torch.utils.data.IterableDataset):
+        return len(dataset)                                  # csv: one row per pair
+    return training_shards.shards_size(args.train_data, source_size)
