@@ -357,3 +357,18 @@ def test_data_check_names_a_damaged_shard_and_goes_on(tmp_path, capsys):
     assert main(["data", "check", "--data", str(tmp_path), "--workers", "1", "--no-progress"]) == 1
     assert "b.tar cannot be read to its end" in capsys.readouterr().err
     assert list(read_record(str(tmp_path))["shards"]) == [os.path.basename(good)]
+
+
+def test_data_check_writes_sizes_json_by_the_one_rule(tmp_path):
+    """sizes.json counts the samples training takes from each shard: all but those with an empty caption
+    (hand count: a.tar 3 - 1, b.tar 2), the count embed writes too; an existing one is left as it is."""
+    from openclip_align.data.check_shards import check_shards
+
+    make_shard(tmp_path / "a.tar", plain_samples(["a0", "a1", "a2"], captions=["one", "", "three"]))
+    make_shard(tmp_path / "b.tar", plain_samples(["b0", "b1"]))
+    found = check_shards(str(tmp_path), progress=False)
+    assert any("1 samples have an empty or missing caption (a1)" in p for p in found["problems"])
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"a.tar": 2, "b.tar": 2}
+    (tmp_path / "sizes.json").write_text('{"a.tar": 1, "b.tar": 1}')
+    check_shards(str(tmp_path), progress=False)
+    assert (tmp_path / "sizes.json").read_text() == '{"a.tar": 1, "b.tar": 1}'

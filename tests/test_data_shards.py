@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from openclip_align.data import shards as sh
+from openclip_align.data.sizes import SIZES_FILE
 
 
 def _samples(n, fail_at=None):
@@ -41,7 +42,7 @@ def test_interrupted_write_shards_has_no_sizes_json(tmp_path):
     with pytest.raises(RuntimeError):
         sh.write_shards(tmp_path, "train", _samples(25, fail_at=15), shard_size=10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.tar"]   # complete shard only
-    assert not (tmp_path / sh.SIZES_FILE).exists()
+    assert not (tmp_path / SIZES_FILE).exists()
 
 
 def test_stale_temporaries_are_removed(tmp_path):

@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import shards as sh
+from .sizes import SIZES_FILE
 from .content import content_of_files
 from .packages import Requirement, ensure
 from .sources import Item, render_item, source_module
@@ -377,10 +378,10 @@ def write_split(writer: Writer, name: str, records: Sequence[Record], emb: Optio
                                 progress=progress, total=len(records), desc=f"write {name} shards")
         for shard in sizes:
             writer.written.add(writer.out / name / shard)
-        writer.written.add(writer.out / name / sh.SIZES_FILE)
+        writer.written.add(writer.out / name / SIZES_FILE)
         _record_shards(writer, writer.out / name, sizes, emb, encoder)
         files.update(shards=os.path.relpath(sh.shard_spec(writer.out / name, sizes), writer.out),
-                     sizes=f"{name}/{sh.SIZES_FILE}", num_shards=len(sizes))
+                     sizes=f"{name}/{SIZES_FILE}", num_shards=len(sizes))
     writer.file(f"{name}.csv", sh.tsv_text(CSV_HEADER, rows).encode("utf-8"))   # last: it vouches for the images
     return files
 

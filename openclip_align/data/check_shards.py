@@ -5,13 +5,13 @@ mtime are not read again; entries are written as the scan goes."""
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from .errors import CorpusError
 from .preflight import check_index_ranges
-from .record import RecordWriter, record_dir_for, recorded_entries_by_folder, scan_shards, writable_dir
+from .record import RecordWriter, record_dir_for, recorded_entries_by_folder, scan_shards
 from .shard_files import listed
-from .sizes import SIZES_FILE
+from .sizes import write_sizes_where_missing
 
 
 def check_shards(data, workers: int = 1, out: Optional[str] = None, progress: bool = True) -> dict:
@@ -33,7 +33,7 @@ def check_shards(data, workers: int = 1, out: Optional[str] = None, progress: bo
     finally:
         for writer in writers.values():
             writer.flush()
-    _write_sizes_where_missing(paths, entries)
+    write_sizes_where_missing(paths, entries)        # upstream's epoch size, where there is none
     problems: List[str] = list(errors.values())
     for path in paths:
         entry = entries.get(path)
@@ -57,16 +57,3 @@ def check_shards(data, workers: int = 1, out: Optional[str] = None, progress: bo
         except CorpusError as err:
             problems.append(str(err))
     return {"entries": entries, "errors": errors, "problems": problems, "record_dirs": sorted(writers)}
-
-
-def _write_sizes_where_missing(paths: List[str], entries: Dict[str, dict]) -> None:
-    """Upstream needs ``sizes.json`` beside the shards (or --train-num-samples); write it where there is
-    none and every shard of the folder was read (an existing one is checked by the trainer, not replaced)."""
-    from .shards import atomic_write_json
-
-    for folder in sorted({os.path.dirname(p) for p in paths}):
-        mine = [p for p in paths if os.path.dirname(p) == folder]
-        target = os.path.join(folder, SIZES_FILE)
-        if os.path.exists(target) or not writable_dir(folder) or any(p not in entries for p in mine):
-            continue
-        atomic_write_json(target, {os.path.basename(p): entries[p]["count"] for p in mine})

@@ -10,7 +10,6 @@ Two promises the rest of the data code relies on:
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -23,11 +22,12 @@ import numpy as np
 from openclip_align.atomic_files import (TMP_MARK, atomic_open, atomic_write_bytes,  # noqa: F401
                                          atomic_write_text, temp_name)
 
+from .sizes import remove_sizes, write_sizes
+
 PathLike = Union[str, os.PathLike]
 
 TAR_MTIME = 946684800         # 2000-01-01: a fixed, non-zero mtime (some tools warn about 0)
 SHARD_PATTERN = "{prefix}-{shard:06d}.tar"
-SIZES_FILE = "sizes.json"
 
 
 # --- atomic files: the shared helper (names re-exported for the data code) --------------------
@@ -114,17 +114,17 @@ def write_tar(final: PathLike, samples: Iterable[Sample]) -> int:
 
 def write_shards(directory: PathLike, prefix: str, samples: Iterable[Sample], shard_size: int,
                  progress: bool = False, total: Optional[int] = None, desc: str = "shards") -> Dict[str, int]:
-    """Split ``samples`` into ``PREFIX-000000.tar ...`` of at most ``shard_size`` samples, then sizes.json.
+    """Split ``samples`` into ``PREFIX-000000.tar ...`` of at most ``shard_size`` samples, then their sizes
+    (:func:`.sizes.write_sizes`; every sample written is kept: the build has no empty captions).
 
-    sizes.json is written last, so a directory with a sizes.json holds only complete shards.
+    The sizes are written last, so a directory with sizes holds only complete shards.
     Shards from an earlier, larger build that this one does not write again are removed.
     """
     if shard_size < 1:
         raise ValueError("shard_size must be >= 1")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):      # the old sizes.json must not vouch for new shards
-        (directory / SIZES_FILE).unlink()
+    remove_sizes(directory)
     sizes: Dict[str, int] = {}
     iterator = iter(samples)
     bar = _progress(total, desc) if progress else None
@@ -149,7 +149,7 @@ def write_shards(directory: PathLike, prefix: str, samples: Iterable[Sample], sh
     for stale in directory.glob(f"{prefix}-*.tar"):
         if stale.name not in sizes:
             stale.unlink()
-    atomic_write_json(directory / SIZES_FILE, sizes)
+    write_sizes(directory, sizes)
     return sizes
 
 
