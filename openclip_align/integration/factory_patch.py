@@ -1,6 +1,6 @@
 """Make OpenCLIP's model factory know the plugin's models.
 
-Three small, idempotent changes to ``open_clip.factory`` (see docs/how-it-hooks-in.md and
+Small, idempotent changes to ``open_clip.factory`` (see docs/how-it-hooks-in.md and
 patches/ for the upstream change that would make them unnecessary):
 
 1. our config directory is added with OpenCLIP's own ``add_model_config``, so ``list_models``,
