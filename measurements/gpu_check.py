@@ -218,7 +218,7 @@ def encoder_folder(cfg, work: Path):
 
 
 def embed_speed(cfg, device: str, work: Path) -> dict:
-    from openclip_align.data.embed_files import embed_csv
+    from openclip_align.data.embed import embed_csv
     from openclip_align.data.semantic import embed_captions, load_sentence_encoder
 
     path, weights = encoder_folder(cfg, work)

@@ -25,7 +25,7 @@ from openclip_align.data.column import has_fingerprints, write_column
 from openclip_align.data.record import RECORD_FORMAT, RECORD_NAME, recorded_entries, scan_shard, write_record
 from openclip_align.data import shards as sh
 from openclip_align.data.check_shards import check_shards
-from openclip_align.data.embed_column import add_fingerprints, embed_shards
+from openclip_align.data.embed import add_fingerprints, embed_shards
 from openclip_align.integration import training_shards
 from openclip_align.data.errors import CorpusError, TrainingDataError
 

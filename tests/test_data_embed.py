@@ -136,7 +136,7 @@ def test_embed_shards_writes_a_column_and_keeps_the_shards(tmp_path, encoder):
 
 
 def test_embed_resumes_skipping_complete_columns_and_redoing_partial_ones(tmp_path, encoder, monkeypatch):
-    from openclip_align.data import embed_column
+    from openclip_align.data import embed
 
     src = _src_shards(tmp_path)
     args = ["embed", "--model", "all-MiniLM-L6-v2", "--data", str(src), "--no-progress"]
@@ -144,8 +144,8 @@ def test_embed_resumes_skipping_complete_columns_and_redoing_partial_ones(tmp_pa
     done = {p.name: p.stat().st_mtime_ns for p in src.glob("*.emb.*")}
     os.unlink(src / "shard-000001.emb.json")                     # as if killed before the json was written
     embedded = []
-    real = embed_column._embed_one
-    monkeypatch.setattr(embed_column, "_embed_one",
+    real = embed._embed_one
+    monkeypatch.setattr(embed, "_embed_one",
                         lambda enc, job, *a: embedded.append(os.path.basename(job["path"])) or real(enc, job, *a))
     assert main(args) == 0
     assert embedded == ["shard-000001.tar"]

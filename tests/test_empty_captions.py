@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from openclip_align.cli import main  # noqa: E402
 from openclip_align.data import build, captions, semantic  # noqa: E402
 from openclip_align.data import shards as sh  # noqa: E402
-from openclip_align.data.embed_files import embed_csv, embed_shards  # noqa: E402
+from openclip_align.data.embed import embed_csv, embed_shards  # noqa: E402
 from openclip_align.data.errors import EmptyCaptionError  # noqa: E402
 from openclip_align.data.sources import Item  # noqa: E402
 

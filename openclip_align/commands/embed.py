@@ -47,25 +47,19 @@ def register(subparsers) -> None:
 
 def _run(args) -> int:
     from ..data.errors import CorpusError
-    from ..data.embed_files import embed_csv, embed_shards
-    from ..data.semantic import EncoderNotInstalled
+    from ..data.embed import add_fingerprints, embed_csv, embed_shards
+    from ..data.semantic import EncoderNotInstalled, resolve_devices
 
     progress = not args.no_progress
     try:
         if args.add_fingerprints:
-            from ..data.embed_column import add_fingerprints
-
             done = add_fingerprints(args.data, args.out)
             added = {k: v for k, v in done.items() if v}
             print(f"{args.out or 'beside the shards'}: caption fingerprints added to {len(added)} columns "
                   f"({sum(added.values())} rows); {len(done) - len(added)} already had them")
             return 0
         if args.data.endswith(".csv") or (os.path.isfile(args.data) and not args.data.endswith(".tar")):
-            device = args.device
-            if device == "auto":
-                import torch
-
-                device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = resolve_devices(args.device)[0]
             written = embed_csv(args.data, model=args.model, out=args.out, sep=args.csv_separator,
                                 caption_key=args.csv_caption_key, batch_size=args.batch_size, progress=progress,
                                 device=device, drop_empty_captions=args.drop_empty_captions)

@@ -18,9 +18,9 @@ def check_shards(data, workers: int = 1, out: Optional[str] = None, progress: bo
     """Record every shard; returns {"entries": {path: entry}, "errors": {path: msg}, "problems": [str],
     "record_dirs": [dir]}. Problems: unreadable shards, empty captions, mixed index numbering, bad
     KEY.emb.npy members, index ranges that overlap or leave [0, N)."""
-    from .embed_files import _shard_list
+    from .embed import local_shards
 
-    paths = [str(p) for p in sorted(_shard_list(data), key=lambda p: (str(p.parent), p.name))]
+    paths = local_shards(data)
     targets = {}
     for path in paths:
         folder = os.path.dirname(path)

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -158,6 +158,25 @@ def load_sentence_encoder(name_or_path: str = MINILM, device: str = "cpu"):
             model.eval()
             _cache[key] = model
         return _cache[key]
+
+
+def resolve_devices(device: str = "auto", devices: Optional[str] = None, num_processes: Optional[int] = None) -> List[str]:
+    """The devices to embed on, one process each: ``--devices cuda:0,cuda:1``, or ``--num-processes N``
+    (the first N GPUs; on a CPU-only machine N CPU processes), else ``--device`` (auto: cuda if present)."""
+    import torch
+
+    if devices:
+        return [d.strip() for d in str(devices).split(",") if d.strip()]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if num_processes and num_processes > 1:
+        if device.startswith("cuda"):
+            found = torch.cuda.device_count()
+            if num_processes > found:
+                raise ValueError(f"--num-processes {num_processes}: only {found} CUDA device(s) are visible")
+            return [f"cuda:{i}" for i in range(num_processes)]
+        return [device] * int(num_processes)
+    return [device]
 
 
 def embedding_dim(encoder) -> int:

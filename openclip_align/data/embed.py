@@ -1,10 +1,17 @@
-"""``embed`` for webdataset shards: caption embeddings as a column beside the shards, never a copy of them.
+"""``openclip-align embed``: caption embeddings for a user's own OpenCLIP data, csv or webdataset shards.
 
-Per shard ``NAME.emb.npy`` + ``NAME.emb.json`` (see :mod:`.column`), written in the column directory
-(default: beside the shards). At CC12M size this runs on several devices at once (one process per
-device, each taking the next shard from a shared queue), resumes after an interruption (a shard whose
-column is complete and made from the same shard bytes, keys, model and numbering is skipped; a partial
-one is redone: its json, written last, is missing), and shows captions/s and the ETA.
+Losses such as IMSep need a sentence embedding per pair. Computing them once, beside the data, keeps
+training fast and reproducible. Inputs are never modified:
+
+* csv (:func:`embed_csv`): the csv's embedding file and its record (:mod:`.csv_embeddings`), next to the
+  csv (or in ``out``). A csv without an ``index`` column also gets a copy with one
+  (``<stem>.indexed.csv`` beside it, or ``out/<stem>.csv``), written atomically.
+* shards (:func:`embed_shards`): a column per shard (:mod:`.column`), in the column directory (default:
+  beside the shards), never a copy of the shards. At CC12M size this runs on several devices at once
+  (one process per device, each taking the next shard from a shared queue), resumes after an
+  interruption (a shard whose column is complete and made from the same shard bytes, keys, model and
+  numbering is skipped; a partial one is redone: its json, written last, is missing), and shows
+  captions/s and the ETA.
 
 The shards are scanned first (small members only, in parallel, reusing the record's entries): that
 gives every shard's keys and empty captions, the total for the progress bar, and where each shard's
@@ -23,35 +30,105 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from openclip_align.atomic_files import stale_temps
 
-from .captions import is_empty, refuse
+from . import csv_embeddings
+from . import shards as sh
+from .captions import csv_row_label, empty_positions, refuse
 from .column import CORPUS_META, FIX_EMBED, FIX_OTHER_SOURCE, caption_fingerprint, captions_sha256, column_paths, \
     column_problem, column_source, column_summary, encode_fingerprints, has_fingerprints, read_column_meta, \
     shard_identity, write_column, write_column_meta
 from .errors import CorpusError
 from .record import RecordWriter, recorded_entries, recorded_entries_by_folder, scan_shards, writable_dir, write_record
 from .shard_files import caption_text, fingerprint, iter_samples, keys_sha256, shard_name
+from .semantic import canonical_name, embed_captions, embedding_meta, load_sentence_encoder, resolve_devices
 from .sizes import SIZES_FILE
 
+INDEX_COLUMN = "index"
+
+
+def _stem(path: Path) -> str:
+    return path.name[:-4] if path.name.endswith(".csv") else path.stem
+
+
+def embed_csv(csv_path, model: str = "all-MiniLM-L6-v2", out=None, sep: str = "\t", caption_key: str = "title",
+              batch_size: int = 256, progress: bool = True, device: str = "cpu",
+              drop_empty_captions: bool = False) -> Dict[str, str]:
+    """Embed the ``caption_key`` column of a csv; returns {what: path} of the files written.
+
+    Rows with an empty caption are refused (:mod:`.captions`); with ``drop_empty_captions`` they are left
+    out of a copy of the csv (``<stem>.indexed.csv``), which the embeddings then follow row by row."""
+    import pandas as pd
+
+    csv_path = Path(csv_path)
+    df = pd.read_csv(csv_path, sep=sep, dtype=str, keep_default_na=False)
+    if caption_key not in df.columns:
+        raise ValueError(f"{csv_path}: no caption column {caption_key!r} (columns: {', '.join(df.columns)}); "
+                         "pass --csv-caption-key")
+    bad = empty_positions(df[caption_key])
+    if bad and not drop_empty_captions:
+        raise refuse(f"{csv_path} (column {caption_key!r})", [csv_row_label(i) for i in bad], len(df))
+    df = df.drop(index=df.index[bad]).reset_index(drop=True)
+    out_dir = Path(out) if out else csv_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    beside = out_dir.resolve() == csv_path.parent.resolve()
+    stem = _stem(csv_path)
+
+    encoder = load_sentence_encoder(model, device=device)
+    emb = embed_captions(encoder, df[caption_key].tolist(), batch_size=batch_size, progress=progress)
+    meta = embedding_meta(model, emb)
+    written: Dict[str, str] = {}
+
+    has_index = INDEX_COLUMN in df.columns
+    if has_index:
+        values = pd.to_numeric(df[INDEX_COLUMN], errors="coerce")
+        if values.isna().any() or not values.is_unique:
+            raise ValueError(f"{csv_path}: column {INDEX_COLUMN!r} must hold a unique integer per row")
+    if not beside or not has_index or bad:
+        # a copy of the csv (with an index column when it had none); the original is left as it is
+        new_stem = stem if not beside else f"{stem}.indexed"
+        indexed = df if has_index else df.assign(**{INDEX_COLUMN: [str(i) for i in range(len(df))]})
+        new_csv = out_dir / f"{new_stem}.csv"
+        sh.atomic_write_text(new_csv, indexed.to_csv(sep=sep, index=False))
+        written["csv"] = str(new_csv)
+        csv_embeddings.write(out_dir / f"{new_stem}{csv_embeddings.EMB_SUFFIX}", emb, meta)
+        written["embeddings"] = str(out_dir / f"{new_stem}{csv_embeddings.EMB_SUFFIX}")
+    if bad:
+        written["dropped_empty_captions"] = f"{len(bad)} rows ({', '.join(csv_row_label(i) for i in bad[:5])}" + \
+            (" ...)" if len(bad) > 5 else ")")
+    elif beside:
+        # row-aligned with the original csv too (row number = index when it has no index column)
+        target = csv_path.parent / f"{stem}{csv_embeddings.EMB_SUFFIX}"
+        csv_embeddings.write(target, emb, meta, copy_of=written.get("embeddings"))
+        written["embeddings_original"] = str(target)
+        written.setdefault("embeddings", str(target))
+    return written
+
+
+def local_shards(data) -> List[str]:
+    """The local shards ``--data`` names (a folder, a file, or a brace pattern), sorted by folder and name."""
+    return [str(p) for p in sorted(_shard_files(data), key=lambda p: (str(p.parent), p.name))]
+
+
+def _shard_files(data) -> List[Path]:
+    data = str(data)
+    if os.path.isdir(data):
+        found = sh.list_shards(data)
+        if not found:
+            raise FileNotFoundError(f"{data}: no .tar shards in this directory")
+        return found
+    try:
+        import braceexpand
+
+        names = list(braceexpand.braceexpand(data))
+    except ImportError:
+        names = [data]
+    paths = [Path(n) for n in names]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"shards not found: {', '.join(map(str, missing[:3]))}")
+    return paths
+
+
 DTYPES = ("float16", "float32")
-
-
-def resolve_devices(device: str = "auto", devices: Optional[str] = None, num_processes: Optional[int] = None) -> List[str]:
-    """The devices to embed on, one process each: ``--devices cuda:0,cuda:1``, or ``--num-processes N``
-    (the first N GPUs; on a CPU-only machine N CPU processes), else ``--device`` (auto: cuda if present)."""
-    import torch
-
-    if devices:
-        return [d.strip() for d in str(devices).split(",") if d.strip()]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if num_processes and num_processes > 1:
-        if device.startswith("cuda"):
-            found = torch.cuda.device_count()
-            if num_processes > found:
-                raise ValueError(f"--num-processes {num_processes}: only {found} CUDA device(s) are visible")
-            return [f"cuda:{i}" for i in range(num_processes)]
-        return [device] * int(num_processes)
-    return [device]
 
 
 def _captions(path: str, drop: set) -> Tuple[List[str], List[str], List[str], List[str]]:
@@ -131,8 +208,6 @@ def _embed_one(encoder, job: dict, batch_size: int, report) -> dict:
     """Embed one shard's captions and write its column; ``report(n)`` after every chunk of captions."""
     import numpy as np
 
-    from .semantic import embed_captions
-
     keys, texts, every, every_text = _captions(job["path"], set(job["dropped"]))
     if keys_sha256(every) != job["keys_sha256"]:
         raise CorpusError(f"shard {job['path']} changed while it was being embedded; rerun the same command")
@@ -155,8 +230,6 @@ def _device_worker(device: str, model: str, batch_size: int, jobs, results, thre
             import torch
 
             torch.set_num_threads(threads)
-        from .semantic import load_sentence_encoder
-
         encoder = load_sentence_encoder(model, device=device)
         while True:
             job = jobs.get()
@@ -176,13 +249,10 @@ def embed_shards(data, out=None, model: str = "all-MiniLM-L6-v2", batch_size: in
     out with ``drop_empty_captions`` (listed in the column json and counted in the record)."""
     from tqdm.auto import tqdm
 
-    from .embed_files import _shard_list
-    from .semantic import canonical_name
-
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     model_name = canonical_name(model)
-    paths = [str(p) for p in sorted(_shard_list(data), key=lambda p: (str(p.parent), p.name))]
+    paths = local_shards(data)
     folders = sorted({os.path.dirname(p) for p in paths})
     if out is None:
         for folder in folders:
@@ -243,8 +313,6 @@ def embed_shards(data, out=None, model: str = "all-MiniLM-L6-v2", batch_size: in
         targets = resolve_devices(device, devices, num_processes) if jobs else []
         if len(targets) <= 1:
             if jobs:
-                from .semantic import load_sentence_encoder
-
                 encoder = load_sentence_encoder(model, device=targets[0])
                 for job in jobs:
                     _embed_one(encoder, job, batch_size, bar.update)
@@ -262,18 +330,14 @@ def embed_shards(data, out=None, model: str = "all-MiniLM-L6-v2", batch_size: in
         cols = [entries[p]["column"] for p in mine if entries[p].get("column")]
         dims = {c["dim"] for c in cols}
         dropped = sum(len(entries[p]["empty_caption_keys"]) for p in mine)
-        from .shards import atomic_write_json
-
-        atomic_write_json(os.path.join(folder, CORPUS_META),
+        sh.atomic_write_json(os.path.join(folder, CORPUS_META),
                           {"model": model_name, "dim": dims.pop() if len(dims) == 1 else None,
                            "n": int(sum(c["rows"] for c in cols)), "normalized": True, "dtype": dtype,
                            "layout": "column", **({"dropped_empty_captions": dropped} if dropped else {})})
     for folder in folders:
         sizes_path = os.path.join(folder, SIZES_FILE)
         if not os.path.exists(sizes_path) and writable_dir(folder):
-            from .shards import atomic_write_json
-
-            atomic_write_json(sizes_path, {os.path.basename(p): entries[p]["count"] - len(entries[p]["empty_caption_keys"])
+            sh.atomic_write_json(sizes_path, {os.path.basename(p): entries[p]["count"] - len(entries[p]["empty_caption_keys"])
                                            for p in paths if os.path.dirname(p) == folder})
     return {os.path.basename(p): entries[p]["count"] - len(entries[p]["empty_caption_keys"]) for p in paths}
 
@@ -322,9 +386,7 @@ def add_fingerprints(data, out=None) -> Dict[str, int]:
     them). Reads captions only (tarfile seeks over the images); rewrites only the column's json, atomically,
     and the shard's record entry where there is one. A column is vouched for only when the shard still has
     the size and keys it was made from: otherwise it is refused, naming what differs (re-embed it)."""
-    from .embed_files import _shard_list
-
-    paths = [str(p) for p in sorted(_shard_list(data), key=lambda p: (str(p.parent), p.name))]
+    paths = local_shards(data)
     done: Dict[str, int] = {}
     for path in paths:
         folder = str(out) if out is not None else os.path.dirname(path)
