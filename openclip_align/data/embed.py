@@ -40,7 +40,7 @@ from .errors import CorpusError
 from .record import RecordWriter, recorded_entries, recorded_entries_by_folder, scan_shards, writable_dir, write_record
 from .shard_files import caption_text, fingerprint, iter_samples, keys_sha256, shard_name
 from .semantic import canonical_name, embed_captions, embedding_meta, load_sentence_encoder, resolve_devices
-from .sizes import SIZES_FILE
+from .sizes import kept_samples, write_sizes_where_missing
 
 INDEX_COLUMN = "index"
 
@@ -274,7 +274,7 @@ def embed_shards(data, out=None, model: str = "all-MiniLM-L6-v2", batch_size: in
     index_start, start = {}, 0
     for path in paths:
         index_start[path] = start
-        start += entries[path]["count"] - len(entries[path]["empty_caption_keys"])
+        start += kept_samples(entries[path])
 
     # 2. which shards still need their column (never another shard's, in a shared --out)
     if out is not None:
@@ -334,12 +334,8 @@ def embed_shards(data, out=None, model: str = "all-MiniLM-L6-v2", batch_size: in
                           {"model": model_name, "dim": dims.pop() if len(dims) == 1 else None,
                            "n": int(sum(c["rows"] for c in cols)), "normalized": True, "dtype": dtype,
                            "layout": "column", **({"dropped_empty_captions": dropped} if dropped else {})})
-    for folder in folders:
-        sizes_path = os.path.join(folder, SIZES_FILE)
-        if not os.path.exists(sizes_path) and writable_dir(folder):
-            sh.atomic_write_json(sizes_path, {os.path.basename(p): entries[p]["count"] - len(entries[p]["empty_caption_keys"])
-                                           for p in paths if os.path.dirname(p) == folder})
-    return {os.path.basename(p): entries[p]["count"] - len(entries[p]["empty_caption_keys"]) for p in paths}
+    write_sizes_where_missing(paths, entries)
+    return {os.path.basename(p): kept_samples(entries[p]) for p in paths}
 
 
 def _run_on_devices(targets: Sequence[str], model: str, batch_size: int, jobs: List[dict], bar, record) -> None:
