@@ -237,7 +237,7 @@ def test_results_md_renders_each_row():
     assert "| CLIP-Refine, HyCD x 1 | S = 1 (T = 1) | failed (out of memory) | | | | |" in lines
     assert ("Mind the Gap's published gaps (OpenAI CLIP fine-tuned on MSCOCO, from 0.83): 1.00 at T = 1/100, "
             "0.80 at T = 1/50, 0.64 at T = 1/30, 0.55 at T = 1/20, 0.30 at T = 1/10, 0.24 at T = 1.") in lines
-    assert "Total time: 10.0 min. Figure: `temperature_study.png`." in lines
+    assert "Total time: 10.0 min. Figure: `temperature.png`." in lines
 
 
 README = ("intro\n<!-- study:start -->\nGRID\n<!-- study:end -->\nmiddle\n"
