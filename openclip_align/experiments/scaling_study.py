@@ -73,8 +73,11 @@ def nested_subsets(n_pairs: int, fractions: Sequence[float], seed: int = SUBSET_
 
 def write_subset(data_dir: Path, rows: np.ndarray, folder: Path, name: str) -> Path:
     """``folder/NAME.csv`` with the corpus's training rows ``rows`` (index renumbered 0..n-1) and
-    ``NAME.emb.npy`` / ``.emb.json`` holding their caption embeddings, row by row; returns the csv."""
+    the matching rows of their caption embeddings beside it (:mod:`openclip_align.data.csv_embeddings`);
+    returns the csv."""
     import pandas as pd
+
+    from openclip_align.data import csv_embeddings
 
     folder.mkdir(parents=True, exist_ok=True)
     table = pd.read_csv(data_dir / "train.csv", sep="\t", keep_default_na=False)
@@ -83,17 +86,16 @@ def write_subset(data_dir: Path, rows: np.ndarray, folder: Path, name: str) -> P
         subset["index"] = np.arange(len(subset))
     csv = folder / f"{name}.csv"
     subset.to_csv(csv, sep="\t", index=False)
-    embeddings = data_dir / "train.emb.npy"
+    embeddings = Path(csv_embeddings.embedding_path(str(data_dir / "train.csv")))
     if embeddings.exists():
         column = np.load(embeddings, mmap_mode="r")
         if len(column) != len(table):
             raise ValueError(f"{embeddings}: {len(column)} rows for the {len(table)} pairs of train.csv; rebuild "
                              "the corpus (`make data`) or rerun `openclip-align embed`")
-        np.save(folder / f"{name}.emb.npy", np.ascontiguousarray(column[rows]))
-        meta_path = data_dir / "train.emb.json"
+        meta_path = Path(csv_embeddings.meta_path(str(embeddings)))
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         meta.update(n=int(len(rows)), subset_of=str(embeddings))
-        (folder / f"{name}.emb.json").write_text(json.dumps(meta, indent=1))
+        csv_embeddings.write(csv_embeddings.embedding_path(str(csv)), column[rows], meta)
     return csv
 
 
