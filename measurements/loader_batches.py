@@ -33,6 +33,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from openclip_align.data.column import CORPUS_META, EMB_MEMBER
+from openclip_align.data.sizes import SIZES_FILE
+
 HERE = Path(__file__).resolve().parent
 WIDTH = 384
 VARIANTS = ("clip", "imsep", "imsep, per-sample extras (before)")
@@ -54,10 +57,10 @@ def write_shards(folder: Path, n_shards: int, per_shard: int, seed: int = 0) -> 
                 Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, format="JPEG")
                 vector = rng.normal(size=WIDTH).astype(np.float32)
                 sink.write({"__key__": f"{i:09d}", "jpg": buffer.getvalue(), "txt": f"a photo of thing {i}",
-                            "json": {"index": i}, "emb.npy": vector / np.linalg.norm(vector)})
+                            "json": {"index": i}, EMB_MEMBER: vector / np.linalg.norm(vector)})
         sizes[name] = per_shard
-    (folder / "sizes.json").write_text(json.dumps(sizes))
-    (folder / "embeddings.json").write_text(json.dumps({"model": "all-MiniLM-L6-v2", "dim": WIDTH}))
+    (folder / SIZES_FILE).write_text(json.dumps(sizes))
+    (folder / CORPUS_META).write_text(json.dumps({"model": "all-MiniLM-L6-v2", "dim": WIDTH}))
     return str(folder / f"{{00000..{n_shards - 1:05d}}}.tar")
 
 

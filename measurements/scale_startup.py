@@ -35,6 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+from openclip_align.data.column import COLUMN_META_SUFFIX, COLUMN_SUFFIX
+from openclip_align.data.sizes import SIZES_FILE
+
 TARGET = 10_000_000          # CC12M-sized: what every column is extrapolated to
 NOISE_S = 3.0                 # run-to-run spread of the seconds to the first step on the shared 2-core machine
 NOISE_MIB = 100.0             # ... of the peak RSS
@@ -62,7 +65,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
 
 
 def write_shards(folder: Path, n: int, shard_size: int) -> list:
-    """img2dataset's layout: NAME.tar of KEY.jpg/.txt/.json, and sizes.json."""
+    """img2dataset's layout: NAME.tar of KEY.jpg/.txt/.json, and sizes.json (:data:`SIZES_FILE`)."""
     folder.mkdir(parents=True, exist_ok=True)
     jpg, now, sizes, paths = tiny_jpeg(), time.time(), {}, []
     for shard, start in enumerate(range(0, n, shard_size)):
@@ -75,7 +78,7 @@ def write_shards(folder: Path, n: int, shard_size: int) -> list:
                 _add(tar, f"{key}.json", json.dumps({"key": key, "index": i, "status": "success"}).encode(), now)
         sizes[name] = min(n, start + shard_size) - start
         paths.append(folder / name)
-    (folder / "sizes.json").write_text(json.dumps(sizes))
+    (folder / SIZES_FILE).write_text(json.dumps(sizes))
     return paths
 
 
@@ -95,7 +98,7 @@ def write_columns(paths: list, shard_size: int, dim: int = 384, skip: int = 1) -
 
 
 def sizes_of(path: Path) -> int:
-    return json.loads((path.parent / "sizes.json").read_text())[path.name]
+    return json.loads((path.parent / SIZES_FILE).read_text())[path.name]
 
 
 def _timed(cmd, env=None) -> float:
@@ -154,7 +157,7 @@ def first_step(pattern: str, loss: str, plugin: bool, extra, logs: Path, name: s
 
 
 def column_bytes_per_sample(folder: Path, n: int) -> float:
-    files = list(folder.glob("*.emb.npy")) + list(folder.glob("*.emb.json"))
+    files = list(folder.glob(f"*{COLUMN_SUFFIX}")) + list(folder.glob(f"*{COLUMN_META_SUFFIX}"))
     return sum(f.stat().st_size for f in files) / n
 
 
