@@ -6,8 +6,8 @@ import open_clip
 import pytest
 import torch
 
+from _trainer_launch import base, train
 from openclip_align.models import packaged_towers
-from test_trainer import base, train
 
 MODEL = "DualCLIP-Lite0-MiniLM"
 

@@ -1,41 +1,12 @@
 """`python -m open_clip_train.main --loss NAME` end to end on real images (issue 3)."""
 import json
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-
-
-def base(batch_size=16, lr=5e-4, dataset_type="csv"):
-    return ["--lr", str(lr), "--dataset-type", dataset_type, "--batch-size", str(batch_size), "--workers", "0",
-            "--precision", "fp32", "--device", "cpu", "--warmup", "1", "--seed", "0", "--log-every-n-steps", "1"]
-
-
-BASE = base()
-
-
-def train(argv, logs: Path, name: str, disable=False, check=True):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("OPENCLIP_ALIGN_DISABLE", None)
-    if disable:
-        env["OPENCLIP_ALIGN_DISABLE"] = "1"
-    cmd = [sys.executable, "-m", "open_clip_train.main", *argv, "--logs", str(logs), "--name", name]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
-def logged(out_log: Path, term: str):
-    """Per-step values of one loss term from out.log ("Imsep_loss: 1.2345 (avg)")."""
-    pattern = re.compile(rf"{term}: ([0-9.eE+-]+) \(")
-    return [float(m.group(1)) for m in pattern.finditer(out_log.read_text())]
+from _trainer_launch import BASE, base, logged, train
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import open_clip
 import pytest
 import torch
 
+from _trainer_launch import base, logged, train
 from conftest import write_digits_corpus
-from test_trainer import base, logged, train
 
 MODEL = "DualCLIP-Tiny"
 AUTHORS_LR = 1e-6                       # CLIP-Refine's released recipe

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_trainer import base, logged, train
+from _trainer_launch import base, logged, train
 
 # every loss and every optimizer at least once, in four runs
 RUNS = [("sogclr", "adamw", "AdamW (adamw)", ["Sogclr_image_loss", "Sogclr_text_loss"]),

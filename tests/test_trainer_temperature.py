@@ -4,7 +4,7 @@ import re
 
 import torch
 
-from test_trainer import BASE, train
+from _trainer_launch import BASE, train
 
 
 def test_fixed_temperature_keeps_the_logit_scale_at_log_one_over_t_through_training(digits_csv, tmp_path):
