@@ -16,12 +16,11 @@ import open_clip
 import pytest
 from PIL import Image
 
+from _trainer_launch import base, train_here
 from conftest import write_digits_corpus
 from openclip_align.data.clip_benchmark_sets import add_clip_benchmark, write_clip_benchmark_sets
 from openclip_align.evaluation import CsvImages, embed_images, embed_pairs, retrieval_recall, zero_shot_accuracy
 from openclip_align.evaluation.zero_shot import load_classnames, zero_shot_classifier
-from test_sync_free import run_trainer
-from test_trainer import base
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +53,8 @@ def checkpoints(corpus, tmp_path_factory):
     out = {}
     for name in ("AlignCLIP-Tiny", "DualCLIP-Tiny"):
         # upstream's main in this process (the CLI runs below are the fresh processes this file is about)
-        run_trainer(["--model", name, "--train-data", str(corpus / "train.csv"), "--epochs", "1", *base()], logs, name)
+        assert train_here(["--model", name, "--train-data", str(corpus / "train.csv"), "--epochs", "1", *base()], logs,
+                          name) is None
         out[name] = logs / name / "checkpoints" / "epoch_1.pt"
     return out
 

@@ -10,7 +10,6 @@ with ``torch.cuda.set_sync_debug_mode("error")`` around the loss's forward and b
 are not logged, which catches the synchronisations that are not Tensor methods (blocking copies, ...).
 """
 import collections
-import logging
 import os
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 import openclip_align
+from _trainer_launch import train_here
 
 PLUGIN_DIR = str(Path(openclip_align.__file__).resolve().parent)
 TORCH_DIR = str(Path(torch.__file__).resolve().parent)
@@ -151,15 +151,7 @@ def data(digits_csv, tmp_path_factory):
 
 
 def run_trainer(argv, logs: Path, name: str):
-    from open_clip_train.main import main
-
-    handlers = list(logging.root.handlers)
-    try:
-        assert main([*argv, "--logs", str(logs), "--name", name]) is None
-    finally:
-        for handler in logging.root.handlers[len(handlers):]:
-            handler.close()
-        logging.root.handlers[:] = handlers
+    assert train_here(argv, logs, name) is None
     return logs / name
 
 
