@@ -210,8 +210,8 @@ def test_the_full_stack_parses_for_every_plugin_loss(loss):
 
 # --- the trainer: everything together on two CPU ranks (slow) ------------------------------------------
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _trainer_launch import calls, run_ranks  # noqa: E402
 from conftest import write_digits_csv  # noqa: E402
-from test_trainer_distributed import calls, run_ranks  # noqa: E402  (the distributed tests' torchrun launcher)
 
 SOURCE_ROWS = 24                # per source; indices 0..23 (A) and 24..47 (B): one index space for SogCLR
 

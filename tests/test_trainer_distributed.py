@@ -16,9 +16,6 @@ Expectations, from the convention in openclip_align/losses/distributed.py and up
   the loss and DDP averages over ranks, so the parameters behind the features get 1/2 of the 1-rank
   gradient, as with upstream's ClipLoss (the logit scale, used whole by every rank, gets all of it).
 """
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,10 +24,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _dist import free_port  # noqa: E402
+from _trainer_launch import calls, run_ranks, torchrun_command, train  # noqa: E402
 from conftest import write_digits_csv  # noqa: E402
 
-HARNESS = Path(__file__).resolve().parent / "_trainer_harness.py"
 N = 64                      # pairs: 4 steps of 2 x 8 (2 steps with --accum-freq 2)
 LOCAL_B = 8
 LR = 0.05
@@ -46,39 +42,6 @@ def common(batch, lr=LR):
     return ["--dataset-type", "csv", "--batch-size", str(batch), "--workers", "0", "--precision", "fp32",
             "--device", "cpu", "--warmup", "1", "--seed", "0", "--log-every-n-steps", "1",
             "--aug-cfg", "scale=(1.0,1.0)", "--opt", "sgd", "--wd", "0", "--lr", str(lr)]
-
-
-def _env(record: Path, **extra):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HARNESS_RECORD=str(record), **extra)
-    env.pop("OPENCLIP_ALIGN_DISABLE", None)
-    return env
-
-
-def run_ranks(argv, logs: Path, name: str, nproc: int = 2):
-    """``torchrun --nproc_per_node nproc`` of the harness (nproc=2) or the 1-rank reference reading the
-    global batches of 2 ranks of --batch-size/2 (nproc=1); returns the run directory."""
-    record = logs / name / "record"
-    record.mkdir(parents=True)
-    if nproc == 1:
-        batch = int(argv[argv.index("--batch-size") + 1])
-        accum = int(argv[argv.index("--accum-freq") + 1]) if "--accum-freq" in argv else 1
-        cmd = ["nice", "-n", "19", sys.executable, str(HARNESS)]
-        # a rank's rows of one optimizer step: its --accum-freq batches, which the loss sees concatenated
-        env = _env(record, HARNESS_EMULATE_WORLD="2", HARNESS_EMULATE_BATCH=str(batch // 2 * accum))
-    else:
-        cmd = ["nice", "-n", "19", sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-               "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               str(HARNESS)]
-        env = _env(record)
-    out = subprocess.run([*cmd, *argv, "--log-root", str(logs), "--name", name], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]
-    return logs / name
-
-
-def calls(run: Path, rank: int = 0):
-    """Each loss call's terms, as the harness recorded them on ``rank``."""
-    return [json.loads(line) for line in (run / "record" / f"rank{rank}.jsonl").read_text().splitlines()]
 
 
 def weights(run: Path, epoch: int = 1):
@@ -286,11 +249,7 @@ def test_resume_on_any_number_of_ranks_continues_the_run(setup, resumed):
 
 def torchrun_main(argv, cwd: Path):
     """The command line a user types: ``torchrun --nproc_per_node 2 -m open_clip_train.main ...``."""
-    cmd = ["nice", "-n", "19", sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
-           "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "open_clip_train.main", *argv]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    env.pop("OPENCLIP_ALIGN_DISABLE", None)
-    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    return train(argv, command=torchrun_command(nproc=2), nice=True, env={"OMP_NUM_THREADS": "1"}, cwd=cwd, check=False)
 
 
 @pytest.mark.parametrize("loss", [
