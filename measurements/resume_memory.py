@@ -47,7 +47,7 @@ def child(num_samples: int, mode: str, report: str, argv) -> None:
 
     from openclip_align.integration import checkpoints, data_wiring
 
-    data_wiring._dataset_size = lambda *a, **k: num_samples
+    data_wiring.dataset_size = lambda *a, **k: num_samples
     if mode == "before":
         def full_load(upstream, path, map_location=None):
             return upstream(path, map_location=map_location)            # read whole, record left in place

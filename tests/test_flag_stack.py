@@ -286,12 +286,12 @@ def test_a_mixture_is_sized_from_each_sources_own_folder(tmp_path):
 
     import open_clip_train.data as data_module
 
-    from openclip_align.integration.training_shards import shards_size
+    from openclip_align.data.dataset_index import dataset_size
 
     for folder, sizes in (("A", {"a-000000.tar": 7, "a-000001.tar": 5}), ("B", {"b-000000.tar": 30})):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "sizes.json").write_text(json.dumps(sizes))
     mixture = f"{tmp_path}/A/a-{{000000..000001}}.tar::{tmp_path}/B/b-000000.tar"
-    assert shards_size(mixture, data_module.get_dataset_size) == 7 + 5 + 30
+    assert dataset_size(mixture, data_module.get_dataset_size) == 7 + 5 + 30
     (tmp_path / "B" / "sizes.json").unlink()
-    assert shards_size(mixture, data_module.get_dataset_size) is None            # one source without a size: unknown
+    assert dataset_size(mixture, data_module.get_dataset_size) is None            # one source without a size: unknown

@@ -16,6 +16,7 @@ from .captions import DROP_FLAG
 from .column import EMB_MEMBER, FIX_EMBED, FIX_OTHER_SOURCE, same_model, check_embedding_width, column_folder, \
     column_paths, column_problem, has_fingerprints, read_column_meta
 from .record import FIX_CHECK, recorded_entries
+from .dataset_index import outside
 from .errors import CorpusError
 from .shard_files import fingerprint, keys_sha256_of_shard, listed, shard_name
 from .sizes import check_sizes_file
@@ -47,8 +48,8 @@ def check_index_ranges(source: str, ranges: Sequence[Tuple[int, int, str]], tota
     fix = "number the pairs 0..N-1 once over all training shards together (`openclip-align embed --data SHARDS` " \
           "records where each shard's numbering starts)"
     for lo, hi, where in ranges:
-        if lo < 0 or hi >= total:
-            bad = lo if lo < 0 else hi
+        bad = outside(lo, hi, total)
+        if bad is not None:
             raise CorpusError(f"{source}: {where} has index {bad}, outside [0, {total}) (the shards hold {total} "
                               f"samples); {fix}")
     ordered = sorted(ranges)

@@ -147,20 +147,6 @@ def check_embedding_file(path: str, embeddings: np.ndarray, chunk_values: int = 
                          MissingExtrasError)
 
 
-def check_index_range(where: str, indices, num_samples: int) -> None:
-    """Dataset indices address per-sample loss state of ``num_samples`` slots: they must lie in [0, N)."""
-    indices = np.asarray(indices)
-    if indices.size == 0:
-        return
-    low, high = int(indices.min()), int(indices.max())
-    if low < 0 or high >= num_samples:
-        bad = low if low < 0 else high
-        raise MissingExtrasError(
-            f"{where}: dataset index {bad} is outside [0, {num_samples}); a loss that keeps per-sample state "
-            f"has one slot per training pair ({num_samples}), addressed by this index. Number the pairs "
-            "0..N-1 (or drop the index column of a csv to use the row numbers)")
-
-
 # --- webdataset -----------------------------------------------------------------------------
 RAW_CAPTION_FIELD = "__openclip_align_caption__"   # a webdataset sample's caption before tokenizing
 

@@ -12,8 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional
 
-import torch
-
+from openclip_align.data.dataset_index import FIX_CSV_NUMBERING, check_index_range, dataset_size
 from openclip_align.data.errors import MissingExtrasError
 from openclip_align.losses.registry import NEEDS_INDEX, NEEDS_SEMANTIC
 
@@ -65,10 +64,11 @@ def build_data(run: Optional[TrainerRun], args, preprocess_fns, epoch, tokenizer
     if NEEDS_SEMANTIC in run.needs and plan is None:
         data_checks.log_csv_on_the_fly(args, train)
     train.dataloader = ExtrasLoader(train.dataloader)
-    run.num_train_samples = plan.total if plan is not None else _dataset_size(args, train, upstream.source_size)
+    run.num_train_samples = (plan.total if plan is not None else
+                             dataset_size(args.train_data, upstream.source_size, getattr(train.dataloader, "dataset", None)))
     indices = getattr(getattr(train.dataloader, "dataset", None), "indices", None)
     if NEEDS_INDEX in run.needs and indices is not None and run.num_train_samples:
-        batch_extras.check_index_range(f"--loss {args.loss}: {args.train_data}", indices, run.num_train_samples)
+        check_index_range(f"--loss {args.loss}: {args.train_data}", indices, run.num_train_samples, fix=FIX_CSV_NUMBERING)
     saved = args.train_data
     args.train_data = None          # upstream builds val / imagenet exactly as before
     try:
@@ -76,11 +76,3 @@ def build_data(run: Optional[TrainerRun], args, preprocess_fns, epoch, tokenizer
     finally:
         args.train_data = saved
     return {"train": train, **data}
-
-
-def _dataset_size(args, train, source_size) -> Optional[int]:
-    """Number of distinct pairs (sizes the per-sample state of losses like SogCLR)."""
-    dataset = getattr(train.dataloader, "dataset", None)
-    if dataset is not None and not isinstance(dataset, torch.utils.data.IterableDataset):
-        return len(dataset)                                  # csv: one row per pair
-    return training_shards.shards_size(args.train_data, source_size)

@@ -35,6 +35,7 @@ from openclip_align.data.captions import DROP_FLAG, is_empty
 from openclip_align.data.column import COLUMN_META_SUFFIX, CORPUS_META, EMB_MEMBER, FIX_EMBED, ColumnReader, \
     check_embedding_width, check_vector, column_folder, column_paths, encoder_width, has_fingerprints, legacy_warning, \
     metadata_width, read_column_meta
+from openclip_align.data.dataset_index import check_index_range, dataset_size
 from openclip_align.data.preflight import RecordCheck, check_batch_per_worker, verify_record
 from openclip_align.data.shard_files import listed
 from openclip_align.data.sizes import SIZES_FILE
@@ -106,7 +107,7 @@ def _plan(args, needs, expand, source_size) -> ShardPlan:
     if any(REMOTE_URL.match(u) for u in urls):
         plan = ShardPlan(urls, column_dir=column_dir, remote=True,
                          notes=["remote shards: every sample is checked as it is decoded"])
-        plan.total = shards_size(args.train_data, source_size)
+        plan.total = dataset_size(args.train_data, source_size)
         _note_legacy_first_column(plan, needs, args)
     else:
         plan = _check_local(args, urls, needs, column_dir, source_size)
@@ -180,7 +181,7 @@ def _check_local(args, urls: List[str], needs, column_dir: Optional[str], source
         resampled=bool(getattr(args, "dataset_resampled", False)),
         train_num_samples=getattr(args, "train_num_samples", None), source=f"--train-data {args.train_data}")
     plan = ShardPlan(urls, check=check, column_dir=column_dir)
-    plan.total = check.samples if not check.unrecorded else shards_size(args.train_data, source_size)
+    plan.total = check.samples if not check.unrecorded else dataset_size(args.train_data, source_size)
     if check.unrecorded:
         plan.notes.append(f"{len(check.unrecorded)} of {len(urls)} shards have no record "
                           f"({listed(check.unrecorded)}): their samples are checked as they are decoded "
@@ -220,22 +221,6 @@ def _check_local(args, urls: List[str], needs, column_dir: Optional[str], source
                 plan.notes.append(f"--semantic-source auto: the batches of {len(missing)} shards without precomputed "
                                   f"embeddings ({listed(missing)}) are embedded on the fly by {model}")
     return plan
-
-
-def shards_size(shards: str, source_size) -> Optional[int]:
-    """Samples in ``shards``: the sum over a ``::`` mixture's sources, each from its own folder's sizes.json /
-    __len__ (upstream's reader looks only in the first shard's folder, so a second source elsewhere had no
-    size); None when a source has none (a loss that needs the size says so when it is built)."""
-    total = 0
-    for source in str(shards).split("::"):
-        try:
-            size, _ = source_size(source)
-        except Exception:  # noqa: BLE001 - a size file that does not list these shards: no size
-            return None
-        if size is None:
-            return None
-        total += int(size)
-    return total
 
 
 def _batch_per_worker_from_sizes(args, urls: List[str]) -> None:
@@ -356,11 +341,8 @@ class ShardSampleExtras:
                     "its shard has no embedding column recording where its numbering starts; number the pairs with "
                     "`openclip-align embed --data SHARDS` over all training shards together")
             index = self.columns.index(url, key, _caption(sample))
-        if self.index_limit is not None and not 0 <= index < self.index_limit:
-            raise CorpusError(
-                f"{where}: dataset index {index} is outside [0, {self.index_limit}); a loss that keeps per-sample "
-                f"state has one slot per training pair ({self.index_limit}), addressed by this index. Number the "
-                "pairs 0..N-1")
+        if self.index_limit is not None:
+            check_index_range(where, index, self.index_limit, error=CorpusError)
         return int(index)
 
     def _embedding(self, sample, url: str, key: str, where: str):
