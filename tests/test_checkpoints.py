@@ -14,9 +14,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from _trainer_launch import train
+from _upstream_tree import upstream_tree
 from openclip_align.atomic_files import umask_mode
 from openclip_align.integration import checkpoints, run_state, trainer_adapter
-from _upstream_tree import upstream_tree
 
 PATCHES = Path(__file__).resolve().parent.parent / "patches"
 PATCH = PATCHES / "open_clip-atomic-checkpoints.patch"
@@ -179,12 +180,9 @@ def test_patched_upstream_saves_atomically_and_resumes_past_a_truncated_checkpoi
 
 # --- end to end: `python -m open_clip_train.main` with the plugin ----------------------------------------
 def _train(argv, logs: Path, name: str):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("OPENCLIP_ALIGN_DISABLE", None)
-    cmd = [sys.executable, "-m", "open_clip_train.main", "--model", "AlignCLIP-Tiny", "--dataset-type", "csv",
-           "--batch-size", "16", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--warmup", "1",
-           "--seed", "0", "--opt", "sgd", *argv, "--logs", str(logs), "--name", name]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return train(["--model", "AlignCLIP-Tiny", "--dataset-type", "csv", "--batch-size", "16", "--workers", "0",
+                  "--precision", "fp32", "--device", "cpu", "--warmup", "1", "--seed", "0", "--opt", "sgd", *argv],
+                 logs, name, check=False)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ import io
 import itertools
 import json
 import logging
-import os
 import resource
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +19,7 @@ import webdataset as wds
 from PIL import Image
 
 import open_clip_train.data as oc_data
+from _trainer_launch import error_lines, train
 from openclip_align.integration import loader_health, trainer_adapter
 from openclip_align.integration.loader_health import LoaderFailure
 from openclip_align.integration.trainer_errors import is_user_facing, one_line
@@ -184,13 +183,9 @@ def test_an_epoch_without_a_batch_stops_and_a_short_one_warns(caplog):
 
 # --- end to end ----------------------------------------------------------------------------------------
 def _train(argv, logs: Path, name: str, nofile=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("OPENCLIP_ALIGN_DISABLE", None)
-    limit = None if nofile is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
-    cmd = [sys.executable, "-m", "open_clip_train.main", "--model", "AlignCLIP-Tiny", "--precision", "fp32",
-           "--device", "cpu", "--warmup", "1", "--seed", "0", "--log-every-n-steps", "1", "--epochs", "1",
-           "--lr", "1e-4", "--dataset-type", "webdataset", *argv, "--logs", str(logs), "--name", name]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    return train(["--model", "AlignCLIP-Tiny", "--precision", "fp32", "--device", "cpu", "--warmup", "1", "--seed",
+                  "0", "--log-every-n-steps", "1", "--epochs", "1", "--lr", "1e-4", "--dataset-type", "webdataset",
+                  *argv], logs, name, check=False, timeout=300, nofile=nofile)
 
 
 def test_imsep_at_a_large_batch_with_two_workers_trains_under_a_low_descriptor_limit(tmp_path):
@@ -214,6 +209,6 @@ def test_a_run_whose_loader_fails_exits_non_zero_with_the_reason(tmp_path):
     pattern = str(tmp_path / "shard-{000000..000001}.tar")
     out = _train(["--train-data", pattern, "--batch-size", "8", "--workers", "2"], tmp_path / "logs", "clip")
     assert out.returncode != 0
-    errors = [line for line in out.stderr.splitlines() if line.startswith("open_clip_train.main: error:")]
+    errors = error_lines(out)
     assert len(errors) == 1 and "no sample of its shards could be read" in errors[0], out.stderr[-3000:]
     assert "Train Epoch" not in out.stderr and not list((tmp_path / "logs").rglob("*.pt"))

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _trainer_launch import train
 from conftest import write_digits_corpus
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -57,7 +58,7 @@ def authors_commands(*head):
 @pytest.fixture(scope="module")
 def authors_file(tmp_path_factory):
     """A checkpoint in the AlignCLIP authors' layout (their names, shapes, training-script dict), Tiny dims."""
-    from test_authors_checkpoints import TINY, save_as_their_script, their_state_dict
+    from _authors_files import TINY, save_as_their_script, their_state_dict
 
     return save_as_their_script(their_state_dict(**TINY), tmp_path_factory.mktemp("authors") / AUTHORS_FILE)
 
@@ -147,15 +148,11 @@ def readme_runs(corpus, authors_file, tmp_path_factory):
 
 
 def run_trainer(argv, corpus, logs, name, epochs, warmup, extra=()):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("OPENCLIP_ALIGN_DISABLE", None)
     appended = ["--train-data", str(corpus / "train.csv"), "--val-data", str(corpus / "heldout.csv"),
                 "--batch-size", str(SCALED_BATCH), "--epochs", str(epochs), "--warmup", str(warmup),
                 "--workers", "0", "--seed", "0", "--log-every-n-steps", "1", "--save-frequency", "1",
                 "--logs", str(logs), "--name", name, *extra]
-    out = subprocess.run([sys.executable, "-m", "open_clip_train.main", *argv, *appended], env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    train([*argv, *appended], timeout=900)          # asserts it exits 0
     return logs / name
 
 

@@ -1,12 +1,11 @@
 """Common trainer mistakes end in one line naming the input and the fix, not a traceback (issue 18, item 7)."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from open_clip_train.data import expand_urls
 
+from _trainer_launch import error_lines, train
 from openclip_align.integration.trainer_errors import (
     CheckpointMismatchError, UserInputError, explain_checkpoint_mismatch)
 
@@ -15,16 +14,13 @@ FAST = ["--dataset-type", "csv", "--batch-size", "8", "--epochs", "1", "--worker
 
 
 def trainer(argv, tmp_path, **env_extra):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", **env_extra)
-    env.pop("OPENCLIP_ALIGN_DISABLE", None)
-    cmd = [sys.executable, "-m", "open_clip_train.main", *argv, *FAST, "--logs", str(tmp_path / "logs")]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    return train([*argv, *FAST], tmp_path / "logs", check=False, env=env_extra, cwd=tmp_path, timeout=300)
 
 
 def one_line_error(out):
     assert out.returncode != 0
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
-    lines = [line for line in out.stderr.splitlines() if line.startswith("open_clip_train.main: error:")]
+    lines = error_lines(out)
     assert len(lines) == 1, out.stderr[-2000:]
     return lines[0]
 
