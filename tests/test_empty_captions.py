@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from openclip_align.cli import main  # noqa: E402
 from openclip_align.data import build, captions, semantic  # noqa: E402
 from openclip_align.data import shards as sh  # noqa: E402
+from openclip_align.data.pairs import SourceStats  # noqa: E402
 from openclip_align.data.embed import embed_csv, embed_shards  # noqa: E402
 from openclip_align.data.errors import EmptyCaptionError  # noqa: E402
 from openclip_align.data.sources import Item  # noqa: E402
@@ -85,8 +86,8 @@ def test_data_build_refuses_or_drops_items_without_caption():
     items = [Item("emoji", "1F600", "grinning face", "x"), Item("emoji", "1F9FF", "  ", "y"),
              Item("emoji", "1F4A9", "", "z")]
     with pytest.raises(EmptyCaptionError, match=r"source emoji: 2 of 3 pairs .*item '1F9FF', item '1F4A9'"):
-        build._without_empty_captions("emoji", items, build.SourceStats(), drop=False)
-    stats = build.SourceStats()
+        build._without_empty_captions("emoji", items, SourceStats(), drop=False)
+    stats = SourceStats()
     kept = build._without_empty_captions("emoji", items, stats, drop=True)
     assert [it.uid for it in kept] == ["1F600"] and stats.as_dict()["empty_captions_dropped"] == 2
 
