@@ -115,6 +115,7 @@ def _check(args) -> int:
     import os
 
     from ..data.check_shards import check_shards
+    from ..data.column import EMB_MEMBER
     from ..data.errors import CorpusError
     from ..data.record import RECORD_NAME
 
@@ -130,7 +131,7 @@ def _check(args) -> int:
     columns = sum(1 for e in entries.values() if e.get("column"))
     members = sum(1 for e in entries.values() if e["has_emb_member"])
     print(f"{len(entries)} shards, {samples} samples; KEY.json index in every sample of {indexed} shards; embedding "
-          f"column for {columns}, KEY.emb.npy members in {members}; record: "
+          f"column for {columns}, KEY.{EMB_MEMBER} members in {members}; record: "
           f"{', '.join(os.path.join(d, RECORD_NAME) for d in found['record_dirs'])}")
     for problem in found["problems"]:
         print(f"problem: {problem}", file=sys.stderr)

@@ -17,7 +17,7 @@ from .sizes import write_sizes_where_missing
 def check_shards(data, workers: int = 1, out: Optional[str] = None, progress: bool = True) -> dict:
     """Record every shard; returns {"entries": {path: entry}, "errors": {path: msg}, "problems": [str],
     "record_dirs": [dir]}. Problems: unreadable shards, empty captions, mixed index numbering, bad
-    KEY.emb.npy members, index ranges that overlap or leave [0, N)."""
+    caption embedding members, index ranges that overlap or leave [0, N)."""
     from .embed import local_shards
 
     paths = local_shards(data)

@@ -1,9 +1,10 @@
 """The record a shard folder carries, ``openclip_align_record.json``: what each shard holds.
 
-Per shard: count, a hash of its keys and of its captions, index range, empty captions, ``KEY.emb.npy``
-members, its column (:mod:`.column`), with the shard's size and mtime so that a changed shard is
-noticed. Written by ``data build``, ``embed`` and ``data check`` (:func:`scan_shards`, :class:`RecordWriter`);
-read by the trainer's check before step 1 (:mod:`.preflight`). Paths in it (a shard's ``path``, its
+Per shard: count, a hash of its keys and of its captions, index range, empty captions, caption
+embedding members (:data:`.column.EMB_MEMBER`), its column (:mod:`.column`), with the shard's size and
+mtime so that a changed shard is noticed. Written by ``data build``, ``embed`` and ``data check``
+(:func:`scan_shards`, :class:`RecordWriter`); read by the trainer's check before step 1
+(:mod:`.preflight`). Paths in it (a shard's ``path``, its
 column's ``dir``) are relative to the record, so a copied or moved corpus is checked against its own
 files; older records with absolute dirs still work.
 """
@@ -28,7 +29,7 @@ FIX_CHECK = "rerun `openclip-align data check --data SHARDS`"
 
 def scan_shard(path: str, want_index: bool = True, column_dir: Optional[str] = None) -> dict:
     """One record entry for the shard at ``path`` (see the module docstring). Reads only the captions,
-    the KEY.json (``want_index``) and KEY.emb.npy members, seeking over the images."""
+    the KEY.json (``want_index``) and caption embedding members, seeking over the images."""
     size, mtime = fingerprint(path)
     wanted = frozenset({"txt", EMB_MEMBER} | ({"json"} if want_index else set()))
     keys: List[str] = []
