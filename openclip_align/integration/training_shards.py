@@ -38,7 +38,7 @@ from openclip_align.data.column import COLUMN_META_SUFFIX, CORPUS_META, EMB_MEMB
 from openclip_align.data.dataset_index import check_index_range, dataset_size
 from openclip_align.data.preflight import RecordCheck, check_batch_per_worker, verify_record
 from openclip_align.data.shard_files import listed
-from openclip_align.data.sizes import SIZES_FILE
+from openclip_align.data.sizes import read_sizes
 from openclip_align.data.errors import CorpusError, TrainingDataError
 
 from .batch_extras import RAW_CAPTION_FIELD
@@ -225,11 +225,9 @@ def _check_local(args, urls: List[str], needs, column_dir: Optional[str], source
 
 def _batch_per_worker_from_sizes(args, urls: List[str]) -> None:
     """Without a record, the batch-per-worker check runs on what sizes.json claims (O(shards))."""
-    path = os.path.join(os.path.dirname(urls[0]), SIZES_FILE)
-    if getattr(args, "train_num_samples", None) is not None or not os.path.isfile(path):
+    claimed = None if getattr(args, "train_num_samples", None) is not None else read_sizes(os.path.dirname(urls[0]))
+    if claimed is None:
         return
-    with open(path) as fh:
-        claimed = json.load(fh)
     names = [os.path.basename(u) for u in urls]
     if all(n in claimed for n in names):
         check_batch_per_worker(f"--train-data {args.train_data}", [int(claimed[n]) for n in names],
