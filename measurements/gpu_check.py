@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import os
 import platform
 import random
 import sys

@@ -45,8 +45,8 @@ _GRID_FLAGS = ("losses", "optimizers", "regime", "model", "epochs", "batch_size"
 
 
 def register(subparsers) -> None:
-    from openclip_align.experiments.regimes import REGIMES
     from openclip_align.experiments.grid_study import DEFAULT_LR, STUDY_LOSSES, STUDY_OPTIMIZERS
+    from openclip_align.experiments.regimes import REGIMES
     from openclip_align.losses import loss_names
 
     parser = subparsers.add_parser(
@@ -116,8 +116,8 @@ def run(args) -> int:
         raise SystemExit("--start and --refine-lrs belong to the temperature study: pass --temperatures too")
     import open_clip
 
-    from openclip_align.experiments.regimes import REGIMES
     from openclip_align.experiments.grid_study import DEFAULT_LR, StudyPlan, check_corpus, run_study
+    from openclip_align.experiments.regimes import REGIMES
     from openclip_align.experiments.trainer_processes import Budget
 
     regime = REGIMES[args.regime]

@@ -30,7 +30,6 @@ import numpy as np
 from .benchmark_report import write_json_atomic
 from .corpus_identity import corpus_record
 from .grid_study import check_corpus, score, train_and_score
-from .trainer_processes import Budget
 
 DEFAULT_FRACTIONS = (0.25, 0.5, 1.0)
 DEFAULT_SEEDS = (0, 1, 2)             # the benchmark's seeds

@@ -169,8 +169,3 @@ def window_csv(train_csv: Path, rows: int, out_dir: Path) -> Path:
     if embeddings.exists():
         np.save(embedding_path(str(target)), np.load(embeddings, mmap_mode="r")[:rows])
     return target
-
-
-def count_rows(csv: Path) -> int:
-    with open(csv, encoding="utf-8") as fh:
-        return sum(1 for _ in fh) - 1
