@@ -10,16 +10,16 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import webdataset as wds
 
 import open_clip_train.data as oc_data
+from _shard_fixtures import shard_args
+from _trainer_launch import error_lines, train
 from openclip_align.cli import main
 from openclip_align.data.column import has_fingerprints, write_column
 from openclip_align.data.record import RECORD_FORMAT, RECORD_NAME, recorded_entries, scan_shard, write_record
@@ -71,11 +71,7 @@ def exports(tmp_path):
 
 
 def _args(train_data, **kw):
-    base = dict(train_data=train_data, semantic_source="precomputed", semantic_model="all-MiniLM-L6-v2",
-                loss="imsep", batch_size=4, workers=0, world_size=1, train_num_samples=None,
-                dataset_resampled=False, drop_empty_captions=False, semantic_embeddings=None, distributed=False)
-    base.update(kw)
-    return SimpleNamespace(**base)
+    return shard_args(train_data, **{"batch_size": 4, **kw})
 
 
 def _decoded(urls, args):
@@ -340,16 +336,13 @@ def test_an_old_record_with_absolute_column_dirs_still_works(tmp_path):
 def test_trainer_stops_at_bs_first_sample_with_pipe_urls_and_one_column_folder(exports):
     root, a, b = exports
     _embed_by_hand(a, "A", str(root / "columns"))
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("OPENCLIP_ALIGN_DISABLE", None)
-    cmd = [sys.executable, "-m", "open_clip_train.main", "--model", "AlignCLIP-Tiny", "--workers", "0",
-           "--precision", "fp32", "--device", "cpu", "--warmup", "1", "--seed", "0", "--epochs", "1",
-           "--loss", "imsep", "--dataset-type", "webdataset", "--batch-size", "8", "--semantic-source", "precomputed",
-           "--train-data", f"pipe:cat {b}::pipe:cat {a}", "--train-num-samples", str(2 * N),
-           "--semantic-embeddings", str(root / "columns"), "--logs", str(root / "logs"), "--name", "mixed"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    out = train(["--model", "AlignCLIP-Tiny", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--warmup",
+                 "1", "--seed", "0", "--epochs", "1", "--loss", "imsep", "--dataset-type", "webdataset", "--batch-size",
+                 "8", "--semantic-source", "precomputed", "--train-data", f"pipe:cat {b}::pipe:cat {a}",
+                 "--train-num-samples", str(2 * N), "--semantic-embeddings", str(root / "columns")],
+                root / "logs", "mixed", check=False, timeout=300)
     assert out.returncode != 0, out.stderr[-2000:]
-    errors = [line for line in out.stderr.splitlines() if line.startswith("open_clip_train.main: error:")]
+    errors = error_lines(out)
     assert len(errors) == 1, out.stderr[-3000:]
     assert f"shard pipe:cat {b} sample" in errors[0] and "is not the caption row" in errors[0]
     assert not list((root / "logs").rglob("*.pt"))

@@ -148,12 +148,12 @@ def test_training_finds_the_column_of_built_shards_by_default(corpus):
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from test_training_data_checks import _args, _decoded
+    from _shard_fixtures import decoded_extras, shard_args
 
     out, manifest = corpus
     emb = np.load(out / "train.emb.npy")
     pattern = str(out / manifest["files"]["train"]["shards"])
-    rows = _decoded(pattern, _args(pattern, loss="sogclr", semantic_embeddings=None), index=True)
+    rows = decoded_extras(pattern, shard_args(pattern, loss="sogclr", semantic_embeddings=None), index=True)
     indices = [r["index"] for r in rows]
     assert sorted(indices) == list(range(len(emb)))
     assert [r["key"] for r in rows] == [f"{i:09d}" for i in indices]

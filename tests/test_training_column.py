@@ -15,10 +15,11 @@ from openclip_align.data.errors import CorpusError
 from openclip_align.integration import batch_extras, training_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_training_data_checks import WIDTH, _args, _decoded, _plan, _record, _vectors, write_shards  # noqa: E402
+from _shard_fixtures import (WIDTH, decoded_extras, plan_shards, record_shards, shard_args,  # noqa: E402
+                             unit_vectors, write_shards)
 
 N = 48
-EMB = _vectors(N)
+EMB = unit_vectors(N)
 
 
 def _columned(folder: Path, csv, parts, column_dir=None, with_index=False, edit=None, emb=EMB):
@@ -43,8 +44,8 @@ def test_column_joined_by_key_through_upstream_shuffling_resampling_and_workers(
     """Every training sample gets the row of its own key and the index of its own pair: its caption names
     the pair, so the expectation does not go through the join."""
     pattern = _columned(tmp_path, digits_csv, [range(0, 24), range(24, 48)])
-    args = _args(pattern, loss="sogclr", batch_size=8, workers=2, dataset_resampled=True, train_num_samples=N,
-                 seed=0, world_size=1, train_data_upsampling_factors=None)
+    args = shard_args(pattern, loss="sogclr", batch_size=8, workers=2, dataset_resampled=True,
+                      train_num_samples=N, seed=0, world_size=1, train_data_upsampling_factors=None)
     needs = {"semantic", "caption", "index"}
     plan = training_shards.plan_training_shards(args, needs, oc_data.expand_urls, oc_data.get_dataset_size)
     options = dict(shard_extras=training_shards.ShardSampleExtras(plan, needs, "precomputed"))
@@ -70,8 +71,8 @@ def test_a_column_of_other_captions_stops_the_workers_at_the_first_sample(digits
     meta["caption_fingerprints"] = encode_fingerprints(
         [f"pair {i}" if i != 30 else "a caption from another export" for i in range(24, 48)])
     json_path.write_text(json.dumps(meta))
-    args = _args(pattern, loss="imsep", batch_size=8, workers=2, train_num_samples=N, seed=0, world_size=1,
-                 dataset_resampled=False, train_data_upsampling_factors=None)
+    args = shard_args(pattern, loss="imsep", batch_size=8, workers=2, train_num_samples=N, seed=0,
+                      world_size=1, dataset_resampled=False, train_data_upsampling_factors=None)
     needs = {"semantic", "caption"}
     plan = training_shards.plan_training_shards(args, needs, oc_data.expand_urls, oc_data.get_dataset_size)
     options = dict(shard_extras=training_shards.ShardSampleExtras(plan, needs, "precomputed"))
@@ -87,23 +88,23 @@ def test_a_column_of_other_captions_stops_the_workers_at_the_first_sample(digits
 def test_column_with_a_missing_row(digits_csv, tmp_path):
     pattern = _columned(tmp_path, digits_csv, [range(0, 24), range(24, 48)], edit=lambda i: i != 30)
     with pytest.raises(CorpusError, match=r"shard-000001.tar sample 000000030 has no row in the column"):
-        _decoded(pattern, _args(pattern))                               # not recorded: at that sample
-    _record(tmp_path)
+        decoded_extras(pattern, shard_args(pattern))                    # not recorded: at that sample
+    record_shards(tmp_path)
     with pytest.raises(CorpusError, match=r"shard-000001.tar: its column has 23 rows and 0 dropped samples for "
                                           r"the shard's 24 samples"):
-        _plan(_args(pattern))                                           # recorded: before step 1
+        plan_shards(shard_args(pattern))                                # recorded: before step 1
 
 
 def test_column_of_another_width(digits_csv, tmp_path):
     pattern = _columned(tmp_path, digits_csv, [range(0, 24), range(24, 48)])
     write_column(str(tmp_path / "shard-000001.tar"), None, [f"{i:09d}" for i in range(24, 48)],
-                 _vectors(24, 768), model="all-mpnet-base-v2", index_start=24)
+                 unit_vectors(24, 768), model="all-mpnet-base-v2", index_start=24)
     with pytest.raises(CorpusError, match=r"shard-000001.tar: its column .*has width 768, expected 384"):
-        _decoded(pattern, _args(pattern))
-    _record(tmp_path)
+        decoded_extras(pattern, shard_args(pattern))
+    record_shards(tmp_path)
     with pytest.raises(CorpusError, match=r"shard-000001.tar: caption embeddings of width 768, the shards before it "
                                           r"width 384"):
-        _plan(_args(pattern))
+        plan_shards(shard_args(pattern))
 
 
 def test_column_of_another_shard(digits_csv, tmp_path):
@@ -112,18 +113,18 @@ def test_column_of_another_shard(digits_csv, tmp_path):
         shutil.copy(tmp_path / f"shard-000001{suffix}", tmp_path / f"shard-000000{suffix}")
     with pytest.raises(CorpusError, match=r"shard-000000.emb.json is the column of shard shard-000001.tar, not of "
                                           r"shard-000000.tar"):
-        _decoded(pattern, _args(pattern))
-    _record(tmp_path)
+        decoded_extras(pattern, shard_args(pattern))
+    record_shards(tmp_path)
     with pytest.raises(CorpusError, match=r"is the column of shard shard-000001.tar, not of shard-000000.tar"):
-        _plan(_args(pattern))
+        plan_shards(shard_args(pattern))
 
 
 def test_column_in_another_directory_with_semantic_embeddings(digits_csv, tmp_path):
     columns = tmp_path / "columns"
     pattern = _columned(tmp_path / "shards", digits_csv, [range(0, 24), range(24, 48)], column_dir=str(columns))
     with pytest.raises(CorpusError, match=r"no embedding column .*or pass --semantic-embeddings DIR"):
-        _decoded(pattern, _args(pattern))
-    rows = _decoded(pattern, _args(pattern, semantic_embeddings=str(columns)), index=True)
+        decoded_extras(pattern, shard_args(pattern))
+    rows = decoded_extras(pattern, shard_args(pattern, semantic_embeddings=str(columns)), index=True)
     assert [r["index"] for r in rows] == list(range(N))
     np.testing.assert_allclose(np.stack([r["semantic"].numpy() for r in rows]), EMB, atol=2e-3)
-    assert _plan(_args(pattern, semantic_embeddings=str(columns))).width == WIDTH
+    assert plan_shards(shard_args(pattern, semantic_embeddings=str(columns))).width == WIDTH

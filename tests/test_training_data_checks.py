@@ -7,8 +7,6 @@ naming shard, key and fix, and nothing already written is lost."""
 import builtins
 import json
 import logging
-import os
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -17,83 +15,20 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-import webdataset as wds
 
 import open_clip_train.data as oc_data
-from openclip_align.data.record import scan_shard, write_record
+from _shard_fixtures import (WIDTH, decoded_extras, plan_shards, record_shards, shard_args, unit_vectors,
+                             write_shards)
+from _trainer_launch import error_lines, train, train_here
 from openclip_align.integration import batch_extras, data_checks, run_state, training_shards
 from openclip_align.data.errors import CorpusError, EmptyCaptionError, MissingExtrasError, TrainingDataError
-
-WIDTH = 384
-
-
-def _vectors(n, width=WIDTH, seed=0):
-    v = np.random.default_rng(seed).normal(size=(n, width)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
-def write_shards(folder: Path, csv: Path, parts, emb=None, sizes=True, meta_width=WIDTH, edit=None):
-    """Shards of the digit scans in ``csv`` (``parts``: row ranges, one per shard) with txt/json/emb.npy
-    members; ``edit(i, sample)`` may change a sample. Returns the brace pattern for --train-data."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = pd.read_csv(csv, sep="\t")
-    emb = _vectors(len(rows)) if emb is None else emb
-    counts = {}
-    for shard, part in enumerate(parts):
-        name = f"shard-{shard:06d}.tar"
-        with wds.TarWriter(str(folder / name)) as sink:
-            for i in part:
-                sample = {"__key__": f"{i:09d}", "png": Path(rows.filepath[i]).read_bytes(), "txt": rows.title[i],
-                          "json": {"index": i}, "emb.npy": emb[i]}
-                if edit is not None:
-                    edit(i, sample)
-                sink.write(sample)
-        counts[name] = len(part)
-    if sizes:
-        (folder / "sizes.json").write_text(json.dumps(counts))
-    if meta_width:
-        (folder / "embeddings.json").write_text(json.dumps({"model": "all-MiniLM-L6-v2", "dim": meta_width}))
-    last = len(parts) - 1
-    return str(folder / f"shard-{{000000..{last:06d}}}.tar") if last else str(folder / "shard-000000.tar")
-
-
-def _args(train_data, **kw):
-    base = dict(train_data=train_data, semantic_source="precomputed", semantic_model="all-MiniLM-L6-v2",
-                loss="imsep", batch_size=8, workers=0, world_size=1, train_num_samples=None,
-                dataset_resampled=False, drop_empty_captions=False, semantic_embeddings=None, distributed=False)
-    base.update(kw)
-    return SimpleNamespace(**base)
-
-
-def _record(folder: Path, want_index=True):
-    """What `openclip-align data check` writes: one record entry per shard (record.scan_shard)."""
-    write_record(str(folder), {p.name: scan_shard(str(p), want_index=want_index)
-                               for p in sorted(folder.glob("*.tar"))})
-
-
-def _plan(args, semantic=True, index=False):
-    needs = ({"semantic", "caption"} if semantic else set()) | ({"index"} if index else set())
-    return training_shards.plan_training_shards(args, needs, oc_data.expand_urls, oc_data.get_dataset_size)
-
-
-def _decoded(pattern, args, semantic=True, index=False):
-    """The extras of every training sample as upstream's own webdataset pipeline decodes them (workers 0)."""
-    needs = ({"semantic", "caption"} if semantic else set()) | ({"index"} if index else set())
-    plan = _plan(args, semantic, index)
-    extras = training_shards.ShardSampleExtras(plan, needs, args.semantic_source)
-    keep = training_shards.CaptionFilter(oc_data.filter_no_caption_or_no_image, plan.urls,
-                                         plan.check.dropped if plan.check else frozenset(), args.drop_empty_captions)
-    stream = wds.DataPipeline(wds.SimpleShardList(pattern), oc_data.tarfile_to_samples_nothrow, wds.select(keep),
-                              wds.decode("pilrgb"),
-                              wds.map(lambda s: {"key": s["__key__"], **extras(s)}))
-    return list(stream)
 
 
 # --- per-pair extras: recorded shards, before step 1 ---------------------------------------------------
 def test_clean_recorded_shards_pass_and_report_what_they_hold(digits_csv, tmp_path):
     pattern = write_shards(tmp_path, digits_csv, [range(0, 24), range(24, 48)])
-    _record(tmp_path)
-    plan = _plan(_args(pattern), index=True)
+    record_shards(tmp_path)
+    plan = plan_shards(shard_args(pattern), index=True)
     assert plan.total == 48 and plan.width == WIDTH and not plan.unrecorded and not plan.check.dropped
 
 
@@ -103,21 +38,21 @@ def test_clean_recorded_shards_pass_and_report_what_they_hold(digits_csv, tmp_pa
     (768, None, None),                                                            # no metadata: nothing to compare
 ])
 def test_embedding_width_against_the_metadata(digits_csv, tmp_path, width, meta, match):
-    pattern = write_shards(tmp_path, digits_csv, [range(0, 16)], emb=_vectors(48, width), meta_width=meta)
-    _record(tmp_path)
+    pattern = write_shards(tmp_path, digits_csv, [range(0, 16)], emb=unit_vectors(48, width), meta_width=meta)
+    record_shards(tmp_path)
     if match is None:
-        assert _plan(_args(pattern)).width == 768
+        assert plan_shards(shard_args(pattern)).width == 768
     else:
         with pytest.raises(CorpusError, match=match):
-            _plan(_args(pattern))
+            plan_shards(shard_args(pattern))
 
 
 def test_width_against_the_encoder_named_in_the_metadata(digits_csv, tmp_path):
-    pattern = write_shards(tmp_path, digits_csv, [range(0, 16)], emb=_vectors(48, 768), meta_width=None)
+    pattern = write_shards(tmp_path, digits_csv, [range(0, 16)], emb=unit_vectors(48, 768), meta_width=None)
     (tmp_path / "embeddings.json").write_text(json.dumps({"model": "all-MiniLM-L6-v2"}))    # 384 wide
-    _record(tmp_path)
+    record_shards(tmp_path)
     with pytest.raises(CorpusError, match="names the encoder all-MiniLM-L6-v2, whose embeddings have width 384"):
-        _plan(_args(pattern))
+        plan_shards(shard_args(pattern))
 
 
 def test_recorded_shard_without_embeddings_refused_or_embedded_on_the_fly(digits_csv, tmp_path, caplog):
@@ -125,15 +60,15 @@ def test_recorded_shard_without_embeddings_refused_or_embedded_on_the_fly(digits
         if i in (5, 40):
             del sample["emb.npy"]
     pattern = write_shards(tmp_path, digits_csv, [range(0, 24), range(24, 48)], edit=edit)
-    _record(tmp_path)
+    record_shards(tmp_path)
     with pytest.raises(CorpusError, match=r"precomputed: shard .*shard-000000.tar has no embedding column .*"
                                           r"KEY.emb.npy in only 23 of its 24 samples.*--semantic-source auto"):
-        _plan(_args(pattern))
+        plan_shards(shard_args(pattern))
     with caplog.at_level(logging.INFO):                                 # auto: accepted, and said
-        plan = _plan(_args(pattern, semantic_source="auto"))
+        plan = plan_shards(shard_args(pattern, semantic_source="auto"))
     assert "the batches of 2 shards without precomputed embeddings" in " ".join(plan.notes)
     with pytest.raises(CorpusError, match="--semantic-model all-mpnet-base-v2, which embeds the samples of 2 shards"):
-        _plan(_args(pattern, semantic_source="auto", semantic_model="all-mpnet-base-v2"))
+        plan_shards(shard_args(pattern, semantic_source="auto", semantic_model="all-mpnet-base-v2"))
 
 
 def test_missing_and_duplicate_indices_are_named(digits_csv, tmp_path):
@@ -141,24 +76,24 @@ def test_missing_and_duplicate_indices_are_named(digits_csv, tmp_path):
         if i == 9:
             sample["json"] = {"index": 8}
     pattern = write_shards(tmp_path, digits_csv, [range(0, 16)], edit=edit)
-    _record(tmp_path)
+    record_shards(tmp_path)
     with pytest.raises(CorpusError, match=r"shard-000000.tar holds samples sharing a KEY.json \"index\""):
-        _plan(_args(pattern, loss="sogclr"), semantic=False, index=True)
+        plan_shards(shard_args(pattern, loss="sogclr"), semantic=False, index=True)
 
 
 def test_a_shard_changed_since_its_record_is_named(digits_csv, tmp_path):
     pattern = write_shards(tmp_path, digits_csv, [range(0, 24)], sizes=False)
-    _record(tmp_path)
+    record_shards(tmp_path)
     data = Path(pattern).read_bytes()
     Path(pattern).write_bytes(data[: len(data) // 2 + 100])            # truncated after it was checked
     with pytest.raises(CorpusError, match=r"shard-000000.tar changed since it was checked.*data check"):
-        _plan(_args(pattern), semantic=False)
+        plan_shards(shard_args(pattern), semantic=False)
 
 
 # --- per-pair extras: shards without a record, as samples are decoded ---------------------------------
 def test_unrecorded_shards_are_checked_as_decoded(digits_csv, tmp_path):
-    wide = _vectors(48, 768)
-    emb = _vectors(48)
+    wide = unit_vectors(48, 768)
+    emb = unit_vectors(48)
     emb[30, 5] = np.nan
 
     def edit(i, sample):
@@ -167,10 +102,10 @@ def test_unrecorded_shards_are_checked_as_decoded(digits_csv, tmp_path):
     pattern = write_shards(tmp_path, digits_csv, [range(0, 24), range(24, 48)], emb=emb, edit=edit)
     with pytest.raises(CorpusError, match=r"shard-000000.tar sample 000000013: the caption embedding has width 768, "
                                           r"expected 384"):
-        _decoded(pattern, _args(pattern))
+        decoded_extras(pattern, shard_args(pattern))
     pattern = write_shards(tmp_path / "nan", digits_csv, [range(0, 24), range(24, 48)], emb=emb)
     with pytest.raises(CorpusError, match=r"shard-000001.tar sample 000000030: the caption embedding holds non-finite"):
-        _decoded(pattern, _args(pattern))
+        decoded_extras(pattern, shard_args(pattern))
 
 
 def test_unrecorded_sample_without_index_or_embedding(digits_csv, tmp_path):
@@ -182,10 +117,11 @@ def test_unrecorded_sample_without_index_or_embedding(digits_csv, tmp_path):
     pattern = write_shards(tmp_path, digits_csv, [range(0, 16)], edit=edit)
     with pytest.raises(CorpusError, match=r"sample 000000002: the loss needs a per-pair dataset index.*`openclip-align "
                                           r"embed"):
-        _decoded(pattern, _args(pattern, loss="sogclr"), semantic=False, index=True)
+        decoded_extras(pattern, shard_args(pattern, loss="sogclr"), semantic=False, index=True)
     with pytest.raises(CorpusError, match=r"shard-000000.tar: no embedding column"):
-        _decoded(pattern, _args(pattern))
-    rows = _decoded(pattern, _args(pattern, semantic_source="auto"))       # auto: that batch is embedded on the fly
+        decoded_extras(pattern, shard_args(pattern))
+    # auto: that batch is embedded on the fly
+    rows = decoded_extras(pattern, shard_args(pattern, semantic_source="auto"))
     assert [r["key"] for r in rows if "semantic" not in r] == ["000000007"] and len(rows) == 16
 
 
@@ -195,7 +131,7 @@ def test_unrecorded_index_outside_the_sizes_json_total(digits_csv, tmp_path):
             sample["json"] = {"index": 16}
     pattern = write_shards(tmp_path, digits_csv, [range(0, 16)], edit=edit)
     with pytest.raises(CorpusError, match=r"sample 000000011: dataset index 16 is outside \[0, 16\)"):
-        _decoded(pattern, _args(pattern, loss="sogclr"), semantic=False, index=True)
+        decoded_extras(pattern, shard_args(pattern, loss="sogclr"), semantic=False, index=True)
 
 
 # --- captions --------------------------------------------------------------------------------------
@@ -206,16 +142,16 @@ def test_empty_captions_in_recorded_shards_refused_or_dropped(digits_csv, tmp_pa
         if i == 20:
             sample["txt"] = ""
     pattern = write_shards(tmp_path, digits_csv, [range(0, 24)], edit=edit)
-    _record(tmp_path)
+    record_shards(tmp_path)
     with pytest.raises(CorpusError, match=r"2 of 24 recorded samples .*sample 000000004.*sample 000000020.*"
                                           r"--drop-empty-captions"):
-        _plan(_args(pattern), semantic=False)
-    args = _args(pattern, drop_empty_captions=True)
-    plan = _plan(args, semantic=False)
+        plan_shards(shard_args(pattern), semantic=False)
+    args = shard_args(pattern, drop_empty_captions=True)
+    plan = plan_shards(args, semantic=False)
     assert plan.check.dropped == {(pattern, "000000004"), (pattern, "000000020")}
     # the filter upstream's pipeline runs, over the real shard stream
-    assert [r["key"] for r in _decoded(pattern, args, semantic=False)] == [f"{i:09d}" for i in range(24)
-                                                                            if i not in (4, 20)]
+    assert [r["key"] for r in decoded_extras(pattern, args, semantic=False)] == [
+        f"{i:09d}" for i in range(24) if i not in (4, 20)]
 
 
 def test_empty_caption_in_an_unrecorded_shard_stops_or_is_dropped_as_decoded(digits_csv, tmp_path):
@@ -225,8 +161,8 @@ def test_empty_caption_in_an_unrecorded_shard_stops_or_is_dropped_as_decoded(dig
     pattern = write_shards(tmp_path, digits_csv, [range(0, 24)], edit=edit)
     with pytest.raises(CorpusError, match=r"shard .*shard-000000.tar sample 000000006 has an empty or missing "
                                           r"caption; .*--drop-empty-captions.*data check"):
-        _decoded(pattern, _args(pattern), semantic=False)
-    rows = _decoded(pattern, _args(pattern, drop_empty_captions=True), semantic=False)
+        decoded_extras(pattern, shard_args(pattern), semantic=False)
+    rows = decoded_extras(pattern, shard_args(pattern, drop_empty_captions=True), semantic=False)
     assert [r["key"] for r in rows] == [f"{i:09d}" for i in range(24) if i != 6]
 
 
@@ -253,30 +189,30 @@ def test_empty_csv_caption_refused_with_its_row_or_dropped(digits_csv, tmp_path,
 # --- sizes -------------------------------------------------------------------------------------------
 def test_fewer_samples_than_one_batch_is_an_error_not_a_hang(digits_csv, tmp_path):
     pattern = write_shards(tmp_path, digits_csv, [range(0, 29)])
-    _record(tmp_path)
+    record_shards(tmp_path)
     with pytest.raises(CorpusError, match="hold 29 usable samples, fewer than one batch of 32"):
-        _plan(_args(pattern, batch_size=32), semantic=False)
+        plan_shards(shard_args(pattern, batch_size=32), semantic=False)
 
 
 def test_a_worker_dealt_too_few_samples_is_an_error(digits_csv, tmp_path):
     pattern = write_shards(tmp_path, digits_csv, [range(0, 24), range(24, 30)])
     with pytest.raises(CorpusError, match="deal a worker as few as 1 shard.* holding 6 samples"):   # from sizes.json
-        _plan(_args(pattern, batch_size=8, workers=2), semantic=False)
-    _record(tmp_path)
+        plan_shards(shard_args(pattern, batch_size=8, workers=2), semantic=False)
+    record_shards(tmp_path)
     with pytest.raises(CorpusError, match="deal a worker as few as 1 shard.* holding 6 samples"):   # from the record
-        _plan(_args(pattern, batch_size=8, workers=2), semantic=False)
-    assert _plan(_args(pattern, batch_size=8, workers=1), semantic=False).total == 30
+        plan_shards(shard_args(pattern, batch_size=8, workers=2), semantic=False)
+    assert plan_shards(shard_args(pattern, batch_size=8, workers=1), semantic=False).total == 30
 
 
 def test_shards_holding_fewer_samples_than_sizes_json_claims(digits_csv, tmp_path):
     pattern = write_shards(tmp_path, digits_csv, [range(0, 24), range(24, 40)])
-    _record(tmp_path)
+    record_shards(tmp_path)
     sizes = tmp_path / "sizes.json"
     sizes.write_text(json.dumps({"shard-000000.tar": 24, "shard-000001.tar": 24}))
     with pytest.raises(CorpusError, match=r"says .*shard-000001.tar holds 24 samples, but it holds 16"):
-        _plan(_args(pattern), semantic=False)
+        plan_shards(shard_args(pattern), semantic=False)
     assert json.loads(sizes.read_text())["shard-000001.tar"] == 24         # the file is the user's: untouched
-    assert _plan(_args(pattern, train_num_samples=40), semantic=False).total == 40   # the record's count
+    assert plan_shards(shard_args(pattern, train_num_samples=40), semantic=False).total == 40  # the record's count
 
 
 def test_csv_smaller_than_one_batch():
@@ -287,12 +223,9 @@ def test_csv_smaller_than_one_batch():
 
 # --- end to end: the trainer stops before step 1 -------------------------------------------------------
 def _train(argv, logs: Path, name: str):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("OPENCLIP_ALIGN_DISABLE", None)
-    cmd = [sys.executable, "-m", "open_clip_train.main", "--model", "AlignCLIP-Tiny", "--workers", "0",
-           "--precision", "fp32", "--device", "cpu", "--warmup", "1", "--seed", "0", "--log-every-n-steps", "1",
-           "--epochs", "1", *argv, "--logs", str(logs), "--name", name]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return train(["--model", "AlignCLIP-Tiny", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--warmup",
+                  "1", "--seed", "0", "--log-every-n-steps", "1", "--epochs", "1", *argv], logs, name, check=False,
+                 timeout=300)
 
 
 def test_trainer_refuses_bad_shards_before_step_1_or_as_decoded(digits_csv, tmp_path):
@@ -303,9 +236,9 @@ def test_trainer_refuses_bad_shards_before_step_1_or_as_decoded(digits_csv, tmp_
     pattern = write_shards(tmp_path / "missing", digits_csv, [range(0, 24), range(24, 48)], edit=edit)
     out = _train([*argv, "--train-data", pattern], tmp_path / "logs", "unrecorded")       # at that sample
     assert out.returncode != 0 and not list((tmp_path / "logs").rglob("*.pt"))
-    errors = [line for line in out.stderr.splitlines() if line.startswith("open_clip_train.main: error:")]
+    errors = error_lines(out)
     assert len(errors) == 1 and "shard-000000.tar: no embedding column" in errors[0], out.stderr[-2000:]
-    _record(tmp_path / "missing")
+    record_shards(tmp_path / "missing")
     out = _train([*argv, "--train-data", pattern], tmp_path / "logs", "recorded")          # before step 1
     assert out.returncode != 0 and "Train Epoch" not in out.stdout + out.stderr
     assert "shard-000000.tar has no embedding column" in out.stderr and "KEY.emb.npy in only 23 of its 24" in out.stderr
@@ -319,10 +252,6 @@ def test_trainer_refuses_bad_shards_before_step_1_or_as_decoded(digits_csv, tmp_
 def test_clip_run_opens_no_shard_before_step_1(digits_csv, tmp_path, monkeypatch):
     """--loss clip reads nothing of the training data before step 1: no tar is opened until upstream's
     train_one_epoch starts the epoch (it calls DataInfo.set_epoch first), by anything in the process."""
-    import logging as logging_module
-
-    from open_clip_train.main import main
-
     pattern = write_shards(tmp_path / "shards", digits_csv, [range(0, 24), range(24, 48)])
     opened, started = [], []
     real_open, real_tar_open = builtins.open, tarfile.open
@@ -343,15 +272,9 @@ def test_clip_run_opens_no_shard_before_step_1(digits_csv, tmp_path, monkeypatch
     monkeypatch.setattr(oc_data.DataInfo, "set_epoch", lambda self, epoch: (started.append(epoch), set_epoch(self, epoch)))
     monkeypatch.setattr(builtins, "open", counting_open)
     monkeypatch.setattr(tarfile, "open", counting_tar_open)
-    handlers = list(logging_module.root.handlers)
-    try:
-        main(["--model", "AlignCLIP-Tiny", "--train-data", pattern, "--dataset-type", "webdataset", "--batch-size",
-              "16", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--warmup", "1", "--epochs", "1",
-              "--lr", "1e-4", "--logs", str(tmp_path / "logs"), "--name", "clip"])
-    finally:
-        for handler in logging_module.root.handlers[len(handlers):]:
-            handler.close()
-        logging_module.root.handlers[:] = handlers
+    train_here(["--model", "AlignCLIP-Tiny", "--train-data", pattern, "--dataset-type", "webdataset", "--batch-size",
+                "16", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--warmup", "1", "--epochs", "1",
+                "--lr", "1e-4"], tmp_path / "logs", "clip")
     assert started and opened, "the run trained on the shards"
     assert [name for name, after in opened if not after] == []
     assert (tmp_path / "logs" / "clip" / "checkpoints" / "epoch_1.pt").exists()
@@ -371,7 +294,7 @@ def test_sogclr_on_shards_without_sizes_json_counts_the_shards(digits_csv, tmp_p
     import torch
 
     pattern = write_shards(tmp_path, digits_csv, [range(0, 16), range(16, 32)], sizes=False)
-    _record(tmp_path)                     # `openclip-align data check`: the record counts the samples
+    record_shards(tmp_path)               # `openclip-align data check`: the record counts the samples
     out = _train(["--loss", "sogclr", "--train-data", pattern, "--dataset-type", "webdataset", "--batch-size", "16",
                   "--train-num-samples", "16"], tmp_path / "logs", "sog")     # one step; the epoch length only
     assert out.returncode == 0, out.stderr[-3000:]
@@ -389,13 +312,13 @@ def test_csv_embeddings_of_the_wrong_width(digits_csv, tmp_path, width, meta_dim
 
     csv = tmp_path / "train.csv"
     csv.write_text(digits_csv.read_text())
-    np.save(tmp_path / "train.emb.npy", _vectors(48, width))
+    np.save(tmp_path / "train.emb.npy", unit_vectors(48, width))
     if meta_dim:
         (tmp_path / "train.emb.json").write_text(json.dumps({"model": "all-MiniLM-L6-v2", "dim": meta_dim, "n": 48}))
     with batch_extras.requesting({"semantic", "caption"}, semantic_precomputed=True, semantic_on_the_fly=False):
         with pytest.raises(MissingExtrasError, match=match):
             _csv_dataset(csv)
-    np.save(tmp_path / "train.emb.npy", _vectors(48, 384))               # the right file passes
+    np.save(tmp_path / "train.emb.npy", unit_vectors(48, 384))           # the right file passes
     with batch_extras.requesting({"semantic", "caption"}, semantic_precomputed=True, semantic_on_the_fly=False):
         assert _csv_dataset(csv)[0][2]["semantic"].shape == (384,)
 
