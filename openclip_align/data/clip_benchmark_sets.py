@@ -52,7 +52,7 @@ class _Files:
 
 def _coco_captions(csv_path: Path, image_folder: Path) -> dict:
     """COCO-captions annotations of an OpenCLIP pair csv: image id = row, one caption per image."""
-    from ..evaluation.data import CsvPairs
+    from ..evaluation.readers import CsvPairs
 
     pairs = CsvPairs(csv_path)
     images = [{"id": row, "file_name": os.path.relpath(path, image_folder)}
@@ -64,7 +64,7 @@ def _coco_captions(csv_path: Path, image_folder: Path) -> dict:
 
 def _wds_classification(files: _Files, rel: str, csv_path: Path, classnames, templates) -> dict:
     """One-shard WebDataset classification set as CLIP_benchmark's ``wds/`` loader expects it."""
-    from ..evaluation.data import CsvImages
+    from ..evaluation.readers import CsvImages
 
     images = CsvImages(csv_path)
     samples = []

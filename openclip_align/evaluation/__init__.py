@@ -1,8 +1,8 @@
 """Evaluation helpers shared by the ``gap`` command, the benchmark and the trainer: ordered data
 readers, batched embedding with any OpenCLIP model, retrieval recall and zero-shot accuracy."""
 from ..metrics.retrieval import retrieval_recall
-from .data import CsvImages, CsvPairs, Pair, ShardPairs, batched, expand_shards, is_shard_pattern, open_pairs
-from .embed import embed_images, embed_pairs
+from .features import embed_images, embed_pairs
+from .readers import CsvImages, CsvPairs, Pair, ShardPairs, batched, expand_shards, is_shard_pattern, open_pairs
 from .zero_shot import load_classnames, zero_shot_accuracy, zero_shot_classifier
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 A class set is a JSON file ``{"classnames": [...], "templates": ["a photo of a {}.", ...]}``; the
 images to classify come from a CSV with ``filepath`` and integer ``label`` columns
-(:class:`~openclip_align.evaluation.data.CsvImages`).
+(:class:`~openclip_align.evaluation.readers.CsvImages`).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from ..metrics.retrieval import classification_accuracy
-from .embed import _unwrap
+from .features import _unwrap
 
 
 def load_classnames(path) -> Tuple[List[str], List[str]]:

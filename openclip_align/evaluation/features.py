@@ -10,7 +10,7 @@ from typing import Iterable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .data import Pair, batched, open_pairs
+from .readers import Pair, batched, open_pairs
 
 
 def _unwrap(model):
@@ -92,7 +92,7 @@ def embed_pairs(model, preprocess, tokenizer, data, batch_size: int = 64, device
 def embed_images(model, preprocess, data: Iterable, batch_size: int = 64, device="cpu",
                  limit: Optional[int] = None, progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """(image_features N x D float32 CPU normalised, labels N int64) of ``(image, label)`` items,
-    e.g. a :class:`~openclip_align.evaluation.data.CsvImages`."""
+    e.g. a :class:`~openclip_align.evaluation.readers.CsvImages`."""
     model = _unwrap(model)
     model.eval()
     device = torch.device(device)
