@@ -39,7 +39,7 @@ def test_no_import_cycle_inside_integration():
 
 def test_the_data_side_does_not_import_the_trainer_hooks():
     hooks = {"trainer_adapter", "data_wiring", "before_train", "loss_adapter", "loss_state", "eval_gap_metrics"}
-    for name in ("run_state", "data_checks", "training_shards", "batch_extras", "checkpoints", "loader_health"):
+    for name in ("run_state", "csv_checks", "training_shards", "batch_extras", "checkpoints", "loader_health"):
         assert not _imports(PACKAGE / f"{name}.py") & hooks, name
 
 

@@ -20,7 +20,7 @@ import open_clip_train.data as oc_data
 from _shard_fixtures import (WIDTH, decoded_extras, plan_shards, record_shards, shard_args, unit_vectors,
                              write_shards)
 from _trainer_launch import error_lines, train, train_here
-from openclip_align.integration import batch_extras, data_checks, run_state, training_shards
+from openclip_align.integration import batch_extras, csv_checks, run_state, training_shards
 from openclip_align.data.errors import CorpusError, EmptyCaptionError, MissingExtrasError, TrainingDataError
 
 
@@ -218,7 +218,7 @@ def test_shards_holding_fewer_samples_than_sizes_json_claims(digits_csv, tmp_pat
 def test_csv_smaller_than_one_batch():
     train = SimpleNamespace(dataloader=SimpleNamespace(num_batches=0, dataset=list(range(12))))
     with pytest.raises(TrainingDataError, match="12 training pairs make no full batch of --batch-size 16"):
-        data_checks.check_has_a_batch(SimpleNamespace(train_data="x.csv", batch_size=16, world_size=1), train)
+        csv_checks.check_has_a_batch(SimpleNamespace(train_data="x.csv", batch_size=16, world_size=1), train)
 
 
 # --- end to end: the trainer stops before step 1 -------------------------------------------------------

@@ -7,7 +7,7 @@
   every row of a file that may hold tens of GB; any other file is read once (:func:`non_finite_row`).
 
 The one owner of these names and checks: ``embed`` writes through :func:`write`, the trainer's csv dataset
-opens the file with :func:`open_rows` and checks it with :func:`finiteness_problem` and :func:`check_width`.
+opens the file with :func:`open_rows` and checks it with :func:`check_width` and :func:`finiteness_problem`.
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from . import column
 from . import shards as sh
-from .errors import MissingExtrasError
+from .errors import CorpusError, MissingExtrasError
 
 EMB_SUFFIX = ".emb.npy"             # <csv without .csv> + EMB_SUFFIX
 EMB_META_SUFFIX = ".emb.json"
@@ -103,6 +104,16 @@ def open_rows(path: str, n_rows: int) -> np.ndarray:
     if not np.issubdtype(embeddings.dtype, np.floating):
         raise MissingExtrasError(f"{path}: embeddings must be floating point, got dtype {embeddings.dtype}; {FIX}")
     return embeddings
+
+
+def check_width(path: str, width: int, csv_path: str) -> None:
+    """``width`` is usable and agrees with the ``.emb.json`` beside the embeddings and the encoder it names
+    (the rule of :func:`.column.check_embedding_width`), or a MissingExtrasError."""
+    try:
+        column.check_embedding_width(path, width, meta_path(path),
+                                     f"Recompute it with `openclip-align embed --data {csv_path}`")
+    except CorpusError as err:
+        raise MissingExtrasError(str(err)) from None
 
 
 def finiteness_problem(path: str, embeddings: np.ndarray, recorded: Optional[bool], read: bool,

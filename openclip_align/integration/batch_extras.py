@@ -40,7 +40,7 @@ import torch
 from openclip_align.data import csv_embeddings
 from openclip_align.data.errors import MissingExtrasError
 
-from .data_checks import check_csv_captions, check_embedding_width
+from .csv_checks import check_csv_captions
 from .loader_health import FullPassGuard
 from .run_state import CAPTION, INDEX, SEMANTIC
 
@@ -103,8 +103,7 @@ def make_csv_dataset_class(upstream_cls):
                     self.embeddings = csv_embeddings.open_rows(path, n_rows)
                     self.embeddings_path = path
                     check_embedding_file(path, self.embeddings)
-                    check_embedding_width(path, int(self.embeddings.shape[1]), csv_embeddings.meta_path(path),
-                                          f"Recompute it with `openclip-align embed --data {input_filename}`")
+                    csv_embeddings.check_width(path, int(self.embeddings.shape[1]), input_filename)
                 elif not _options.get("semantic_on_the_fly", False):
                     raise MissingExtrasError(
                         f"--loss needs semantic caption embeddings but {path} does not exist; run "

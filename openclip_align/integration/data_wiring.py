@@ -16,7 +16,7 @@ from openclip_align.data.dataset_index import FIX_CSV_NUMBERING, check_index_ran
 from openclip_align.data.errors import MissingExtrasError
 from openclip_align.losses.registry import NEEDS_INDEX, NEEDS_SEMANTIC
 
-from . import batch_extras, data_checks, training_shards
+from . import batch_extras, csv_checks, training_shards
 from .batch_extras import ExtrasLoader
 from .run_state import TrainerRun
 
@@ -50,7 +50,7 @@ def build_data(run: Optional[TrainerRun], args, preprocess_fns, epoch, tokenizer
         with upstream.reading(plan, drop_empty):
             data = upstream.build_all(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
         if "train" in data:
-            data_checks.check_has_a_batch(args, data["train"])
+            csv_checks.check_has_a_batch(args, data["train"])
         return data
     source = args.semantic_source
     options = dict(csv_index_key=args.csv_index_key, csv_embeddings=None if plan else args.semantic_embeddings,
@@ -60,9 +60,9 @@ def build_data(run: Optional[TrainerRun], args, preprocess_fns, epoch, tokenizer
         run.semantic_width = plan.width
     with batch_extras.requesting(run.data_extras(), **options), upstream.reading(plan, drop_empty):
         train = dataset_fn(args, preprocess_fns[0], is_train=True, epoch=epoch, tokenizer=tokenizer)
-    data_checks.check_has_a_batch(args, train)
+    csv_checks.check_has_a_batch(args, train)
     if NEEDS_SEMANTIC in run.needs and plan is None:
-        data_checks.log_csv_on_the_fly(args, train)
+        csv_checks.log_csv_on_the_fly(args, train)
     train.dataloader = ExtrasLoader(train.dataloader)
     run.num_train_samples = (plan.total if plan is not None else
                              dataset_size(args.train_data, upstream.source_size, getattr(train.dataloader, "dataset", None)))

@@ -3,7 +3,7 @@
 At the bottom of ``integration/``. :mod:`.trainer_adapter` starts the run when upstream parses its
 arguments and hands it to the concern modules (:mod:`.data_wiring`, :mod:`.loss_adapter`,
 :mod:`.before_train`, :mod:`.loss_state`, :mod:`.eval_gap_metrics`, :mod:`.teacher`) as an argument; only
-code that upstream calls without the run (the adapter's wrappers, :mod:`.data_checks` inside dataset
+code that upstream calls without the run (the adapter's wrappers, :mod:`.csv_checks` inside dataset
 builders) reads :data:`RUN`.
 """
 from __future__ import annotations

@@ -1,33 +1,22 @@
-"""Checks of a run's training data that belong to the trainer, not to the corpus format.
+"""Checks of a csv training set that belong to the trainer (upstream reads the csv whole into memory).
 
 Shards are checked by :mod:`training_shards` (their record once per run, the rest as samples are
-decoded, both through :mod:`openclip_align.data.preflight` and :mod:`openclip_align.data.column`). What
-stays here is about the csv dataset, which upstream reads whole into memory anyway, and the one check
-that needs the built dataloader:
+decoded); the csv's embedding file by :mod:`openclip_align.data.csv_embeddings`. Here:
 
 * csv captions: none empty or missing (:mod:`openclip_align.data.captions`; ``--drop-empty-captions``
   drops and counts them instead);
-* csv semantic embeddings: their width against the metadata beside them and the encoder it names;
-* a batch per process: a csv smaller than one batch would give zero training steps.
+* a batch per process: a csv smaller than one batch would give zero training steps;
+* ``--semantic-source auto``: one line saying whether the csv's batches are embedded on the fly.
 """
 from __future__ import annotations
 
 import logging
 from typing import List, Sequence
 
-from openclip_align.data import column
 from openclip_align.data.captions import DROP_FLAG, refuse
-from openclip_align.data.errors import CorpusError, MissingExtrasError, TrainingDataError
+from openclip_align.data.errors import TrainingDataError
 
 from . import run_state
-
-
-def check_embedding_width(source: str, width: int, meta_path: str, fix: str) -> None:
-    """``width`` agrees with the metadata beside the embeddings and with the encoder it names."""
-    try:
-        column.check_embedding_width(source, width, meta_path, fix)
-    except CorpusError as err:
-        raise MissingExtrasError(str(err)) from None
 
 
 def drop_empty_captions_requested() -> bool:
