@@ -191,3 +191,11 @@ def test_the_package_attribute_finds_a_class_no_spec_names_and_refuses_other_nam
     for name in ("NoSuchLoss", "DistributedConfig", "check_pair", "torch"):
         with pytest.raises(AttributeError):
             getattr(losses, name)
+
+
+@pytest.mark.parametrize("name", SIX)
+def test_the_registered_name_is_the_loss_name_its_messages_use(name):
+    assert get_loss_spec(name).cls.loss_name == name
+    with pytest.raises(ValueError, match=f"--loss {name}: image_features"):
+        get_loss_spec(name).cls(**({"num_samples": 4} if name == "sogclr" else {}))(
+            torch.zeros(3), torch.zeros(3), torch.tensor(1.0))

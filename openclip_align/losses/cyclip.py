@@ -32,7 +32,6 @@ from .registry import register_loss
          "cycle-consistency of the cosine similarities",
 )
 class CyCLIPLoss(AlignLoss):
-    loss_name = "cyclip"
     options = {"inmodal_weight": "CyCLIP: weight of the in-modal cyclic term",
                "crossmodal_weight": "CyCLIP: weight of the cross-modal cyclic term"}
 

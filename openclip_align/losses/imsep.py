@@ -73,7 +73,6 @@ def separation_term(anchor_rows, anchor_all, paired_diag, distance, scale, offse
     needs={NEEDS_SEMANTIC},
 )
 class IMSepLoss(AlignLoss):
-    loss_name = "imsep"
     options = {
         "weight": "weight of each IMSep term relative to OpenCLIP's CLIP loss (the mean of its two directions); "
                   "0.25 with the text term = the authors' script (CE(tC) + CE(tC^T) + 0.5 (IMSep_img + IMSep_txt)); "

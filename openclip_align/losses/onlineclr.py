@@ -46,7 +46,6 @@ from .sogclr import negatives_mask
     stateful=True,
 )
 class OnlineCLRLoss(AlignLoss):
-    loss_name = "onlineclr"
     options = {"tau_n": "OnlineCLR: temperature of the negatives",
                "tau_p": "OnlineCLR: temperature of the positives",
                "gamma": "OnlineCLR: moving-average rate of the normalisers"}

@@ -180,7 +180,6 @@ def _check_teacher(name, batch, teacher_image_features, teacher_text_features):
     stateful=True,
 )
 class CLIPRefineLoss(AlignLoss):
-    loss_name = "refine"
     # flags named after the term they set (--hycd-*, --rafa-*), not --refine-*
     options = {
         "alpha": Option("HyCD: weight of the identity in the target distribution", flag="--hycd-alpha"),

@@ -38,7 +38,8 @@ def register_loss(
     The class must provide ``add_args(parser_group)`` (adds its flags with reference defaults) and
     ``from_args(args, **context)`` (class method, builds the loss from parsed trainer args); a subclass of
     ``AlignLoss`` derives both from its constructor and its ``options`` map (:mod:`.options`), checked here so
-    that a declaration that does not match the constructor fails when the module is imported.
+    that a declaration that does not match the constructor fails when the module is imported. The class's
+    ``loss_name`` is set to ``name``.
     """
     unknown = set(needs) - KNOWN_NEEDS
     if unknown:
@@ -48,12 +49,15 @@ def register_loss(
         for attr in ("add_args", "from_args"):
             if not callable(getattr(cls, attr, None)):
                 raise TypeError(f"loss {name!r}: {cls.__name__} must define {attr}()")
-        from .options import flags
-
-        flags(cls)
         existing = LOSSES.get(name)
         if existing is not None and existing.cls is not cls:
             raise ValueError(f"loss {name!r} is already registered by {existing.cls.__qualname__}")
+        if cls.__dict__.get("loss_name", name) != name:
+            raise ValueError(f"loss {name!r}: {cls.__qualname__}.loss_name says {cls.__dict__['loss_name']!r}")
+        cls.loss_name = name          # the name written once, here: its flags and messages read it
+        from .options import flags
+
+        flags(cls)
         LOSSES[name] = LossSpec(name, cls, help, frozenset(needs), stateful, raw_features)
         return cls
 

@@ -89,7 +89,6 @@ def negatives_mask(rows: int, cols: int, offset: int, device) -> torch.Tensor:
     stateful=True,
 )
 class SogCLRLoss(AlignLoss):
-    loss_name = "sogclr"
     options = {"gamma": "SogCLR: moving-average rate of the per-sample normalisers",
                "tau": "SogCLR: temperature"}
 

@@ -49,7 +49,6 @@ def covariance_term(z: torch.Tensor) -> torch.Tensor:
     raw_features=True,
 )
 class VICRegLoss(AlignLoss):
-    loss_name = "vicreg"
     options = {"sim_weight": "VICReg: weight of the invariance (MSE) term",
                "var_weight": "VICReg: weight of the variance term",
                "cov_weight": "VICReg: weight of the covariance term"}
