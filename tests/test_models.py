@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import open_clip
-from openclip_align.models.config import SharedCLIPConfigError
+from openclip_align.models.shared_config import SharedCLIPConfigError
 from openclip_align.models.shared_clip import SharedCLIP
 
 TINY = "AlignCLIP-Tiny"

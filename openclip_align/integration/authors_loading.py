@@ -33,7 +33,7 @@ AUTHORS_PREFIX = "AlignCLIP-Authors-"
 
 def configs_with_shapes(shapes):
     """Plugin config names whose SharedCLIP builds exactly these tensor shapes, AlignCLIP-Authors-* first."""
-    from openclip_align.models.config import parse_shared_config
+    from openclip_align.models.shared_config import parse_shared_config
 
     names = []
     for path in sorted(CONFIG_DIR.glob("*.json")):

@@ -25,7 +25,7 @@ from open_clip.transformer import (
     LayerNorm, LayerNormFp32, PatchDropout, QuickGELU, Transformer, text_global_pool,
 )
 
-from .config import SharedTowerSpec, parse_shared_config
+from .shared_config import SharedTowerSpec, parse_shared_config
 
 
 class ImageStem(nn.Module):
