@@ -12,6 +12,7 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from openclip_align.atomic_files import TMP_MARK  # noqa: E402
 from openclip_align.data import shards as sh  # noqa: E402
 from openclip_align.data.build import build_corpus  # noqa: E402
 
@@ -50,7 +51,7 @@ def test_layout_and_manifest(corpus):
     assert len(sizes) >= 2                      # enough shards for 2 dataloader workers
     assert manifest["counts"]["heldout"] > 100
     assert list(_csv(out / "train.csv").columns) == ["filepath", "title", "index", "source"]
-    assert not list(out.rglob(f"*{sh.TMP_MARK}*"))
+    assert not list(out.rglob(f"*{TMP_MARK}*"))
 
 
 def test_manifest_content_hash_covers_the_pairs_the_shards_hold(corpus):

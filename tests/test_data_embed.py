@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from openclip_align.cli import main  # noqa: E402
 from openclip_align.data import semantic  # noqa: E402
+from openclip_align.atomic_files import TMP_MARK  # noqa: E402
 from openclip_align.data import shards as sh  # noqa: E402
 
 CAPTIONS = ["a red apple", "woman technologist medium skin tone", "A great blue heron.", "flag Japan",
@@ -82,7 +83,7 @@ def test_embed_csv_without_index(tmp_path, encoder):
     assert indexed["index"].tolist() == list(range(len(CAPTIONS)))
     assert indexed["title"].tolist() == CAPTIONS
     assert np.array_equal(np.load(tmp_path / "mine.indexed.emb.npy"), emb)
-    assert not list(tmp_path.glob(f"*{sh.TMP_MARK}*"))
+    assert not list(tmp_path.glob(f"*{TMP_MARK}*"))
 
 
 def test_embed_csv_into_out_dir(tmp_path):

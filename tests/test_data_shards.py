@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from openclip_align.atomic_files import TMP_MARK, atomic_open
 from openclip_align.data import shards as sh
 from openclip_align.data.sizes import SIZES_FILE
 
@@ -32,7 +33,7 @@ def test_interrupt_keeps_previous_complete_file(tmp_path):
     sh.write_tar(final, _samples(3))
     before = final.read_bytes()
     with pytest.raises(KeyboardInterrupt):
-        with sh.atomic_open(final) as f:
+        with atomic_open(final) as f:
             f.write(b"partial")
             raise KeyboardInterrupt
     assert final.read_bytes() == before
@@ -47,7 +48,7 @@ def test_interrupted_write_shards_has_no_sizes_json(tmp_path):
 
 def test_stale_temporaries_are_removed(tmp_path):
     (tmp_path / "sub").mkdir()
-    stale = tmp_path / "sub" / f"train-000000.tar{sh.TMP_MARK}123"
+    stale = tmp_path / "sub" / f"train-000000.tar{TMP_MARK}123"
     stale.write_bytes(b"x")
     keep = tmp_path / "sub" / "train-000000.tar"
     keep.write_bytes(b"y")

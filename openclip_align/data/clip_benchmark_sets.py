@@ -27,6 +27,8 @@ import os
 from pathlib import Path
 from typing import Dict, Optional
 
+from openclip_align.atomic_files import atomic_write_bytes
+
 from . import shards as sh
 
 FOLDER = "clip_benchmark"
@@ -47,7 +49,7 @@ class _Files:
     def file(self, rel: str, data: bytes) -> Path:
         path = self.out / rel
         self.written.add(path)
-        return sh.atomic_write_bytes(path, data)
+        return atomic_write_bytes(path, data)
 
 
 def _coco_captions(csv_path: Path, image_folder: Path) -> dict:

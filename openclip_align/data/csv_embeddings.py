@@ -21,6 +21,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from openclip_align.atomic_files import temp_name
+
 from . import column
 from . import shards as sh
 from .errors import CorpusError, MissingExtrasError
@@ -85,7 +87,7 @@ def write(npy_path, emb: np.ndarray, meta: dict, copy_of=None) -> None:
     if copy_of is None:
         sh.atomic_write_npy(npy_path, emb)
     else:
-        tmp = sh.temp_name(npy_path)
+        tmp = temp_name(npy_path)
         try:
             os.link(copy_of, tmp)
         except OSError:

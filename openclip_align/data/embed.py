@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from openclip_align.atomic_files import stale_temps
+from openclip_align.atomic_files import atomic_write_text, stale_temps
 
 from . import csv_embeddings
 from . import shards as sh
@@ -87,7 +87,7 @@ def embed_csv(csv_path, model: str = "all-MiniLM-L6-v2", out=None, sep: str = "\
         new_stem = stem if not beside else f"{stem}.indexed"
         indexed = df if has_index else df.assign(**{INDEX_COLUMN: [str(i) for i in range(len(df))]})
         new_csv = out_dir / f"{new_stem}.csv"
-        sh.atomic_write_text(new_csv, indexed.to_csv(sep=sep, index=False))
+        atomic_write_text(new_csv, indexed.to_csv(sep=sep, index=False))
         written["csv"] = str(new_csv)
         csv_embeddings.write(out_dir / f"{new_stem}{csv_embeddings.EMB_SUFFIX}", emb, meta)
         written["embeddings"] = str(out_dir / f"{new_stem}{csv_embeddings.EMB_SUFFIX}")

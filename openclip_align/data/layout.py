@@ -13,6 +13,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from openclip_align.atomic_files import atomic_write_bytes
+
 from . import csv_embeddings
 from . import shards as sh
 from .pairs import DrawnPair
@@ -43,13 +45,13 @@ class Writer:
                 return path
         except FileNotFoundError:
             pass
-        sh.atomic_write_bytes(path, data, fsync=False)
+        atomic_write_bytes(path, data, fsync=False)
         return path
 
     def file(self, rel: str, data: bytes) -> Path:
         path = self.out / rel
         self.written.add(path)
-        return sh.atomic_write_bytes(path, data)
+        return atomic_write_bytes(path, data)
 
     def prune(self, subtree: str) -> int:
         root = self.out / subtree

@@ -19,8 +19,7 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
-from openclip_align.atomic_files import (TMP_MARK, atomic_open, atomic_write_bytes,  # noqa: F401
-                                         atomic_write_text, temp_name)
+from openclip_align.atomic_files import TMP_MARK, atomic_open, atomic_write_bytes
 
 from .sizes import remove_sizes, write_sizes
 
@@ -30,7 +29,7 @@ TAR_MTIME = 946684800         # 2000-01-01: a fixed, non-zero mtime (some tools 
 SHARD_PATTERN = "{prefix}-{shard:06d}.tar"
 
 
-# --- atomic files: the shared helper (names re-exported for the data code) --------------------
+# --- canonical bytes, written atomically (:mod:`openclip_align.atomic_files`) ------------------
 def json_bytes(obj) -> bytes:
     """Canonical JSON (sorted keys, UTF-8, trailing newline) so equal content means equal bytes."""
     return (json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
