@@ -46,7 +46,7 @@ def check_index_range(where: str, indices, total: int, fix: str = FIX_NUMBERING,
 def dataset_size(train_data: str, source_size: Callable, dataset=None) -> Optional[int]:
     """Number of distinct training pairs. A map-style dataset (a csv): its length, one row per pair.
     Shards: the sum over a ``::`` mixture's sources, each from ``source_size(source)`` (upstream's reader of
-    the source's own folder's sizes.json / __len__, returning ``(samples, shards)``; it looks only in the
+    the source's own folder's sizes file / __len__, returning ``(samples, shards)``; it looks only in the
     first shard's folder, so a second source elsewhere had no size); None when a source has none (a loss
     that needs the size says so when it is built)."""
     if dataset is not None and not _iterable(dataset):

@@ -324,7 +324,7 @@ def embed_shards(data, out=None, model: str = "all-MiniLM-L6-v2", batch_size: in
         for writer in writers.values():
             writer.flush()
 
-    # 4. corpus-wide summary per column directory; sizes.json beside the shards when there is none
+    # 4. corpus-wide summary per column directory; the sizes file beside the shards when there is none
     for folder in {column_dir(p) for p in paths}:
         mine = [p for p in paths if column_dir(p) == folder]
         cols = [entries[p]["column"] for p in mine if entries[p].get("column")]

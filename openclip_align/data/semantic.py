@@ -160,7 +160,8 @@ def load_sentence_encoder(name_or_path: str = MINILM, device: str = "cpu"):
         return _cache[key]
 
 
-def resolve_devices(device: str = "auto", devices: Optional[str] = None, num_processes: Optional[int] = None) -> List[str]:
+def resolve_devices(device: str = "auto", devices: Optional[str] = None,
+                    num_processes: Optional[int] = None) -> List[str]:
     """The devices to embed on, one process each: ``--devices cuda:0,cuda:1``, or ``--num-processes N``
     (the first N GPUs; on a CPU-only machine N CPU processes), else ``--device`` (auto: cuda if present)."""
     import torch
@@ -198,5 +199,5 @@ def embed_captions(encoder, captions: Sequence[str], batch_size: int = 256, prog
 
 
 def embedding_meta(name: str, emb: np.ndarray) -> dict:
-    """The ``.emb.json`` record written beside every ``.emb.npy``."""
+    """The encoder's record written beside every caption embedding file (a csv's, or a shard column's)."""
     return {"model": canonical_name(name), "dim": int(emb.shape[1]), "n": int(emb.shape[0]), "normalized": True}

@@ -18,10 +18,10 @@ the model outputs only. So the extras take a side road:
 4. the loss adapter takes from :data:`STASH` the extras of exactly the batches whose features it
    receives (the last ``accum_freq`` batches when gradient accumulation is on).
 
-Extras formats: csv: an ``index`` column (else the row number) and a row-aligned embedding
-file (:mod:`openclip_align.data.csv_embeddings`); webdataset: ``KEY.json`` with ``"index"``, and the caption embedding in
-the shard's embedding column (joined by shard url and key) or a ``KEY.emb.npy`` member
-(:class:`training_shards.ShardSampleExtras`).
+Extras formats: csv: an ``index`` column (else the row number) and a row-aligned embedding file
+(:mod:`openclip_align.data.csv_embeddings`); webdataset: ``KEY.json`` with ``"index"``, and the caption
+embedding in the shard's embedding column (joined by shard url and key) or the sample's own embedding
+member (:class:`training_shards.ShardSampleExtras`).
 
 Values are validated on the host, never per step on the training device: the csv's whole embedding
 file (shape, finite) when the dataset is built, the csv index range against the dataset size before step 1

@@ -14,6 +14,7 @@ import logging
 from typing import List, Sequence
 
 from openclip_align.data.captions import DROP_FLAG, refuse
+from openclip_align.data.csv_embeddings import EMB_SUFFIX
 from openclip_align.data.errors import TrainingDataError
 
 from . import run_state
@@ -60,7 +61,7 @@ def log_csv_on_the_fly(args, train) -> None:
         logging.info("openclip-align: --semantic-source auto: all %s batches per epoch are embedded on the fly "
                      "by --semantic-model %s: the csv has no precomputed embeddings (%s)",
                      getattr(train.dataloader, "num_batches", None), args.semantic_model,
-                     getattr(dataset, "embeddings_path", "no .emb.npy beside it"))
+                     getattr(dataset, "embeddings_path", f"no {EMB_SUFFIX} beside it"))
     else:
         logging.info("openclip-align: --semantic-source auto: 0 batches are embedded on the fly: every row has "
                      "its precomputed embedding")

@@ -1,7 +1,7 @@
 """A run's webdataset shards: their record checked once per run, every sample checked as it is decoded.
 
 Nothing here reads a shard before step 1. What can be known per shard (counts, empty captions, index
-ranges, the embedding column's width and completeness, sizes.json, a batch per worker) comes from the
+ranges, the embedding column's width and completeness, the sizes file, a batch per worker) comes from the
 record that ``data build`` / ``embed`` / ``data check`` wrote beside the shards, verified by
 :func:`openclip_align.data.preflight.verify_record` in time proportional to the number of shards, on
 rank 0 only: the other ranks receive its outcome (an error stops every rank with the same message).
@@ -9,7 +9,7 @@ rank 0 only: the other ranks receive its outcome (an error stops every rank with
 Shards without a record entry, and every sample as a second line of defence, are checked in the
 dataloader workers as samples are decoded, inside upstream's own pipeline (its shuffling, resampling
 and worker / node splitting are untouched): an empty caption is dropped (``--drop-empty-captions``) or
-stops the run; the embedding (a ``KEY.emb.npy`` member, or the shard's row in its column, joined by shard
+stops the run; the embedding (the sample's own member, or the shard's row in its column, joined by shard
 url and sample key) must be present, finite and of the run's width; the dataset index (``KEY.json``
 ``"index"``, or the column's ``index_start`` + row) must lie in [0, N). A column row is joined only to a
 sample whose caption has the row's fingerprint (local, ``pipe:`` and remote shards alike), so a column
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from openclip_align.data.captions import DROP_FLAG, is_empty
-from openclip_align.data.column import COLUMN_META_SUFFIX, CORPUS_META, EMB_MEMBER, FIX_EMBED, ColumnReader, \
-    check_embedding_width, check_vector, column_folder, column_paths, encoder_width, has_fingerprints, legacy_warning, \
-    metadata_width, read_column_meta
+from openclip_align.data.column import COLUMN_META_SUFFIX, COLUMN_SUFFIX, CORPUS_META, EMB_MEMBER, FIX_EMBED, \
+    ColumnReader, check_embedding_width, check_vector, column_folder, column_paths, encoder_width, has_fingerprints, \
+    legacy_warning, metadata_width, read_column_meta
 from openclip_align.data.dataset_index import check_index_range, dataset_size
 from openclip_align.data.preflight import RecordCheck, check_batch_per_worker, verify_record
 from openclip_align.data.shard_files import listed
@@ -56,7 +56,7 @@ class ShardPlan:
     check: Optional[RecordCheck] = None       # None: remote shards, no record looked for
     column_dir: object = None                        # --semantic-embeddings: DIR or {url: DIR}; None: beside
     width: Optional[int] = None                      # of the precomputed caption embeddings, when known
-    total: Optional[int] = None                      # samples the shards hold (record, else sizes.json)
+    total: Optional[int] = None                      # samples the shards hold (record, else the sizes file)
     remote: bool = False
     notes: List[str] = field(default_factory=list)   # what the log says about it
     warnings: List[str] = field(default_factory=list)  # what the log warns about (once per run)
@@ -123,8 +123,8 @@ def semantic_dir(args) -> Optional[str]:
         return None
     if not os.path.isdir(str(value)):
         raise TrainingDataError(f"--semantic-embeddings {value}: with webdataset shards it names the directory "
-                                "holding their embedding columns (NAME.emb.npy + NAME.emb.json, as `openclip-align "
-                                "embed --data SHARDS --out DIR` writes them); no such directory")
+                                f"holding their embedding columns (NAME{COLUMN_SUFFIX} + NAME{COLUMN_META_SUFFIX}, "
+                                "as `openclip-align embed --data SHARDS --out DIR` writes them); no such directory")
     return str(value)
 
 
@@ -224,7 +224,7 @@ def _check_local(args, urls: List[str], needs, column_dir: Optional[str], source
 
 
 def _batch_per_worker_from_sizes(args, urls: List[str]) -> None:
-    """Without a record, the batch-per-worker check runs on what sizes.json claims (O(shards))."""
+    """Without a record, the batch-per-worker check runs on what the sizes file claims (O(shards))."""
     claimed = None if getattr(args, "train_num_samples", None) is not None else read_sizes(os.path.dirname(urls[0]))
     if claimed is None:
         return
