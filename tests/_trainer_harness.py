@@ -1,8 +1,9 @@
-"""Run ``open_clip_train.main`` (as ``python -m`` would) and record every loss call at full precision.
+"""Run ``open_clip_train.main`` (as ``python -m`` would), recording every loss call at full precision or
+arranging a fault on one rank.
 
-Launched by ``run_ranks`` in tests/_trainer_launch.py, as ``torchrun ... tests/_trainer_harness.py ARGS`` and
-as ``python tests/_trainer_harness.py ARGS``. Upstream's main runs unchanged (with the plugin active);
-the harness only adds:
+Launched through tests/_trainer_launch.py (``run_ranks``; test_rank_agreement's two nodes), as
+``torchrun ... tests/_trainer_harness.py ARGS`` and as ``python tests/_trainer_harness.py ARGS``.
+Upstream's main runs unchanged (with the plugin active); the harness only adds:
 
 * a forward hook on the training loss that appends each call's terms (float64) to
   ``$HARNESS_RECORD/rank{R}.jsonl`` (upstream's log prints 5 significant digits);
@@ -10,7 +11,9 @@ the harness only adds:
   loader's shuffle yields, in each epoch, the samples that W ranks read through ``DistributedSampler``
   in that epoch, in chunks of B rows per rank, rank 0's chunk first (the order the losses gather them).
   B is a rank's rows of one optimizer step: its batch size times ``--accum-freq``, because the loss
-  sees a rank's accumulated batches concatenated.
+  sees a rank's accumulated batches concatenated;
+* with ``HARNESS_FAULT`` on the rank ``HARNESS_FAULT_RANK`` only: ``weights``, its weights turn NaN after
+  its optimizer step (its loss was finite); ``loss``, its plugin loss returns NaN terms.
 """
 import json
 import os
@@ -23,6 +26,7 @@ from torch.utils.data import DistributedSampler, RandomSampler
 RECORD = os.environ.get("HARNESS_RECORD")
 WORLD = int(os.environ.get("HARNESS_EMULATE_WORLD", "0"))
 BATCH = int(os.environ.get("HARNESS_EMULATE_BATCH", "0"))
+FAULT = os.environ.get("HARNESS_FAULT", "")
 _epoch = {"value": 0}
 
 
@@ -73,7 +77,29 @@ def _install_recorder() -> None:
     train.train_one_epoch = train_one_epoch
 
 
+def _install_fault() -> None:
+    if FAULT == "weights":
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        def poison(optimizer, args, kwargs):
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].fill_(float("nan"))
+
+        register_optimizer_step_post_hook(poison)
+    elif FAULT == "loss":
+        from torch.nn.modules.module import register_module_forward_hook
+
+        def nan_terms(module, inputs, output):
+            if type(module).__module__.startswith("openclip_align.losses.") and isinstance(output, dict):
+                return {key: value * float("nan") for key, value in output.items()}
+            return output
+
+        register_module_forward_hook(nan_terms)
+
+
 if __name__ == "__main__":
+    if FAULT and os.environ.get("HARNESS_FAULT_RANK") == os.environ.get("RANK"):
+        _install_fault()
     if WORLD:
         _install_order()
     if RECORD:

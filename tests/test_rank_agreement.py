@@ -20,7 +20,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _dist import spawn  # noqa: E402
+from _dist import free_port, spawn  # noqa: E402
+from _trainer_launch import HARNESS, NICE, torchrun_command, train, trainer_env  # noqa: E402
 
 from openclip_align.integration import checkpoints, rank_agreement  # noqa: E402
 
@@ -141,55 +142,19 @@ def test_a_failure_one_rank_announces_ends_the_other_rank_naming_it(tmp_path):
 
 # --- two torchrun "nodes" on localhost, a failure met by one of them ----------------------------------
 BOUND_S = 180               # well below gloo's 30-minute collective timeout (a busy 2-core machine needs ~60 s)
-FAULTS = '''
-"""Runs open_clip_train.main as torchrun's worker, after arranging FAULT on node FAULT_RANK only."""
-import os
-import runpy
-import sys
-
-import torch
-
-if os.environ.get("FAULT_RANK") == os.environ.get("RANK"):
-    fault = os.environ["FAULT"]
-    if fault == "weights":          # this rank's weights turn NaN after its optimizer step (its loss was finite)
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        def poison(optimizer, args, kwargs):
-            with torch.no_grad():
-                optimizer.param_groups[0]["params"][0].fill_(float("nan"))
-
-        register_optimizer_step_post_hook(poison)
-    elif fault == "loss":           # this rank's plugin loss returns NaN terms
-        from torch.nn.modules.module import register_module_forward_hook
-
-        def nan_terms(module, inputs, output):
-            if type(module).__module__.startswith("openclip_align.losses.") and isinstance(output, dict):
-                return {key: value * float("nan") for key, value in output.items()}
-            return output
-
-        register_module_forward_hook(nan_terms)
-sys.argv = ["open_clip_train.main", *sys.argv[1:]]
-runpy.run_module("open_clip_train.main", run_name="__main__", alter_sys=True)
-'''
 
 
 def two_nodes(argv, cwds, fault=None, fault_rank=None):
-    """One ``torchrun --nnodes 2 --node-rank R --nproc-per-node 1`` per node (its own working directory);
-    returns [(returncode, stdout + stderr)] per node, each bounded by BOUND_S."""
+    """One ``torchrun --nnodes 2 --node-rank R --nproc-per-node 1`` of the harness per node (its own working
+    directory), ``fault`` arranged on node ``fault_rank`` only; returns [(returncode, stdout + stderr)] per
+    node, each bounded by BOUND_S."""
     import subprocess
 
-    from _dist import free_port
-
-    launcher = Path(cwds[0]).parent / "faults.py"
-    launcher.write_text(FAULTS)
-    port = str(free_port())
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", FAULT=fault or "", FAULT_RANK=str(fault_rank))
-    env.pop("OPENCLIP_ALIGN_DISABLE", None)
+    port = free_port()
+    env = trainer_env(OMP_NUM_THREADS="1", HARNESS_FAULT=fault or "", HARNESS_FAULT_RANK=str(fault_rank))
     procs = []
     for node, cwd in enumerate(cwds):
-        cmd = ["nice", "-n", "19", sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
-               str(node), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
-               str(launcher), *argv]
+        cmd = [*NICE, *torchrun_command(HARNESS, nproc=1, nnodes=2, node_rank=node, port=port), *argv]
         procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     results, deadline = [], time.monotonic() + BOUND_S
@@ -266,15 +231,10 @@ def test_two_nodes_resume_from_the_same_checkpoint_when_one_node_cannot_read_the
     """Each node resumes from its own folder (relative --logs, a working directory per node); node 1's
     epoch_2.pt is truncated: both resume from epoch_1.pt and train on, instead of one from each."""
     import shutil
-    import subprocess
 
     first = tmp_path / "first"
     first.mkdir()
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("OPENCLIP_ALIGN_DISABLE", None)
-    out = subprocess.run([sys.executable, "-m", "open_clip_train.main",
-                          *_trainer_argv(one_step_csv, "--log-root", "logs", "--name", "run", epochs=2)],
-                         cwd=first, env=env, capture_output=True, text=True, timeout=600)
+    out = train(_trainer_argv(one_step_csv, "--log-root", "logs", "--name", "run", epochs=2), cwd=first, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     cwds = _nodes(tmp_path)
     for cwd in cwds:
@@ -321,11 +281,11 @@ def test_two_nodes_stop_together_when_one_node_lacks_the_column_folder(digits_cs
     import shutil
 
     from openclip_align.data.column import write_column
-    from test_training_data_checks import _vectors, write_shards
+    from _shard_fixtures import unit_vectors, write_shards
 
     cwds = _nodes(tmp_path)
     parts = [range(0, 16), range(16, 32)]
-    emb = _vectors(32)
+    emb = unit_vectors(32)
 
     def strip(i, sample):
         del sample["emb.npy"]
