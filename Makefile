@@ -41,13 +41,13 @@ benchmark-quick:
 	$(PYTHON) -m openclip_align.cli benchmark --data $(DATA) --out $(BENCH_OUT)-quick --quick
 
 benchmark-publish:  ## make the run in $(BENCH_OUT) the committed copy: benchmark/ (results, baseline, figures), README tables
-	$(PYTHON) -m openclip_align.publishing.publish --benchmark $(BENCH_OUT) $(PUBLISH_FLAGS)
+	$(PYTHON) -m openclip_align.publishing --benchmark $(BENCH_OUT) $(PUBLISH_FLAGS)
 
 study:              ## losses x optimizers grid of the course study (pretrained towers; --regime scratch for Tiny models)
 	$(PYTHON) -m openclip_align.cli study --data $(DATA) --out $(STUDY_OUT)
 
 study-publish:      ## make the study in $(STUDY_OUT) the committed copy: study/ and README's grid
-	$(PYTHON) -m openclip_align.publishing.publish --study $(STUDY_OUT)
+	$(PYTHON) -m openclip_align.publishing --study $(STUDY_OUT)
 
 study-temperature:  ## Mind the Gap's temperatures: the pretrained-tower CLIP fine-tuned at each fixed T, CLIP-Refine (lr 1e-6 and 1e-4) beside it
 	$(PYTHON) -m openclip_align.cli study --data $(DATA) --out $(STUDY_TEMPERATURE_OUT) \
@@ -60,10 +60,10 @@ gpu-check-prepare:  ## wheels, mpnet skeleton and small corpus for the one devic
 	bash measurements/gpu_check.sh prepare
 
 study-temperature-publish:  ## make $(STUDY_TEMPERATURE_OUT) the committed copy: study/temperature/ and README's block
-	$(PYTHON) -m openclip_align.publishing.publish --temperature-study $(STUDY_TEMPERATURE_OUT)
+	$(PYTHON) -m openclip_align.publishing --temperature-study $(STUDY_TEMPERATURE_OUT)
 
 study-scaling:      ## data scaling: the scratch track on 1/4, 1/2 and all of the training pairs, 3 seeds (rerun continues a stopped one)
 	$(PYTHON) -m openclip_align.cli study --data $(DATA) --out $(STUDY_SCALING_OUT) --train-fractions 0.25 0.5 1 --seeds 0 1 2
 
 study-scaling-publish:  ## make $(STUDY_SCALING_OUT) the committed copy: study/scaling/ and README's block
-	$(PYTHON) -m openclip_align.publishing.publish --scaling-study $(STUDY_SCALING_OUT)
+	$(PYTHON) -m openclip_align.publishing --scaling-study $(STUDY_SCALING_OUT)

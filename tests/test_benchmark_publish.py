@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from _benchmark_results import results, track
-from openclip_align.publishing import publish
+from openclip_align.publishing import committed_copy
 
 REPO = Path(__file__).resolve().parent.parent
 README = ("intro\n<!-- benchmark:scratch:start -->\nOLD\n<!-- benchmark:scratch:end -->\n"
@@ -40,7 +40,7 @@ def test_publishing_an_old_run_fills_the_committed_copy_and_readme_and_leaves_th
     before = digest(run)
     committed, readme = tmp_path / "benchmark", tmp_path / "README.md"
     readme.write_text(README)
-    assert publish.main(["--benchmark", str(run), "--to-benchmark", str(committed), "--readme", str(readme)]) == 0
+    assert committed_copy.main(["--benchmark", str(run), "--to-benchmark", str(committed), "--readme", str(readme)]) == 0
     assert digest(run) == before
     published = json.loads((committed / "results.json").read_text())
     assert published == json.loads((run / "results.json").read_text())
@@ -63,21 +63,21 @@ def test_corpus_record_added_at_publish_only_when_the_pair_count_matches(tmp_pat
     (corpus / "train.csv").write_text("\n".join(rows) + "\n")
     (corpus / "heldout.csv").write_text("\n".join(rows[:4]) + "\n")
     committed = tmp_path / "benchmark"
-    publish.main(["--benchmark", str(run), "--to-benchmark", str(committed), "--readme", str(tmp_path / "none.md"),
+    committed_copy.main(["--benchmark", str(run), "--to-benchmark", str(committed), "--readme", str(tmp_path / "none.md"),
                   "--corpus", str(corpus)])
     record = json.loads((committed / "results.json").read_text())["data"]["corpus"]
     assert record["train_pairs"] == 10 and record["heldout_pairs"] == 3 and record["recorded_at"].startswith("publish")
     assert record["content_pairs"] == {"heldout": 3, "train": 10}          # no manifest: hashed from the files
     (corpus / "train.csv").write_text("\n".join(rows[:6]) + "\n")
     with pytest.raises(SystemExit, match="holds 5 training pairs but the run read 10"):
-        publish.main(["--benchmark", str(run), "--to-benchmark", str(committed), "--corpus", str(corpus)])
+        committed_copy.main(["--benchmark", str(run), "--to-benchmark", str(committed), "--corpus", str(corpus)])
 
 
 def test_other_variants_go_to_their_own_folder_and_leave_readme_alone(tmp_path):
     run = old_run(tmp_path, variant="cpu-quick")
     committed, readme = tmp_path / "benchmark", tmp_path / "README.md"
     readme.write_text(README)
-    publish.main(["--benchmark", str(run), "--to-benchmark", str(committed), "--readme", str(readme)])
+    committed_copy.main(["--benchmark", str(run), "--to-benchmark", str(committed), "--readme", str(readme)])
     assert (committed / "cpu-quick" / "results.md").exists() and (committed / "baselines" / "cpu-quick.json").exists()
     assert not (committed / "results.json").exists() and readme.read_text() == README
 
@@ -96,11 +96,11 @@ def test_study_is_published_the_same_way(tmp_path):
     (run / "results.json").write_text(json.dumps(study))
     readme = tmp_path / "README.md"
     readme.write_text(README)
-    publish.main(["--study", str(run), "--to-study", str(tmp_path / "study"), "--readme", str(readme)])
+    committed_copy.main(["--study", str(run), "--to-study", str(tmp_path / "study"), "--readme", str(readme)])
     assert (tmp_path / "study" / "study.png").exists() and "| clip | adamw | 10.0 |" in readme.read_text()
     assert "\nOLD\n" in readme.read_text()                 # the benchmark blocks are not touched
     with pytest.raises(SystemExit, match="nothing to publish"):
-        publish.main(["--study", str(tmp_path / "missing")])
+        committed_copy.main(["--study", str(tmp_path / "missing")])
 
 
 def test_default_outputs_are_untracked():
@@ -142,7 +142,7 @@ def test_pair_pictures_are_redrawn_from_a_finished_runs_checkpoints(tmp_path, mo
     real = plots.plot_gap_pca
     monkeypatch.setattr(plots, "plot_gap_pca", lambda *a, **k: drawn.append(k) or real(*a, **k))
     committed = tmp_path / "benchmark"
-    publish.main(["--benchmark", str(run), "--to-benchmark", str(committed), "--readme", str(tmp_path / "no.md"),
+    committed_copy.main(["--benchmark", str(run), "--to-benchmark", str(committed), "--readme", str(tmp_path / "no.md"),
                   "--redraw-pca", str(corpus)])
     assert [d["title"].split("\n")[0] for d in drawn] == ["upstream CLIP: DualCLIP-Tiny, --loss clip (OpenCLIP alone)",
                                                          "CLIP-Refine: DualCLIP-Tiny, --loss refine"]
@@ -170,7 +170,7 @@ def test_a_published_run_gets_the_content_hash_of_a_rebuild_only_when_its_manife
                              "heldout_pairs": None}
     for path in (committed / "results.json", committed / "baselines" / "cpu.json"):
         path.write_text(json.dumps(run))
-    assert publish.main(["--add-content", str(corpus), "--note", "rebuilt with commit abc", "--to-benchmark",
+    assert committed_copy.main(["--add-content", str(corpus), "--note", "rebuilt with commit abc", "--to-benchmark",
                          str(committed)]) == 0
     for path in (committed / "results.json", committed / "baselines" / "cpu.json"):
         record = json.loads(path.read_text())["data"]["corpus"]
@@ -180,4 +180,4 @@ def test_a_published_run_gets_the_content_hash_of_a_rebuild_only_when_its_manife
 
     (corpus / "manifest.json").write_text(json.dumps({**manifest, "packages": {"pillow": "11.1"}}))
     with pytest.raises(SystemExit, match="not the build the run used"):
-        publish.main(["--add-content", str(corpus), "--note", "x", "--to-benchmark", str(committed)])
+        committed_copy.main(["--add-content", str(corpus), "--note", "x", "--to-benchmark", str(committed)])

@@ -8,7 +8,7 @@ import pytest
 
 from openclip_align.experiments import grid_study, scaling_study
 from openclip_align.experiments.trainer_processes import Budget, TrainResult
-from openclip_align.publishing import publish
+from openclip_align.publishing import committed_copy
 from openclip_align.cli import main
 
 
@@ -206,7 +206,7 @@ def test_publish_writes_study_scaling_and_readme_block_from_results_json(tmp_pat
     (run / "results.json").write_text(json.dumps(hand_made_results()))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- study:scaling:start -->\nold\n<!-- study:scaling:end -->\nafter\n")
-    assert publish.main(["--scaling-study", str(run), "--to-scaling-study", str(tmp_path / "pub"),
+    assert committed_copy.main(["--scaling-study", str(run), "--to-scaling-study", str(tmp_path / "pub"),
                          "--readme", str(readme)]) == 0
     assert json.loads((tmp_path / "pub" / "results.json").read_text()) == hand_made_results() | {
         "created": "2026-12-05 04:00:00"}
@@ -229,7 +229,7 @@ def test_an_unfinished_study_is_not_published(tmp_path):
     assert not results["complete"]
     (run / "results.json").write_text(json.dumps(results))
     with pytest.raises(SystemExit, match="did not finish every run"):
-        publish.main(["--scaling-study", str(run), "--to-scaling-study", str(tmp_path / "pub"),
+        committed_copy.main(["--scaling-study", str(run), "--to-scaling-study", str(tmp_path / "pub"),
                       "--readme", str(tmp_path / "README.md")])
     assert not (tmp_path / "pub").exists()
 

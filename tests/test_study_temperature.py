@@ -8,7 +8,7 @@ import torch
 
 from openclip_align.experiments import grid_study, temperature_study
 from openclip_align.experiments.trainer_processes import Budget, TrainResult
-from openclip_align.publishing import publish
+from openclip_align.publishing import committed_copy
 from openclip_align.publishing.readme import update_temperature_block
 from openclip_align.cli import main
 
@@ -269,7 +269,7 @@ def test_publish_copies_the_run_into_the_committed_folder_and_readme(tmp_path, c
     (run / "results.json").write_text(source)
     (run / "results.md").write_text("old report")
     readme.write_text(README)
-    assert publish.main(["--temperature-study", str(run), "--to-temperature-study", str(committed),
+    assert committed_copy.main(["--temperature-study", str(run), "--to-temperature-study", str(committed),
                          "--readme", str(readme)]) == 0
     assert json.loads((committed / "results.json").read_text()) == json.loads(source)
     assert (committed / "results.md").read_text() == temperature_study.markdown(results_dict())
@@ -278,7 +278,7 @@ def test_publish_copies_the_run_into_the_committed_folder_and_readme(tmp_path, c
     assert (run / "results.md").read_text() == "old report" and (run / "results.json").read_text() == source
     assert "rewrote study:temperature" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="make study-temperature"):
-        publish.main(["--temperature-study", str(tmp_path / "empty"), "--to-temperature-study", str(committed)])
+        committed_copy.main(["--temperature-study", str(tmp_path / "empty"), "--to-temperature-study", str(committed)])
 
 
 @pytest.mark.slow

@@ -52,5 +52,5 @@ def run(args) -> int:
     if results["flags"]:
         print(f"{len(results['flags'])} regression(s) flagged against the baseline")
     print(f"Wrote {args.out}. To make it the committed copy (benchmark/, README tables): "
-          f"python -m openclip_align.publishing.publish --benchmark {args.out}")
+          f"python -m openclip_align.publishing --benchmark {args.out}")
     return 0

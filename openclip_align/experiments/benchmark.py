@@ -19,7 +19,7 @@ trains AlignCLIP with caption embeddings computed on the fly. After the tracks, 
 randomly initialised dual- and shared-tower models once (:mod:`.initialisation`).
 
 Output goes to ``--out`` (``runs/benchmark`` by default, untracked); the committed copy under ``benchmark/``
-changes only through :mod:`openclip_align.publishing.publish`.
+changes only through :mod:`openclip_align.publishing.committed_copy`.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ one); the pair pictures are copied, or drawn again from the run's checkpoints wi
 A run from before corpus records gets one with ``--corpus DATA`` when DATA still holds as many training
 pairs as the run read (marked as added at publish time).
 
-    python -m openclip_align.publishing.publish --benchmark runs/benchmark [--study runs/study]
+    python -m openclip_align.publishing --benchmark runs/benchmark [--study runs/study]
         [--temperature-study runs/study-temperature] [--readme README.md]
 """
 from __future__ import annotations
@@ -148,7 +148,7 @@ def _publish_folder(run_dir: Path, committed: Path, kind: str, markdown, plot, f
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m openclip_align.publishing.publish",
+    parser = argparse.ArgumentParser(prog="python -m openclip_align.publishing",
                                      description="Make a finished run (`make benchmark` / `make study` write "
                                                  "them under runs/) the committed copy: benchmark/ or study/, and "
                                                  "README's tables.")
