@@ -165,10 +165,10 @@ def test_compiled_model_gives_the_same_loss_and_gradients(model_name):
 def _parse(argv):
     import open_clip_train.params as params
 
-    from openclip_align.integration.trainer_args import parse_args_with_plugin
+    from openclip_align.integration.trainer_args import parse_with_plugin
 
     upstream = getattr(params.parse_args, "__wrapped__", params.parse_args)
-    return parse_args_with_plugin(upstream)(argv)
+    return parse_with_plugin(argv, upstream)
 
 
 BASE = ["--train-data", "x.csv", "--model", "AlignCLIP-Tiny", "--device", "cpu"]

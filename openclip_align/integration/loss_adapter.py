@@ -100,6 +100,7 @@ class TrainerLossAdapter(nn.Module):
         self._epoch_calls = 0                   # ... in the current epoch
         self._batches_per_epoch: Optional[int] = None
         self._epochs: List[Tuple[int, int]] = []     # (calls before the epoch, epoch)
+        self._logged_encoders: set = set()      # (model, width) of on-the-fly embedding already logged
 
     def place(self, device) -> None:
         """Move the loss (and its state) to the training device, once."""
@@ -121,7 +122,7 @@ class TrainerLossAdapter(nn.Module):
             if SEMANTIC in batch:
                 out["semantic_features"] = batch[SEMANTIC].to(device=device, dtype=torch.float32, non_blocking=True)
             elif run.args.semantic_source != "precomputed" and CAPTION in batch:
-                out["semantic_features"] = _embed_on_the_fly(run, batch[CAPTION], device)
+                out["semantic_features"] = _embed_on_the_fly(run, batch[CAPTION], device, self._logged_encoders)
             else:
                 raise MissingExtrasError(
                     f"--loss {run.args.loss}: this batch has no semantic embeddings (and no raw captions to "
@@ -199,7 +200,9 @@ class TrainerLossAdapter(nn.Module):
         return f"first at step {step} of epoch {epoch}" if epoch is not None else f"first at call {call}"
 
 
-def _embed_on_the_fly(run: TrainerRun, captions, device) -> torch.Tensor:
+def _embed_on_the_fly(run: TrainerRun, captions, device, logged: set) -> torch.Tensor:
+    """A batch's captions embedded by ``--semantic-model`` (the batch had no precomputed embeddings);
+    ``logged``: the (model, width) pairs already announced in the log."""
     from openclip_align.data.semantic import embed_captions, load_sentence_encoder
 
     model_name = run.args.semantic_model
@@ -214,14 +217,12 @@ def _embed_on_the_fly(run: TrainerRun, captions, device) -> torch.Tensor:
             f"--semantic-source auto: a batch without precomputed embeddings is embedded by --semantic-model "
             f"{model_name} at width {vectors.shape[1]}, but the precomputed ones have width {width}; pass the "
             "--semantic-model that made them, or precompute every shard's column with `openclip-align embed`")
-    if (model_name, width) not in _ENCODERS_LOGGED:
-        _ENCODERS_LOGGED.add((model_name, width))
+    if (model_name, width) not in logged:
+        logged.add((model_name, width))
         logging.info("openclip-align: --semantic-source auto: embedding a batch on the fly with %s (some of its "
                      "samples have no precomputed embedding)", model_name)
     return torch.from_numpy(vectors).to(device, non_blocking=True)
 
-
-_ENCODERS_LOGGED: set = set()
 
 
 

@@ -37,7 +37,7 @@ from .ddp_resume import ddp_keys
 from .eval_gap_metrics import RawFeatureTally, add_gap_metrics
 from .loss_adapter import TrainerLossAdapter, build_loss
 from .teacher import snapshot_teacher
-from .trainer_args import parse_args_with_plugin
+from .trainer_args import parse_with_plugin
 from .trainer_errors import (check_data_files_once, check_trainer_inputs, explain_checkpoint_mismatch,
                              install_excepthook)
 from .training_shards import caption_filter
@@ -112,17 +112,17 @@ def wrap_create_loss(upstream):
 def patch_params(params_module) -> None:
     if not _once(params_module):
         return
-    parse_with_flags = parse_args_with_plugin(params_module.parse_args)
+    upstream = params_module.parse_args
 
     def parse_args(args):
-        parsed = parse_with_flags(args)
+        parsed = parse_with_plugin(args, upstream)
         install_excepthook()
         check_trainer_inputs(parsed, expand_urls)
         run = run_state.start_run(parsed)
         run.raw_tally = RawFeatureTally()
         return parsed
 
-    parse_args.__wrapped__ = params_module.parse_args
+    parse_args.__wrapped__ = upstream
     params_module.parse_args = parse_args
 
 
@@ -140,8 +140,8 @@ def wrap_get_data(upstream_get_data, data_module):
         build_all=upstream_get_data,
         train_builder=lambda args: data_module.get_dataset_fn(args.train_data, args.dataset_type),
         builds_shards=lambda builder: builder is data_module.get_wds_dataset,
-        expand=data_module.expand_urls,
-        source_size=data_module.get_dataset_size,
+        expand=lambda spec: data_module.expand_urls(spec),            # looked up when called, as before
+        source_size=lambda source: data_module.get_dataset_size(source),
         reading=functools.partial(reading_training_data, data_module))
 
     def get_data(args, preprocess_fns, epoch=0, tokenizer=None):

@@ -1,8 +1,9 @@
 """The plugin's flags for ``python -m open_clip_train.main``.
 
-Upstream builds its argparse parser inside ``parse_args`` and we cannot add to it, so the plugin's
-flags are read first by a parser of our own (``parse_known_args``, no abbreviations), the rest goes
-to upstream's ``parse_args`` unchanged, and the two namespaces are merged. That also keeps
+Upstream builds its argparse parser inside its own parsing function and we cannot add to it, so the
+plugin's flags are read first by a parser of our own (``parse_known_args``, no abbreviations), the rest
+goes to upstream's parsing unchanged (:mod:`.trainer_adapter` hands it over), and the two namespaces are
+merged. That also keeps
 ``--loss`` from being read by upstream as an abbreviation of ``--loss-dist-impl``.
 """
 from __future__ import annotations
@@ -86,24 +87,22 @@ def _refuse_abbreviations(parser: argparse.ArgumentParser, argv: Sequence[str]) 
                          "(upstream argparse would otherwise read it as a different option)")
 
 
-def parse_args_with_plugin(upstream_parse_args):
-    def parse_args(argv):
-        argv = list(sys.argv[1:] if argv is None else argv)
-        parser = build_plugin_parser()
-        if "-h" in argv or "--help" in argv:
-            parser.print_help()
-            print()
-        _refuse_abbreviations(parser, argv)
-        plugin_args, rest = parser.parse_known_args(argv)
-        args = upstream_parse_args(rest)
-        for key, value in vars(plugin_args).items():
-            setattr(args, key, value)
-        _apply_log_root(parser, args, rest)
-        _finish(parser, args)
-        return args
-
-    parse_args.__wrapped__ = upstream_parse_args
-    return parse_args
+def parse_with_plugin(argv, upstream_parse):
+    """``argv`` (None: ``sys.argv[1:]``): the plugin's flags read here, the rest by ``upstream_parse``,
+    merged into upstream's namespace and checked."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_plugin_parser()
+    if "-h" in argv or "--help" in argv:
+        parser.print_help()
+        print()
+    _refuse_abbreviations(parser, argv)
+    plugin_args, rest = parser.parse_known_args(argv)
+    args = upstream_parse(rest)
+    for key, value in vars(plugin_args).items():
+        setattr(args, key, value)
+    _apply_log_root(parser, args, rest)
+    _finish(parser, args)
+    return args
 
 
 def _apply_log_root(parser: argparse.ArgumentParser, args, upstream_argv: Sequence[str]) -> None:
