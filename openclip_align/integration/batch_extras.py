@@ -25,7 +25,7 @@ member (:class:`training_shards.ShardSampleExtras`).
 
 Values are validated on the host, never per step on the training device: the csv's whole embedding
 file (shape, finite) when the dataset is built, the csv index range against the dataset size before step 1
-(``trainer_run``), and each shard sample's embedding and index as the sample is decoded.
+(:mod:`.data_wiring`), and each shard sample's embedding and index as the sample is decoded.
 """
 from __future__ import annotations
 
