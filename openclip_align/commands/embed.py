@@ -4,7 +4,7 @@
     openclip-align embed --data shards/ [--out COLDIR] [--devices cuda:0,cuda:1] [--model all-MiniLM-L6-v2]
     openclip-align embed --data shards/ [--out COLDIR] --add-fingerprints   (columns written before fingerprints)
 
-For shards it writes a column per shard (NAME.emb.npy + NAME.emb.json, beside the shards by default),
+For shards it writes a column per shard (an .npy array and its .json, beside the shards by default),
 never a copy of the images; a rerun skips the shards already done. Every row carries the fingerprint of
 its caption; ``--out`` refuses to overwrite the column of another shard of the same name.
 """

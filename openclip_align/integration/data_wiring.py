@@ -29,7 +29,7 @@ class UpstreamData:
                                         #   epoch=, tokenizer=) -> DataInfo
     builds_shards: Callable             # (builder) -> whether it reads webdataset shards
     expand: Callable                    # (spec) -> (urls, weights), ``::`` sources and brace patterns expanded
-    source_size: Callable               # (one source) -> (samples, shards) from its sizes.json / __len__
+    source_size: Callable               # (one source) -> (samples, shards) from its sizes file / __len__
     reading: Callable[..., ContextManager]   # (plan, drop_empty) -> while built: caption filter, read errors
 
 

@@ -13,6 +13,8 @@ import logging
 import sys
 from typing import List, Sequence
 
+from openclip_align.data.column import COLUMN_META_SUFFIX, COLUMN_SUFFIX, EMB_MEMBER
+from openclip_align.data.csv_embeddings import EMB_SUFFIX
 from openclip_align.losses.options import flag_dests
 from openclip_align.losses.registry import get_loss_spec, loss_names
 
@@ -35,15 +37,15 @@ def build_plugin_parser() -> argparse.ArgumentParser:
                             "upstream OpenCLIP's loss, unchanged)")
     group.add_argument("--semantic-source", default="auto", choices=SEMANTIC_SOURCES,
                        help="where a loss that needs caption embeddings gets them: precomputed (csv side "
-                            "file / KEY.emb.npy shard member), on-the-fly (embed each batch's captions), "
+                            f"file / KEY.{EMB_MEMBER} shard member), on-the-fly (embed each batch's captions), "
                             "or auto (precomputed when present, else on the fly)")
     group.add_argument("--semantic-model", default="all-mpnet-base-v2",
                        help="sentence-transformers model for on-the-fly caption embeddings (default: the AlignCLIP "
                             "authors' all-mpnet-base-v2; all-MiniLM-L6-v2 is the fast choice)")
     group.add_argument("--semantic-embeddings", default=None,
                        help="precomputed caption embeddings: for a csv, the row-aligned .npy file (default: <csv "
-                            "stem>.emb.npy); for webdataset shards, the folder of their embedding columns "
-                            "(NAME.emb.npy + NAME.emb.json, as `openclip-align embed --out DIR` writes them; "
+                            f"stem>{EMB_SUFFIX}); for webdataset shards, the folder of their embedding columns "
+                            f"(NAME{COLUMN_SUFFIX} + NAME{COLUMN_META_SUFFIX}, as `openclip-align embed --out DIR` writes them; "
                             "default: beside the shards), or A::B, one folder per '::' source of --train-data, "
                             "in the same order")
     group.add_argument("--csv-index-key", default="index",

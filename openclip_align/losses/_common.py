@@ -34,7 +34,7 @@ _INPUTS_VALIDATED = contextvars.ContextVar("openclip_align_inputs_validated", de
 def inputs_validated():
     """Inside this block the losses skip their per-call value checks (finite values, index ranges).
 
-    The trainer validates every per-pair input once on the host (the whole ``.emb.npy`` when it is loaded,
+    The trainer validates every per-pair input once on the host (the whole csv embedding file when it is loaded,
     index ranges against the dataset size, each shard sample as it is decoded), so checking again per step
     would only add a device-to-host synchronisation. Shape checks are free and always run.
     """

@@ -96,11 +96,13 @@ class SogCLRLoss(AlignLoss):
                  dist: Optional[DistributedConfig] = None):
         super().__init__(dist)
         if num_samples is None or int(num_samples) <= 0:
+            from openclip_align.data.sizes import SIZES_FILE      # the data side owns the file's name
+
             raise ValueError(
                 f"--loss sogclr keeps a moving average per training sample and needs the training set size "
                 f"(num_samples) to size that state; got {num_samples!r}. The trainer reads it as the csv's row "
                 "count, or for shards from their record (`openclip-align data check --data SHARDS` writes it, and "
-                "a sizes.json) or a sizes.json beside them; shards are never counted before step 1 "
+                f"a {SIZES_FILE}) or a {SIZES_FILE} beside them; shards are never counted before step 1 "
                 "(--train-num-samples only sets the epoch length, not this size)")
         self.num_samples = int(num_samples)
         self.gamma = check_rate(self.loss_name, "--sogclr-gamma", gamma)
