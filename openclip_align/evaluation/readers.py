@@ -66,6 +66,14 @@ def _read_table(path, columns: Sequence[str], sep: str, flag_hint: str):
     return frame
 
 
+def _first_rows(path: str, img_key: str, key: str, sep: str, key_flag: str, limit: Optional[int]):
+    """The image column and one other column of a CSV, as lists, its first ``limit`` rows (all with None)."""
+    frame = _read_table(path, [img_key, key], sep, f"--csv-img-key / {key_flag}")
+    if limit is not None:
+        frame = frame.iloc[:limit]
+    return frame[img_key].tolist(), frame[key].tolist()
+
+
 def _resolve_paths(raw_paths: Sequence[str], csv_path: str) -> List[str]:
     base = os.path.dirname(os.path.abspath(csv_path))
     resolved, missing = [], []
@@ -90,11 +98,8 @@ class CsvPairs:
     def __init__(self, path, img_key: str = DEFAULT_IMG_KEY, caption_key: str = DEFAULT_CAPTION_KEY,
                  sep: str = DEFAULT_SEPARATOR, limit: Optional[int] = None):
         self.path = os.fspath(path)
-        frame = _read_table(self.path, [img_key, caption_key], sep, "--csv-img-key / --csv-caption-key")
-        if limit is not None:
-            frame = frame.iloc[:limit]
-        self.captions = frame[caption_key].tolist()
-        self.filepaths = _resolve_paths(frame[img_key].tolist(), self.path)
+        raw_paths, self.captions = _first_rows(self.path, img_key, caption_key, sep, "--csv-caption-key", limit)
+        self.filepaths = _resolve_paths(raw_paths, self.path)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -110,18 +115,16 @@ class CsvImages:
     def __init__(self, path, img_key: str = DEFAULT_IMG_KEY, label_key: str = DEFAULT_LABEL_KEY,
                  sep: str = DEFAULT_SEPARATOR, limit: Optional[int] = None):
         self.path = os.fspath(path)
-        frame = _read_table(self.path, [img_key, label_key], sep, "--csv-img-key / --csv-label-key")
-        if limit is not None:
-            frame = frame.iloc[:limit]
+        raw_paths, raw_labels = _first_rows(self.path, img_key, label_key, sep, "--csv-label-key", limit)
         labels = []
-        for row, raw in enumerate(frame[label_key].tolist()):
+        for row, raw in enumerate(raw_labels):
             try:
                 labels.append(int(raw))
             except ValueError:
                 raise ValueError(f"{self.path}: row {row}: label {raw!r} in column {label_key!r} "
                                  "is not an integer class index") from None
         self.labels = labels
-        self.filepaths = _resolve_paths(frame[img_key].tolist(), self.path)
+        self.filepaths = _resolve_paths(raw_paths, self.path)
 
     def __len__(self) -> int:
         return len(self.labels)
