@@ -187,10 +187,9 @@ def stopping_on_fatal_read_errors(data_module):
 
 # --- open_clip_train.train: train_one_epoch, get_clip_metrics ---------------------------------------
 def patch_train(train_module) -> None:
-    if not _once(train_module):
-        return
-    train_module.train_one_epoch = wrap_train_one_epoch(train_module.train_one_epoch)
-    train_module.get_clip_metrics = wrap_get_clip_metrics(train_module.get_clip_metrics)
+    if _once(train_module):
+        train_module.train_one_epoch = wrap_train_one_epoch(train_module.train_one_epoch)
+        train_module.get_clip_metrics = wrap_get_clip_metrics(train_module.get_clip_metrics)
 
 
 def wrap_train_one_epoch(upstream):
