@@ -86,6 +86,16 @@ def test_embed_csv_without_index(tmp_path, encoder):
     assert not list(tmp_path.glob(f"*{TMP_MARK}*"))
 
 
+def test_embed_beside_a_tsv_writes_where_the_trainer_looks(tmp_path, encoder):
+    """A data file not named .csv: the trainer looks for <file name>.emb.npy (no suffix stripped), so the
+    embeddings written beside it must be there (they were written as <stem>.emb.npy, which it never read)."""
+    tsv = _user_csv(tmp_path).rename(tmp_path / "mine.tsv")
+    assert main(["embed", "--model", "all-MiniLM-L6-v2", "--data", str(tsv), "--no-progress"]) == 0
+    emb = np.load(tmp_path / "mine.tsv.emb.npy")
+    assert np.allclose(emb, semantic.embed_captions(encoder, CAPTIONS, progress=False), atol=1e-5)
+    assert json.loads((tmp_path / "mine.tsv.emb.json").read_text())["n"] == len(CAPTIONS)
+
+
 def test_embed_csv_into_out_dir(tmp_path):
     csv = _user_csv(tmp_path)
     out = tmp_path / "out"

@@ -96,7 +96,7 @@ def embed_csv(csv_path, model: str = "all-MiniLM-L6-v2", out=None, sep: str = "\
             (" ...)" if len(bad) > 5 else ")")
     elif beside:
         # row-aligned with the original csv too (row number = index when it has no index column)
-        target = csv_path.parent / f"{stem}{csv_embeddings.EMB_SUFFIX}"
+        target = Path(csv_embeddings.embedding_path(str(csv_path)))    # where the trainer looks (a .tsv too)
         csv_embeddings.write(target, emb, meta, copy_of=written.get("embeddings"))
         written["embeddings_original"] = str(target)
         written.setdefault("embeddings", str(target))
