@@ -125,6 +125,7 @@ def measure(num_samples: int) -> dict:
 
 
 def write_report(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     (out / "resume_memory.json").write_text(json.dumps(result, indent=2) + "\n")
     mib = 1 << 20
     lines = [
