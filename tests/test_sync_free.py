@@ -186,9 +186,9 @@ def test_no_synchronisation_per_step(loss, device, data, recorder, tmp_path):
     at_end = recorder.outside["epoch-end"]                     # the last read, the checkpoint's record
     assert 1 <= len(at_end) <= 8, report
     if loss == "refine":     # the teacher ran on the model's own inputs, not on a second copy of the batch
-        from openclip_align.integration.batch_extras import STASH
+        from openclip_align.integration import run_state
 
-        assert all("model_images" in item for item in STASH._items)
+        assert all("model_images" in item for item in run_state.RUN.stash._items)
 
 
 def test_refine_teacher_is_compiled_with_the_student(data, tmp_path, monkeypatch):

@@ -14,8 +14,8 @@ the model outputs only. So the extras take a side road:
    descriptors whatever its size (one tensor per sample would cost one descriptor each: 512 per
    batch exhausted ``ulimit -n 1024`` with two workers);
 3. :class:`ExtrasLoader` wraps the resulting dataloader: it yields ``(images, texts)`` as before
-   and pushes each batch's extras onto :data:`STASH`;
-4. the loss adapter takes from :data:`STASH` the extras of exactly the batches whose features it
+   and pushes each batch's extras onto the run's stash (:class:`BatchStash`, ``run.stash``);
+4. the loss adapter takes from that stash the extras of exactly the batches whose features it
    receives (the last ``accum_freq`` batches when gradient accumulation is on).
 
 Extras formats: csv: an ``index`` column (else the row number) and a row-aligned embedding file
@@ -32,7 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-from typing import Dict, FrozenSet, List, Optional
+from typing import Dict, FrozenSet, List
 
 import numpy as np
 import torch
@@ -323,15 +323,12 @@ def _cat(parts):
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-STASH = BatchStash()
-
-
 class ExtrasLoader:
     """Wraps a dataloader yielding (images, texts, extras): yields (images, texts), stashes extras."""
 
-    def __init__(self, loader, stash: Optional[BatchStash] = None):
+    def __init__(self, loader, stash: BatchStash):
         self._loader = loader
-        self._stash = stash if stash is not None else STASH
+        self._stash = stash
 
     def __getattr__(self, name):          # num_batches, num_samples, sampler, batch_size, ...
         return getattr(self._loader, name)

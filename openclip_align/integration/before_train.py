@@ -13,12 +13,11 @@ from typing import Callable
 from torch import nn
 
 from . import checkpoints, rank_agreement
-from .batch_extras import STASH
 from .eval_gap_metrics import tallying_eval_forward
 from .loss_adapter import TrainerLossAdapter, raw_feature_forward
 from .loss_state import record_in_checkpoint, restore_loss_state
 from .run_state import TrainerRun
-from .teacher import prepare_teacher, record_model_inputs
+from .teacher import input_recorder, prepare_teacher
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -30,7 +29,7 @@ def attach(run: TrainerRun, model, optimizer, args, read_checkpoint: Callable[[s
     """Once per run, before step 1; ``read_checkpoint(path)`` is the resume load, should upstream's not
     have happened (see :func:`.loss_state.restore_loss_state`)."""
     run.attached = True
-    STASH.reset(args.accum_freq)
+    run.stash.reset(args.accum_freq)
     if run.spec is not None:
         if run.spec.raw_features:
             inner = unwrap(model)
@@ -44,7 +43,7 @@ def attach(run: TrainerRun, model, optimizer, args, read_checkpoint: Callable[[s
             prepare_teacher(run, unwrap(model), None)
             # the teacher runs on the student's own device inputs (no second host-to-device copy); the hook
             # sits on the outermost module, so it runs eagerly also when the student is compiled
-            model.register_forward_pre_hook(record_model_inputs)
+            model.register_forward_pre_hook(input_recorder(run.stash))
     inner = unwrap(model)
     if args.gap_metrics and hasattr(inner, "encode_image") and hasattr(inner, "encode_text"):
         inner.forward = tallying_eval_forward(inner, inner.forward, run.raw_tally)

@@ -63,7 +63,7 @@ def build_data(run: Optional[TrainerRun], args, preprocess_fns, epoch, tokenizer
     csv_checks.check_has_a_batch(args, train)
     if NEEDS_SEMANTIC in run.needs and plan is None:
         csv_checks.log_csv_on_the_fly(args, train)
-    train.dataloader = ExtrasLoader(train.dataloader)
+    train.dataloader = ExtrasLoader(train.dataloader, run.stash)
     run.num_train_samples = (plan.total if plan is not None else
                              dataset_size(args.train_data, upstream.source_size, getattr(train.dataloader, "dataset", None)))
     indices = getattr(getattr(train.dataloader, "dataset", None), "indices", None)

@@ -19,7 +19,6 @@ from openclip_align.losses._common import inputs_validated
 from openclip_align.losses.registry import NEEDS_INDEX, NEEDS_SEMANTIC
 
 from . import rank_agreement
-from .batch_extras import STASH
 from .run_state import CAPTION, INDEX, SEMANTIC, TrainerRun
 from .teacher import prepare_teacher
 
@@ -151,7 +150,7 @@ class TrainerLossAdapter(nn.Module):
             self.place(device)
         inputs = {}
         if run.needs or run.needs_teacher:
-            batch = STASH.take(image_features.shape[0])
+            batch = run.stash.take(image_features.shape[0])
             inputs = self._per_step_inputs(batch, device)
         with inputs_validated():                 # extras were checked on the host before step 1
             terms = self.loss(image_features, text_features, logit_scale, output_dict=True, **inputs, **kwargs)

@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .batch_extras import STASH
 from .run_state import TrainerRun
 
 
@@ -64,11 +63,14 @@ def prepare_teacher(run: TrainerRun, student: Optional[nn.Module], device) -> nn
     return encoder
 
 
-def record_model_inputs(module, inputs) -> None:
-    """Forward pre-hook on the student: the teacher runs on the student's own device inputs (no second
-    host-to-device copy of the batch)."""
-    if module.training and len(inputs) >= 2:
-        STASH.record_model_inputs(inputs[0], inputs[1])
+def input_recorder(stash):
+    """A forward pre-hook for the student that keeps its inputs in ``stash``: the teacher runs on the
+    student's own device inputs (no second host-to-device copy of the batch)."""
+    def record_model_inputs(module, inputs) -> None:
+        if module.training and len(inputs) >= 2:
+            stash.record_model_inputs(inputs[0], inputs[1])
+
+    return record_model_inputs
 
 
 def _match_tensors(teacher: nn.Module, student: nn.Module) -> None:

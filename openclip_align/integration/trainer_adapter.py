@@ -31,7 +31,7 @@ from pathlib import Path
 from openclip_align.data.errors import MissingExtrasError
 
 from . import before_train, checkpoints, ddp_cpu, fixed_temperature, loader_health, rank_agreement, run_state
-from .batch_extras import ExtrasLoader, WebdatasetWithExtras, make_csv_dataset_class
+from .batch_extras import BatchStash, ExtrasLoader, WebdatasetWithExtras, make_csv_dataset_class
 from .data_wiring import UpstreamData, build_data
 from .ddp_resume import ddp_keys
 from .eval_gap_metrics import RawFeatureTally, add_gap_metrics
@@ -120,6 +120,7 @@ def patch_params(params_module) -> None:
         check_trainer_inputs(parsed, expand_urls)
         run = run_state.start_run(parsed)
         run.raw_tally = RawFeatureTally()
+        run.stash = BatchStash()
         return parsed
 
     parse_args.__wrapped__ = upstream
