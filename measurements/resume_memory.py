@@ -45,19 +45,20 @@ def child(num_samples: int, mode: str, report: str, argv) -> None:
     """One trainer run in this process, the SogCLR state sized for ``num_samples`` pairs."""
     import torch
 
-    from openclip_align.integration import checkpoints, data_wiring
+    from openclip_align.integration import checkpoints, data_wiring, trainer_adapter
 
     data_wiring.dataset_size = lambda *a, **k: num_samples
     if mode == "before":
         def full_load(upstream, path, map_location=None):
-            return upstream(path, map_location=map_location)            # read whole, record left in place
+            # read whole, record left in place and not handed on: the restore reads the file again
+            return upstream(path, map_location=map_location), checkpoints.NOT_LOADED
 
         def second_read(path):
             checkpoint = torch.load(path, map_location="cpu")            # the restore's own full read
             return checkpoint["optimizer"].get(checkpoints.PLUGIN_KEY)
 
         checkpoints.load_once = full_load
-        checkpoints.take_resumed_record = second_read
+        trainer_adapter.read_resume_checkpoint = second_read
     import open_clip_train.file_utils as file_utils                     # the plugin wraps pt_load on import
 
     measured = {}

@@ -147,16 +147,17 @@ def unreadable(path: str) -> Optional[str]:
 
 # --- read once per rank -------------------------------------------------------------------------------
 PLUGIN_KEY = "openclip_align"        # the plugin's record inside checkpoint["optimizer"]
-_RESUMED = {}                         # path -> the plugin record taken from upstream's resume load
+NOT_LOADED = object()                 # no resume load of the path happened (yet) in this run
 
 
 def load_once(upstream_load, path, map_location=None):
-    """Upstream's resume load, read once for upstream and the plugin alike.
+    """Upstream's resume load, read once for upstream and the plugin alike: (checkpoint, plugin record).
 
     A local checkpoint in torch's zip format is memory-mapped: tensors are read from the page cache when
     they are used (the model's weights when upstream copies them in; the loss state when the loss adopts
     it), never held twice in anonymous memory. The plugin's record is taken out of the optimizer state
-    (the optimizer does not want it) and kept for :func:`take_resumed_record`.
+    (the optimizer does not want it) and returned beside the checkpoint (None: it has none), for the run
+    to keep until the loss state is restored (:func:`.loss_state.restore_loss_state`).
     """
     import torch
 
@@ -166,14 +167,5 @@ def load_once(upstream_load, path, map_location=None):
     else:
         checkpoint = upstream_load(path, map_location=map_location)
     optimizer = checkpoint.get("optimizer") if isinstance(checkpoint, dict) else None
-    _RESUMED[str(path)] = optimizer.pop(PLUGIN_KEY, None) if isinstance(optimizer, dict) else None
-    return checkpoint
-
-
-NOT_LOADED = object()
-
-
-def take_resumed_record(path):
-    """The plugin record (None: the checkpoint has none) of ``path`` as the resume load found it, once;
-    :data:`NOT_LOADED` if no resume load of ``path`` happened in this process."""
-    return _RESUMED.pop(str(path), NOT_LOADED)
+    record = optimizer.pop(PLUGIN_KEY, None) if isinstance(optimizer, dict) else None
+    return checkpoint, record

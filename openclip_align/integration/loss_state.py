@@ -31,12 +31,11 @@ def record_in_checkpoint(run: TrainerRun, optimizer_state: dict) -> dict:
 
 def restore_loss_state(run: TrainerRun, path: str, read_checkpoint: Callable[[str], object]) -> None:
     """The plugin's part of a resume, from the record upstream's own resume load found (the file is read
-    once per rank: see checkpoints.load_once); ``read_checkpoint(path)`` makes that load only when it did
-    not happen."""
-    record = checkpoints.take_resumed_record(path)
+    once per rank: see checkpoints.load_once; the run keeps it in ``resumed_records``); ``read_checkpoint(path)``
+    makes that load, returning the record, only when it did not happen."""
+    record = run.resumed_records.pop(str(path), checkpoints.NOT_LOADED)
     if record is checkpoints.NOT_LOADED:
-        read_checkpoint(path)
-        record = checkpoints.take_resumed_record(path)
+        record = read_checkpoint(path)
     loss = run.args.loss
     if record is None:
         if run.spec is not None and (run.spec.stateful or run.needs_teacher):

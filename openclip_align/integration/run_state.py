@@ -33,6 +33,7 @@ class TrainerRun:
         self.loss_module = None
         self.raw_tally = None
         self.stash = None                    # the extras of the latest batches (batch_extras.BatchStash)
+        self.resumed_records = {}            # path -> the plugin's record the resume load took out (or None)
         self.startup_checked = False         # the checks after distributed init ran (first model creation)
         self.attached = False                # the set-up before step 1 ran (first epoch)
         self.resume_latest = getattr(args, "resume", None) == "latest"   # upstream resolves it to a path later

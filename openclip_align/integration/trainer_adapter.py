@@ -244,7 +244,8 @@ def patch_file_utils(file_utils_module) -> None:
     def pt_load(file_path, map_location=None):
         args = run_state.current_args()
         if args is not None and getattr(args, "resume", None) and str(file_path) == str(args.resume):
-            checkpoint = checkpoints.load_once(upstream, file_path, map_location=map_location)   # the run's resume
+            checkpoint, record = checkpoints.load_once(upstream, file_path, map_location=map_location)  # the resume
+            run_state.RUN.resumed_records[str(file_path)] = record
         else:
             checkpoint = upstream(file_path, map_location=map_location)
         distributed = bool(getattr(args, "distributed", False)) and not getattr(args, "horovod", False)
@@ -254,11 +255,11 @@ def patch_file_utils(file_utils_module) -> None:
     file_utils_module.pt_load = pt_load
 
 
-def read_resume_checkpoint(path) -> None:
-    """The resume load, made by the plugin when upstream's did not happen (the record is kept aside)."""
+def read_resume_checkpoint(path):
+    """The resume load, made by the plugin when upstream's did not happen: the plugin's record (or None)."""
     from open_clip_train.file_utils import pt_load
 
-    checkpoints.load_once(getattr(pt_load, "__wrapped__", pt_load), path, map_location="cpu")
+    return checkpoints.load_once(getattr(pt_load, "__wrapped__", pt_load), path, map_location="cpu")[1]
 
 
 def patch_torch_save(_module=None) -> None:
