@@ -141,3 +141,13 @@ def test_a_loss_flag_reads_its_type_from_the_command_line():
     assert type(args.vicreg_cov_weight) is float and type(args.rafa_seed) is int
     with pytest.raises(SystemExit):
         build_plugin_parser().parse_args(["--rafa-seed", "1.5"])
+
+
+def test_each_loss_group_says_what_the_loss_is():
+    """The one-line description each loss registers is what --help shows above its flags."""
+    expected = {"imsep": "AlignCLIP: CLIP loss + --imsep-weight", "refine": "CLIP-Refine post-pre-training",
+                "sogclr": "SogCLR: contrastive loss", "cyclip": "CyCLIP: CLIP loss",
+                "vicreg": "VICReg across modalities", "onlineclr": "OnlineCLR: negatives at"}
+    groups = {group.title: group.description for group in build_plugin_parser()._action_groups}
+    for loss, start in expected.items():
+        assert (groups[f"--loss {loss}"] or "").startswith(start), loss

@@ -64,7 +64,7 @@ def build_plugin_parser() -> argparse.ArgumentParser:
     for name in loss_names():
         if name != "clip":
             spec = get_loss_spec(name)
-            spec.cls.add_args(parser.add_argument_group(f"--loss {name}"))
+            spec.cls.add_args(parser.add_argument_group(f"--loss {name}", spec.help))   # what the loss is
     return parser
 
 
