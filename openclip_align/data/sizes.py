@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from openclip_align.atomic_files import atomic_write_bytes
 
@@ -52,8 +52,10 @@ def write_sizes_where_missing(paths: Sequence[str], entries: Mapping[str, dict])
     """After a scan (``data check``, ``embed``): write ``sizes.json`` per shard folder where there is none,
     the folder is writable and every shard of it was scanned (``entries``: {path: record entry}). An
     existing one is checked by the trainer (:func:`check_sizes_file`), not replaced."""
-    for folder in sorted({os.path.dirname(p) for p in paths}):
-        mine = [p for p in paths if os.path.dirname(p) == folder]
+    by_folder: Dict[str, List[str]] = {}
+    for path in paths:                 # one pass: shards spread over many folders stay O(shards)
+        by_folder.setdefault(os.path.dirname(path), []).append(path)
+    for folder, mine in sorted(by_folder.items()):
         if os.path.exists(sizes_path(folder)) or not writable_dir(folder) or any(p not in entries for p in mine):
             continue
         write_sizes(folder, {os.path.basename(p): kept_samples(entries[p]) for p in mine})
