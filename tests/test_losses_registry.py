@@ -164,6 +164,29 @@ def test_an_option_that_is_not_a_constructor_keyword_fails_at_registration():
     assert "typo" not in losses.LOSSES
 
 
+def test_the_description_is_the_class_docstrings_first_paragraph_or_an_error():
+    from openclip_align.losses.registry import register_loss
+
+    class Described(VICRegLoss):
+        """Demo:   a loss whose
+        description spans two lines.
+
+        Formula and details, not part of the one-liner."""
+
+    class Undescribed(VICRegLoss):
+        pass
+
+    Undescribed.__doc__ = None
+    try:
+        register_loss("described_demo")(Described)
+        assert losses.LOSSES["described_demo"].help == "Demo: a loss whose description spans two lines."
+        with pytest.raises(TypeError, match="give Undescribed a docstring or register it with help="):
+            register_loss("undescribed_demo")(Undescribed)
+        assert "undescribed_demo" not in losses.LOSSES
+    finally:
+        losses.LOSSES.pop("described_demo", None)
+
+
 # --- the list of loss modules: one, and a missing module fails loudly -----------------------------------
 def test_a_missing_loss_module_raises(monkeypatch):
     import openclip_align.losses.registry as registry

@@ -26,12 +26,10 @@ from .distributed import DistributedConfig
 from .registry import register_loss
 
 
-@register_loss(
-    "cyclip",
-    help="CyCLIP: CLIP loss + in-modal (--cyclip-inmodal-weight) and cross-modal (--cyclip-crossmodal-weight) "
-         "cycle-consistency of the cosine similarities",
-)
+@register_loss("cyclip")
 class CyCLIPLoss(AlignLoss):
+    """CyCLIP: CLIP loss + in-modal (--cyclip-inmodal-weight) and cross-modal (--cyclip-crossmodal-weight)
+    cycle-consistency of the cosine similarities"""
     options = {"inmodal_weight": "CyCLIP: weight of the in-modal cyclic term",
                "crossmodal_weight": "CyCLIP: weight of the cross-modal cyclic term"}
 

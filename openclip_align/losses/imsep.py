@@ -65,14 +65,11 @@ def separation_term(anchor_rows, anchor_all, paired_diag, distance, scale, offse
     return F.cross_entropy(scale * logits, labels)
 
 
-@register_loss(
-    "imsep",
-    help="AlignCLIP: CLIP loss + --imsep-weight x (IMSep_img + IMSep_txt), image-image and caption-caption "
-         "separation terms scaled by the semantic distance of the captions; defaults = the authors' released "
-         "script (needs sentence embeddings of the captions)",
-    needs={NEEDS_SEMANTIC},
-)
+@register_loss("imsep", needs={NEEDS_SEMANTIC})
 class IMSepLoss(AlignLoss):
+    """AlignCLIP: CLIP loss + --imsep-weight x (IMSep_img + IMSep_txt), image-image and caption-caption
+    separation terms scaled by the semantic distance of the captions; defaults = the authors' released script
+    (needs sentence embeddings of the captions)"""
     options = {
         "weight": "weight of each IMSep term relative to OpenCLIP's CLIP loss (the mean of its two directions); "
                   "0.25 with the text term = the authors' script (CE(tC) + CE(tC^T) + 0.5 (IMSep_img + IMSep_txt)); "

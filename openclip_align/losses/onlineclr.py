@@ -39,13 +39,10 @@ from .registry import register_loss
 from .sogclr import negatives_mask
 
 
-@register_loss(
-    "onlineclr",
-    help="OnlineCLR: negatives at --onlineclr-tau-n and positives at --onlineclr-tau-p, normalised by moving "
-         "averages (--onlineclr-gamma) of their sums; state saved in checkpoints",
-    stateful=True,
-)
+@register_loss("onlineclr", stateful=True)
 class OnlineCLRLoss(AlignLoss):
+    """OnlineCLR: negatives at --onlineclr-tau-n and positives at --onlineclr-tau-p, normalised by moving
+    averages (--onlineclr-gamma) of their sums; state saved in checkpoints"""
     options = {"tau_n": "OnlineCLR: temperature of the negatives",
                "tau_p": "OnlineCLR: temperature of the positives",
                "gamma": "OnlineCLR: moving-average rate of the normalisers"}

@@ -172,14 +172,10 @@ def _check_teacher(name, batch, teacher_image_features, teacher_text_features):
     return tf, tg
 
 
-@register_loss(
-    "refine",
-    help="CLIP-Refine post-pre-training: HyCD (distillation to a mix of identity and the frozen starting "
-         "model's similarities) + --rafa-weight x RaFA (align raw features to a shared Gaussian reference)",
-    raw_features=True,
-    stateful=True,
-)
+@register_loss("refine", raw_features=True, stateful=True)
 class CLIPRefineLoss(AlignLoss):
+    """CLIP-Refine post-pre-training: HyCD (distillation to a mix of identity and the frozen starting model's
+    similarities) + --rafa-weight x RaFA (align raw features to a shared Gaussian reference)"""
     # flags named after the term they set (--hycd-*, --rafa-*), not --refine-*
     options = {
         "alpha": Option("HyCD: weight of the identity in the target distribution", flag="--hycd-alpha"),

@@ -8,8 +8,9 @@ loss from the parsed arguments.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet
+from typing import Callable, Dict, FrozenSet, Optional
 
 # What a loss can ask the data pipeline for, besides image and text features.
 NEEDS_SEMANTIC = "semantic"   # sentence-embedding of each pair's caption (precomputed or on the fly)
@@ -31,9 +32,13 @@ LOSSES: Dict[str, LossSpec] = {}
 
 
 def register_loss(
-    name: str, *, help: str, needs=(), stateful: bool = False, raw_features: bool = False
+    name: str, *, help: Optional[str] = None, needs=(), stateful: bool = False, raw_features: bool = False
 ) -> Callable[[type], type]:
     """Class decorator: make ``cls`` available as ``--loss name``.
+
+    ``help`` is the loss's one-line description (``--loss`` choices, its flag group in the trainer's --help);
+    by default the first paragraph of the class docstring, so the description is written once, where
+    Python's own ``help()`` finds it too.
 
     The class must provide ``add_args(parser_group)`` (adds its flags with reference defaults) and
     ``from_args(args, **context)`` (class method, builds the loss from parsed trainer args); a subclass of
@@ -54,14 +59,21 @@ def register_loss(
             raise ValueError(f"loss {name!r} is already registered by {existing.cls.__qualname__}")
         if cls.__dict__.get("loss_name", name) != name:
             raise ValueError(f"loss {name!r}: {cls.__qualname__}.loss_name says {cls.__dict__['loss_name']!r}")
+        description = help or _first_paragraph(cls.__doc__)
+        if not description:
+            raise TypeError(f"loss {name!r}: give {cls.__name__} a docstring or register it with help=...")
         cls.loss_name = name          # the name written once, here: its flags and messages read it
         from .options import flags
 
         flags(cls)
-        LOSSES[name] = LossSpec(name, cls, help, frozenset(needs), stateful, raw_features)
+        LOSSES[name] = LossSpec(name, cls, description, frozenset(needs), stateful, raw_features)
         return cls
 
     return decorate
+
+
+def _first_paragraph(docstring: Optional[str]) -> str:
+    return " ".join(inspect.cleandoc(docstring or "").split("\n\n")[0].split())
 
 
 def get_loss_spec(name: str) -> LossSpec:

@@ -81,14 +81,10 @@ def negatives_mask(rows: int, cols: int, offset: int, device) -> torch.Tensor:
     return torch.arange(cols, device=device)[None, :] != targets(rows, offset, device)[:, None]
 
 
-@register_loss(
-    "sogclr",
-    help="SogCLR: contrastive loss with per-sample moving-average normalisers (--sogclr-gamma) at a fixed "
-         "temperature (--sogclr-tau); needs a stable per-pair dataset index; state saved in checkpoints",
-    needs={NEEDS_INDEX},
-    stateful=True,
-)
+@register_loss("sogclr", needs={NEEDS_INDEX}, stateful=True)
 class SogCLRLoss(AlignLoss):
+    """SogCLR: contrastive loss with per-sample moving-average normalisers (--sogclr-gamma) at a fixed
+    temperature (--sogclr-tau); needs a stable per-pair dataset index; state saved in checkpoints"""
     options = {"gamma": "SogCLR: moving-average rate of the per-sample normalisers",
                "tau": "SogCLR: temperature"}
 

@@ -42,13 +42,10 @@ def covariance_term(z: torch.Tensor) -> torch.Tensor:
     return (off_diagonal ** 2).sum() / dim
 
 
-@register_loss(
-    "vicreg",
-    help="VICReg across modalities: invariance (MSE of image and caption projections) + variance + covariance "
-         "regularisers on unnormalised features",
-    raw_features=True,
-)
+@register_loss("vicreg", raw_features=True)
 class VICRegLoss(AlignLoss):
+    """VICReg across modalities: invariance (MSE of image and caption projections) + variance + covariance
+    regularisers on unnormalised features"""
     options = {"sim_weight": "VICReg: weight of the invariance (MSE) term",
                "var_weight": "VICReg: weight of the variance term",
                "cov_weight": "VICReg: weight of the covariance term"}
