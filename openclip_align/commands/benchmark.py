@@ -1,19 +1,22 @@
-"""``openclip-align benchmark``: the main job (see :mod:`openclip_align.experiments.benchmark`)."""
+"""``openclip-align benchmark``: the main job (see :mod:`openclip_align.experiments.benchmark`).
+
+The main job: upstream OpenCLIP (--loss clip) and the plugin's models and losses trained with one budget by
+`python -m open_clip_train.main` on the embedded default corpus, evaluated on its held-out pairs and zero-shot sets
+(mean and std over seeds).
+"""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+from . import add_training_command
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "benchmark", help="train plugin models and upstream CLIP with one budget on the embedded default; "
-                          "write results.json, results.md and figures",
-        description="The main job: upstream OpenCLIP (--loss clip) and the plugin's models and losses trained "
-                    "with one budget by `python -m open_clip_train.main` on the embedded default corpus, "
-                    "evaluated on its held-out pairs and zero-shot sets (mean and std over seeds).")
-    parser.add_argument("--data", type=Path, default=Path("data/default"),
-                        help="embedded default corpus (built with `openclip-align data build` if missing)")
+    parser = add_training_command(
+        subparsers, "benchmark", __doc__,
+        help="train plugin models and upstream CLIP with one budget on the embedded default; write results, figures",
+        data_help="embedded default corpus (built with `openclip-align data build` if missing)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"),
                         help="folder for results.json, results.md, figures and each run's logs (default: %(default)s, "
                              "untracked; `make benchmark-publish` copies a run into the committed benchmark/)")

@@ -1,11 +1,21 @@
 """``openclip-align study``: losses x optimizers grid (see :mod:`openclip_align.experiments.grid_study`), with
 ``--temperatures`` the temperature study (see :mod:`openclip_align.experiments.temperature_study`), or with
-``--train-fractions`` the data-scaling study (see :mod:`openclip_align.experiments.scaling_study`)."""
+``--train-fractions`` the data-scaling study (see :mod:`openclip_align.experiments.scaling_study`).
+
+The course study's grid: every --losses x --optimizers cell trained by `python -m open_clip_train.main` on one
+corpus, evaluated on its held-out pairs and zero-shot sets; writes results.json, results.md and study.png into
+--out. With --temperatures: the temperature study instead (Mind the Gap's experiment): the pretrained-track CLIP
+(or --start) fine-tuned one epoch at each fixed temperature, CLIP-Refine rows beside it; writes results.json,
+results.md and temperature.png. With --train-fractions: the data-scaling study instead: the scratch track trained
+on each fraction of the training pairs (same held-out set); writes results.json, results.md and scaling.png.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 from pathlib import Path
+
+from . import add_training_command
 
 
 def _lr_pair(text: str):
@@ -49,17 +59,11 @@ def register(subparsers) -> None:
     from openclip_align.experiments.regimes import REGIMES
     from openclip_align.losses import loss_names
 
-    parser = subparsers.add_parser(
-        "study", help="train a grid of --loss x --opt with the upstream trainer on one dataset; write one table "
-                      "(R@1 both ways, zero-shot top-1, their average, centroid gap) and a heat map",
-        description="The course study's grid: every --losses x --optimizers cell trained by "
-                    "`python -m open_clip_train.main` on one corpus, evaluated on its held-out pairs and "
-                    "zero-shot sets; writes results.json, results.md and study.png into --out. With "
-                    "--temperatures: the temperature study instead (Mind the Gap's experiment): the pretrained-track "
-                    "CLIP (or --start) fine-tuned one epoch at each fixed temperature, CLIP-Refine rows beside it; "
-                    "writes results.json, results.md and temperature.png.")
-    parser.add_argument("--data", type=Path, default=Path("data/default"),
-                        help="a corpus laid out like the embedded default (train.csv, heldout.csv, zeroshot/)")
+    parser = add_training_command(
+        subparsers, "study", __doc__,
+        help="train a grid of --loss x --opt with the upstream trainer on one dataset; write one table "
+             "(R@1 both ways, zero-shot top-1, their average, centroid gap) and a heat map",
+        data_help="a corpus laid out like the embedded default (train.csv, heldout.csv, zeroshot/)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="folder for results.json, results.md, study.png and each cell's run (default: "
                              "runs/study, or runs/study-temperature with --temperatures; untracked; "

@@ -16,10 +16,11 @@ from ..packages import Requirement
 
 NAME = "fashion_mnist"
 ROOT = Path("/usr/share/datasets/fashion-mnist")
+# the official test split, named once: the requirement checks for the images, load() reads both
+TEST_IMAGES, TEST_LABELS = ROOT / "t10k-images-idx3-ubyte.gz", ROOT / "t10k-labels-idx1-ubyte.gz"
 LICENCE = "MIT (Zalando Research; see /usr/share/doc/dataset-fashion-mnist/copyright)"
 REQUIREMENTS = (
-    Requirement("dataset-fashion-mnist", "apt", str(ROOT / "t10k-images-idx3-ubyte.gz"), "MIT",
-                "Fashion-MNIST (zero-shot classification)"),
+    Requirement("dataset-fashion-mnist", "apt", str(TEST_IMAGES), "MIT", "Fashion-MNIST (zero-shot classification)"),
 )
 # the official class names, in label order (github.com/zalandoresearch/fashion-mnist#labels)
 CLASSNAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -43,7 +44,7 @@ def balanced_indices(labels: np.ndarray, per_class: int) -> np.ndarray:
 
 def load(per_class: int = 100) -> Tuple[List[np.ndarray], List[int]]:
     """(grey uint8 images, labels), dark on white, ``per_class`` of each class from the test split."""
-    images = _read_idx(ROOT / "t10k-images-idx3-ubyte.gz")
-    labels = _read_idx(ROOT / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
+    images = _read_idx(TEST_IMAGES)
+    labels = _read_idx(TEST_LABELS).astype(np.int64)
     keep = balanced_indices(labels, per_class)
     return [255 - images[i] for i in keep], [int(labels[i]) for i in keep]
