@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 from pathlib import Path
 from typing import Iterator, Union
@@ -83,6 +84,16 @@ def atomic_write_bytes(final: PathLike, data: bytes, fsync: bool = True) -> Path
 
 def atomic_write_text(final: PathLike, text: str) -> Path:
     return atomic_write_bytes(final, text.encode("utf-8"))
+
+
+def json_bytes(obj) -> bytes:
+    """Canonical JSON (sorted keys, UTF-8, trailing newline) so equal content means equal bytes: the form of
+    every JSON file a corpus holds (manifest, sizes, metadata), so a rebuild of equal content is byte-identical."""
+    return (json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+
+
+def atomic_write_json(final: PathLike, obj) -> Path:
+    return atomic_write_bytes(final, json_bytes(obj))
 
 
 def stale_temps(directory: PathLike, pattern: str = "*") -> list:

@@ -21,7 +21,7 @@ def test_every_atomic_writer_follows_the_umask(tmp_path, umask):
     plain.write_text("x")                                          # what any ordinary output gets
     written = [tmp_path / "results.json", tmp_path / "meta.json", tmp_path / "shard-000000.tar"]
     write_json_atomic(written[0], {"a": 1})
-    sh.atomic_write_json(written[1], {"b": 2})
+    atomic_files.atomic_write_json(written[1], {"b": 2})
     sh.write_tar(written[2], [("k", [("txt", b"caption")])])
     assert [p.stat().st_mode & 0o777 for p in written] == [plain.stat().st_mode & 0o777] * 3 == [expected] * 3
     assert atomic_files.umask_mode() == expected

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from openclip_align.atomic_files import atomic_write_json
 from . import csv_embeddings
 from . import shards as sh
 from .content import content_of_files
@@ -271,7 +272,7 @@ def build_corpus(out, size: str = "small", encoder: Optional[str] = "auto", prog
     manifest = corpus_manifest(size, config, encoder, dim, stats, splits, cross, files, zeroshot, versions)
     manifest["clip_benchmark"] = clip_benchmark
     manifest["content"] = content_of_files(out)          # from the files just written: what a reader gets
-    sh.atomic_write_json(out / "manifest.json", manifest)
+    atomic_write_json(out / "manifest.json", manifest)
     _log(f"built {size} corpus in {time.monotonic() - started:.1f} s: {len(splits['train'])} train, "
          f"{len(splits['heldout'])} held-out, {len(cross)} cross-style pairs -> {out}")
     return manifest
@@ -326,6 +327,6 @@ def add_emoji_group(out, install: Optional[bool] = None) -> dict:
     manifest["sources"]["emoji_group"] = zeroshot_info("emoji_group", z, versions)
     manifest["packages"]["unicode-data"] = versions.get("unicode-data")
     manifest["content"] = content_of_files(out)          # a new zero-shot set: new pairs
-    sh.atomic_write_json(manifest_path, manifest)
+    atomic_write_json(manifest_path, manifest)
     _log(f"emoji_group: {z['n']} held-out emoji labelled in {len(z['per_class'])} groups -> {out / z['csv']}")
     return manifest

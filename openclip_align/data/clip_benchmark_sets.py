@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Dict, Optional
 
-from openclip_align.atomic_files import atomic_write_bytes
+from openclip_align.atomic_files import atomic_write_bytes, atomic_write_json, json_bytes
 
 from . import shards as sh
 
@@ -102,7 +102,7 @@ def write_clip_benchmark_sets(out, written: Optional[set] = None) -> dict:
         image_folder = out / FOLDER / name / IMAGE_FOLDER
         annotations = _coco_captions(csv_path, image_folder)
         files.file(f"{FOLDER}/{name}/{IMAGE_FOLDER}/README.txt", IMAGE_FOLDER_NOTE)
-        files.file(f"{FOLDER}/{name}/{ANNOTATION_FILE}", sh.json_bytes(annotations))
+        files.file(f"{FOLDER}/{name}/{ANNOTATION_FILE}", json_bytes(annotations))
         entry["retrieval"][split] = {"root": f"{FOLDER}/{name}", "dataset": "mscoco_captions",
                                      "n": len(annotations["images"])}
     for spec in sorted((out / "zeroshot").glob("*.json")):
@@ -143,5 +143,5 @@ def add_clip_benchmark(out) -> dict:
             stale.unlink()
         elif stale.is_dir() and not any(stale.iterdir()):
             stale.rmdir()
-    sh.atomic_write_json(manifest_path, manifest)
+    atomic_write_json(manifest_path, manifest)
     return manifest

@@ -21,7 +21,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from openclip_align.atomic_files import temp_name
+from openclip_align.atomic_files import atomic_write_json, temp_name
 
 from . import column
 from . import shards as sh
@@ -93,7 +93,7 @@ def write(npy_path, emb: np.ndarray, meta: dict, copy_of=None) -> None:
         except OSError:
             shutil.copyfile(copy_of, tmp)
         os.replace(tmp, npy_path)
-    sh.atomic_write_json(meta_path(str(npy_path)), {**meta, FILE_RECORD: file_record(npy_path, emb)})
+    atomic_write_json(meta_path(str(npy_path)), {**meta, FILE_RECORD: file_record(npy_path, emb)})
 
 
 # --- read by the trainer's csv dataset -------------------------------------------------------------

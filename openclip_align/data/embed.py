@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from openclip_align.atomic_files import atomic_write_text, stale_temps
+from openclip_align.atomic_files import atomic_write_json, atomic_write_text, stale_temps
 
 from . import csv_embeddings
 from . import shards as sh
@@ -330,7 +330,7 @@ def embed_shards(data, out=None, model: str = "all-MiniLM-L6-v2", batch_size: in
         cols = [entries[p]["column"] for p in mine if entries[p].get("column")]
         dims = {c["dim"] for c in cols}
         dropped = sum(len(entries[p]["empty_caption_keys"]) for p in mine)
-        sh.atomic_write_json(os.path.join(folder, CORPUS_META),
+        atomic_write_json(os.path.join(folder, CORPUS_META),
                           {"model": model_name, "dim": dims.pop() if len(dims) == 1 else None,
                            "n": int(sum(c["rows"] for c in cols)), "normalized": True, "dtype": dtype,
                            "layout": "column", **({"dropped_empty_captions": dropped} if dropped else {})})

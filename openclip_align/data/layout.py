@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from openclip_align.atomic_files import atomic_write_bytes
+from openclip_align.atomic_files import atomic_write_bytes, json_bytes
 
 from . import csv_embeddings
 from . import shards as sh
@@ -129,7 +129,7 @@ def write_split(writer: Writer, name: str, records: Sequence[DrawnPair], emb: Op
     if emb is not None:
         npy = csv_embeddings.embedding_path(f"{name}.csv")
         writer.file(npy, sh.npy_bytes(emb))
-        writer.file(csv_embeddings.meta_path(npy), sh.json_bytes(embedding_meta(encoder, emb)))
+        writer.file(csv_embeddings.meta_path(npy), json_bytes(embedding_meta(encoder, emb)))
         files.update(embeddings=npy, embeddings_meta=csv_embeddings.meta_path(npy))
     if shard_size:
         sizes = sh.write_shards(writer.out / name, name, _shard_samples(records), shard_size,
@@ -153,7 +153,7 @@ def write_zeroshot(writer: Writer, name: str, module, per_class: int, size: int)
         image = Image.fromarray(pixels).convert("RGB").resize((size, size), Image.BICUBIC)
         path = writer.image(f"images/zeroshot/{name}/{i:06d}.png", sh.png_bytes(image))
         rows.append((str(path.resolve()), label))
-    writer.file(f"zeroshot/{name}.json", sh.json_bytes({"classnames": list(module.CLASSNAMES),
+    writer.file(f"zeroshot/{name}.json", json_bytes({"classnames": list(module.CLASSNAMES),
                                                           "templates": list(module.TEMPLATES)}))
     writer.file(f"zeroshot/{name}.csv", sh.tsv_text(ZEROSHOT_HEADER, rows).encode("utf-8"))
     counts = np.bincount(np.asarray(labels), minlength=len(module.CLASSNAMES))
@@ -167,7 +167,7 @@ def write_emoji_group(writer: Writer, pairs: Sequence[Tuple[str, str]]) -> dict:
     The rows point at the held-out images themselves (no copies); labels index ``CLASSNAMES``."""
     module = emoji_group_source
     rows, how = module.label_rows(pairs)
-    writer.file("zeroshot/emoji_group.json", sh.json_bytes({"classnames": list(module.CLASSNAMES),
+    writer.file("zeroshot/emoji_group.json", json_bytes({"classnames": list(module.CLASSNAMES),
                                                              "templates": list(module.TEMPLATES)}))
     writer.file("zeroshot/emoji_group.csv", sh.tsv_text(ZEROSHOT_HEADER, rows).encode("utf-8"))
     counts = np.bincount(np.asarray([label for _, label in rows], dtype=np.int64), minlength=len(module.CLASSNAMES))

@@ -11,7 +11,6 @@ Two promises the rest of the data code relies on:
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
 from pathlib import Path
@@ -30,15 +29,6 @@ SHARD_PATTERN = "{prefix}-{shard:06d}.tar"
 
 
 # --- canonical bytes, written atomically (:mod:`openclip_align.atomic_files`) ------------------
-def json_bytes(obj) -> bytes:
-    """Canonical JSON (sorted keys, UTF-8, trailing newline) so equal content means equal bytes."""
-    return (json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
-
-
-def atomic_write_json(final: PathLike, obj) -> Path:
-    return atomic_write_bytes(final, json_bytes(obj))
-
-
 def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)

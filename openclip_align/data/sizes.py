@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from openclip_align.atomic_files import atomic_write_bytes
+from openclip_align.atomic_files import atomic_write_json
 
 from .errors import CorpusError
 from .record import writable_dir
@@ -38,8 +38,7 @@ def sizes_path(folder) -> str:
 def write_sizes(folder, sizes: Mapping[str, int]) -> Path:
     """Write {``NAME.tar``: kept samples} beside the shards, atomically (sorted keys, so equal counts
     give equal bytes). Callers pass counts by :func:`kept_samples`."""
-    data = (json.dumps(dict(sizes), sort_keys=True, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
-    return atomic_write_bytes(sizes_path(folder), data)
+    return atomic_write_json(sizes_path(folder), dict(sizes))
 
 
 def remove_sizes(folder) -> None:
