@@ -105,3 +105,26 @@ def test_the_committed_notes_regenerate_unchanged_from_the_results_they_quote(tm
     assert update_notes(copy, tmp_path / "benchmark" / "cpu-2026-12-02-busy" / "results.json",
                         tmp_path / "study" / "temperature" / "results.json")
     assert copy.read_text() == (ROOT / "docs" / "notes.md").read_text()
+
+
+def _refine_rows(lr, raw, own, one):
+    return [{"kind": "refine", "lr": lr, "hycd_logit_scale": scale, "centroid_gap": gap, "zeroshot_top1": 0.25}
+            for scale, gap in ((None, raw), (15.0, own), (1.0, one))]
+
+
+def test_the_explanation_verdict_follows_the_order_of_the_measured_gaps():
+    """Our explanation predicts raw-feature HyCD (sharpest) > own scale > times 1 for the gap; hand-made rows."""
+    from openclip_align.publishing.claims import explanation_bullet
+
+    start, recipe = {"centroid_gap": 0.2, "zeroshot_top1": 0.3}, {"lr": 1e-6, "batch_size": 100}
+
+    def bullet(*higher):
+        rows = _refine_rows(1e-6, 0.201, 0.2, 0.199) + [r for h in higher for r in _refine_rows(1e-4, *h)]
+        return explanation_bullet({"rows": rows, "plan": {"seed": 0}}, start, recipe, 1000, 15.0)
+
+    assert "is untested.*" in bullet() and "none of the three moves the gap by 0.01 or more" in bullet()
+    assert "supported in direction" in bullet((0.4, 0.25, 0.1))
+    # the published shape: raw widens most, own scale narrows, times 1 holds (moves by less than 0.01)
+    part = bullet((0.37, 0.13, 0.205))
+    assert "supported in part" in part and "times 1 leaves it at 0.205" in part and "narrows it to 0.130" in part
+    assert "not supported" in bullet((0.21, 0.3, 0.1))
