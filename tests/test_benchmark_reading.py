@@ -102,7 +102,7 @@ def test_the_committed_notes_regenerate_unchanged_from_the_results_they_quote(tm
         (tmp_path / folder).symlink_to(ROOT / folder)
     copy = tmp_path / "docs" / "notes.md"
     shutil.copyfile(ROOT / "docs" / "notes.md", copy)
-    assert update_notes(copy, tmp_path / "benchmark" / "cpu-2026-12-02-busy" / "results.json",
+    assert update_notes(copy, tmp_path / "benchmark" / "results.json",
                         tmp_path / "study" / "temperature" / "results.json")
     assert copy.read_text() == (ROOT / "docs" / "notes.md").read_text()
 

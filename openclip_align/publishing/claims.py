@@ -3,7 +3,7 @@
 The section reads one benchmark run (its trained, post-hoc and initialisation rows) and the temperature study;
 the verdicts are the notes' reading of those runs, every number in them is read here.
 
-    python -m openclip_align.publishing.claims docs/notes.md benchmark/cpu-2026-12-02-busy/results.json \
+    python -m openclip_align.publishing.claims docs/notes.md benchmark/results.json \
         study/temperature/results.json
 """
 from __future__ import annotations
