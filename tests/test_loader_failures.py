@@ -212,3 +212,48 @@ def test_a_run_whose_loader_fails_exits_non_zero_with_the_reason(tmp_path):
     errors = error_lines(out)
     assert len(errors) == 1 and "no sample of its shards could be read" in errors[0], out.stderr[-3000:]
     assert "Train Epoch" not in out.stderr and not list((tmp_path / "logs").rglob("*.pt"))
+
+
+def _reader_of(good):
+    """A stand-in for upstream's shard reader: two samples from a shard named in ``good``, none from any other
+    (its open or read failed and the handler skipped it)."""
+    def read(shards, handler):
+        for shard in shards:
+            if shard["url"] in good:
+                yield from ({"url": shard["url"], "n": n} for n in range(2))
+    return read
+
+
+def test_a_resampled_pool_whose_shards_all_fail_stops_and_one_good_shard_keeps_it_going():
+    def endless(urls):
+        return ({"url": url} for url in itertools.cycle(urls))
+
+    three_bad = loader_health.ReadingShards(_reader_of(set()), handler=None)
+    # 3 distinct shards: the bound is the floor, 64 draws without a sample; the 65th draw raises
+    with pytest.raises(LoaderFailure, match=r"the training loader: the last 64 shards it drew \(3 different ones\) "
+                                            r"gave no sample"):
+        next(three_bad(endless(["a", "b", "c"])))
+    # 100 distinct shards, all failing: twice the distinct ones, 200 draws, then it raises
+    with pytest.raises(LoaderFailure, match=r"the last 200 shards it drew \(100 different ones\)"):
+        next(three_bad(endless([f"s{i}" for i in range(100)])))
+    # one good shard after every 40 failing ones: 41 draws at most between samples, never stops
+    mixed = loader_health.ReadingShards(_reader_of({"good"}), handler=None)
+    stream = mixed(endless([f"bad{i}" for i in range(40)] + ["good"]))
+    assert len(list(itertools.islice(stream, 1000))) == 1000
+    # a fixed list drawn once (no --dataset-resampled) ends its pass: the pass guard speaks there, not this
+    assert list(three_bad({"url": f"s{i}"} for i in range(500))) == []
+
+
+def test_a_resampled_run_whose_shards_all_fail_exits_non_zero_with_the_reason(tmp_path):
+    """--dataset-resampled draws shards with replacement for ever: upstream would log each failure and keep
+    drawing (a hang); here the run ends non-zero naming why."""
+    for name in ("shard-000000.tar", "shard-000001.tar"):
+        (tmp_path / name).write_bytes(b"not a tar file" * 100)
+    (tmp_path / "sizes.json").write_text(json.dumps({"shard-000000.tar": 24, "shard-000001.tar": 24}))
+    pattern = str(tmp_path / "shard-{000000..000001}.tar")
+    out = _train(["--train-data", pattern, "--batch-size", "8", "--workers", "1", "--dataset-resampled",
+                  "--train-num-samples", "48"], tmp_path / "logs", "resampled")
+    assert out.returncode != 0
+    errors = error_lines(out)
+    assert len(errors) == 1 and "gave no sample: every one failed to open or read" in errors[0], out.stderr[-3000:]
+    assert "Train Epoch" not in out.stderr and not list((tmp_path / "logs").rglob("*.pt"))

@@ -12,6 +12,9 @@ ends after zero steps and the run exits 0 having trained nothing. Here:
   it in): descriptor exhaustion raises :class:`LoaderFailure` naming the limit and ``ulimit -n``; every
   other error is upstream's to skip;
 * :class:`FullPassGuard` raises when one whole pass over a worker's shards makes no batch;
+* :class:`ReadingShards` raises when a worker draws shard after shard and none gives a sample: a resampled
+  stream (``--dataset-resampled``) never ends its pass, so a pool of shards that all fail would otherwise
+  keep it drawing forever;
 * :class:`CountingLoader` counts an epoch's batches in the main process, names descriptor exhaustion met
   while receiving a batch, and :func:`check_trained` refuses an epoch that got no batch.
 """
@@ -97,6 +100,48 @@ class FullPassGuard:
             raise LoaderFailure(_no_batch_message(seen[0], self.batch_size))
 
 
+MIN_FRUITLESS_DRAWS = 64     # (1/2)^64: a pool where half the shards fail never trips it by chance
+
+
+class ReadingShards:
+    """Upstream's training shard reader (``tarfile_to_samples_nothrow``) with a count of the shards drawn
+    since its last sample: past twice the distinct shards drawn so far (at least :data:`MIN_FRUITLESS_DRAWS`)
+    it raises. Only a pool in which (nearly) every shard fails gets there: one good shard in it resets the
+    count. A pass over a fixed shard list draws each shard once, so it never gets there (the pass guard
+    speaks there); a resampled stream draws with replacement and never ends. A class, so workers pickle it."""
+
+    def __init__(self, upstream_reader, handler):
+        self.upstream_reader, self.handler = upstream_reader, handler
+
+    def __call__(self, shards):
+        fruitless, seen = [0], set()
+
+        def drawn():
+            for shard in shards:
+                fruitless[0] += 1
+                seen.add(shard.get("url") if isinstance(shard, dict) else shard)
+                if fruitless[0] > max(MIN_FRUITLESS_DRAWS, 2 * len(seen)):
+                    raise LoaderFailure(_nothing_read_message(fruitless[0] - 1, len(seen)))
+                yield shard
+
+        for sample in self.upstream_reader(drawn(), handler=self.handler):
+            fruitless[0] = 0
+            yield sample
+
+
+def _worker_name(default: str = "the training loader") -> str:
+    from torch.utils.data import get_worker_info
+
+    info = get_worker_info()
+    return f"training loader worker {info.id} of {info.num_workers}" if info is not None else default
+
+
+def _nothing_read_message(draws: int, distinct: int) -> str:
+    return (f"{_worker_name()}: the last {draws} shards it drew ({distinct} different ones) gave no sample: every "
+            "one failed to open or read (the warnings above name the error); check --train-data and that this "
+            "machine can read the shards")
+
+
 def _tensors(batch) -> int:
     import torch
 
@@ -131,10 +176,7 @@ def check_fd_headroom(batch) -> None:
 
 
 def _no_batch_message(samples: int, batch_size: int) -> str:
-    from torch.utils.data import get_worker_info
-
-    info = get_worker_info()
-    who = f"training loader worker {info.id} of {info.num_workers}" if info is not None else "the training loader"
+    who = _worker_name()
     if samples == 0:
         return (f"{who}: no sample of its shards could be read (every one failed to open or decode; the warnings "
                 "above name the error); check --train-data and that this machine can read the shards")

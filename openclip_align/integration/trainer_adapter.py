@@ -173,12 +173,13 @@ def reading_training_data(data_module, plan, drop_empty: bool):
 def stopping_on_fatal_read_errors(data_module):
     """While ``open_clip_train.data`` builds its pipelines, its read-error handler is
     :class:`.loader_health.StopOnFatal`. ``log_and_continue`` is looked up when a pipeline is built;
-    ``tarfile_to_samples_nothrow`` binds it as a default argument, so it is given the handler explicitly."""
+    ``tarfile_to_samples_nothrow`` binds it as a default argument, so it is given the handler explicitly, by
+    :class:`.loader_health.ReadingShards`, which also stops a worker whose draws of shards all fail."""
     upstream_handler = data_module.log_and_continue
     upstream_reader = data_module.tarfile_to_samples_nothrow
     handler = loader_health.StopOnFatal(upstream_handler)
     data_module.log_and_continue = handler
-    data_module.tarfile_to_samples_nothrow = functools.partial(upstream_reader, handler=handler)
+    data_module.tarfile_to_samples_nothrow = loader_health.ReadingShards(upstream_reader, handler)
     try:
         yield
     finally:
