@@ -352,3 +352,24 @@ def test_the_record_is_checked_on_rank_0_and_every_rank_gets_its_outcome(tmp_pat
         assert messages == {"shard s-000003.tar sample 000000017: broken; rerun `openclip-align data check`"}
     else:
         assert {(tmp_path / f"result{r}").read_text() for r in range(2)} == {json.dumps({"samples": 48})}
+
+
+def test_two_sources_numbered_from_0_are_refused_when_recorded_and_named_when_not(digits_csv, tmp_path, caplog):
+    """A '::' mixture of two exports each numbered 0..15: a loss keeping per-sample state would give pair i of
+    both sources one slot. With records the overlap stops the run; without, the log says it is not checked."""
+    a = write_shards(tmp_path / "A", digits_csv, [range(0, 16)])
+    b = write_shards(tmp_path / "B", digits_csv, [range(0, 16)])
+    args = shard_args(f"{a}::{b}", loss="sogclr")
+    with caplog.at_level(logging.WARNING):
+        plan_shards(args, semantic=False, index=True)
+    assert "--train-data has 2 '::' sources and 2 of 2 shards have no record" in caplog.text
+    assert "checked against [0, 32) as samples are decoded, but not against the other sources'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        plan_shards(shard_args(a, loss="sogclr"), semantic=False, index=True)     # one source: nothing to say
+    assert "'::' sources" not in caplog.text
+    record_shards(tmp_path / "A")
+    record_shards(tmp_path / "B")
+    with pytest.raises(CorpusError, match=r"the indices of shard .*A/shard-000000.tar \(0..15\) and shard "
+                                          r".*B/shard-000000.tar \(0..15\) overlap"):
+        plan_shards(args, semantic=False, index=True)

@@ -111,9 +111,27 @@ def _plan(args, needs, expand, source_size) -> ShardPlan:
         _note_legacy_first_column(plan, needs, args)
     else:
         plan = _check_local(args, urls, needs, column_dir, source_size)
+    _warn_unchecked_index_across_sources(plan, args, needs)
     for line in plan.warnings:
         logging.warning("openclip-align: %s", line)
     return plan
+
+
+def _warn_unchecked_index_across_sources(plan: ShardPlan, args, needs) -> None:
+    """A ``::`` mixture's sources are often each numbered from 0: their pairs would then share the per-sample
+    state of a loss that keeps it (SogCLR). Recorded shards have their index ranges checked against each
+    other before step 1; a decoded sample can only be checked against [0, N), so say what is not checked."""
+    sources = str(args.train_data).split("::")
+    unchecked = plan.urls if plan.remote else (plan.check.unrecorded if plan.check is not None else [])
+    if INDEX not in needs or len(sources) < 2 or not unchecked:
+        return
+    bound = f"[0, {plan.total})" if plan.total else "the dataset size"
+    plan.warnings.append(
+        f"--train-data has {len(sources)} '::' sources and {len(unchecked)} of {len(plan.urls)} shards have no "
+        f"record ({listed(unchecked)}): their dataset indices are checked against {bound} as samples are "
+        "decoded, but not against the other sources', so two sources both numbered from 0 would share the loss's "
+        "per-sample state; number the pairs once over all sources, and `openclip-align data check --data SHARDS` "
+        "on each local source records their index ranges (the run then refuses overlapping ones before step 1)")
 
 
 def semantic_dir(args) -> Optional[str]:
