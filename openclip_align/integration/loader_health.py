@@ -104,7 +104,7 @@ MIN_FRUITLESS_DRAWS = 64     # (1/2)^64: a pool where half the shards fail never
 
 
 class ReadingShards:
-    """Upstream's training shard reader (``tarfile_to_samples_nothrow``) with a count of the shards drawn
+    """Upstream's training shard reader (the adapter hands it in) with a count of the shards drawn
     since its last sample: past twice the distinct shards drawn so far (at least :data:`MIN_FRUITLESS_DRAWS`)
     it raises. Only a pool in which (nearly) every shard fails gets there: one good shard in it resets the
     count. A pass over a fixed shard list draws each shard once, so it never gets there (the pass guard
