@@ -120,7 +120,8 @@ def test_the_explanation_verdict_follows_the_order_of_the_measured_gaps():
 
     def bullet(*higher):
         rows = _refine_rows(1e-6, 0.201, 0.2, 0.199) + [r for h in higher for r in _refine_rows(1e-4, *h)]
-        return explanation_bullet({"rows": rows, "plan": {"seed": 0}}, start, recipe, 1000, 15.0)
+        return explanation_bullet({"rows": rows, "plan": {"seed": 0}, "start": {"logit_scale": 15.0}}, start, recipe,
+                                  1000)
 
     assert "is untested.*" in bullet() and "none of the three moves the gap by 0.01 or more" in bullet()
     assert "supported in direction" in bullet((0.4, 0.25, 0.1))

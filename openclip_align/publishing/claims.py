@@ -62,8 +62,6 @@ def claims_lines(bench: dict, temperature: dict, bench_link: str, temperature_li
     recipe = bench["tracks"]["pretrained"]["plan"]["refine_recipe"]
     fixed = sorted((row for row in temperature["rows"] if row["kind"] == "fixed temperature"),
                    key=lambda r: r["temperature"])
-    refine = [row for row in temperature["rows"] if row["kind"] == "refine"
-              and row.get("budget", {}).get("lr") == recipe["lr"]]          # the authors' recipe's rows
     gaps = [row["centroid_gap"] for row in fixed]
     monotone = all(a > b for a, b in zip(gaps, gaps[1:]))
     moved = max(abs(row[k] - start[k]) for row in fixed for k in ("image_to_text_R@1", "text_to_image_R@1",
@@ -81,7 +79,6 @@ def claims_lines(bench: dict, temperature: dict, bench_link: str, temperature_li
     refine_moved = max(abs(_q(t, "CLIP-Refine", m)["mean"] - _q(t, base, m)["mean"])
                        for t, base in ((pre, "CLIP"), (scr, "upstream CLIP")) for m in downstream
                        if m in t["quality"][base])
-    scale = temperature["start"]["logit_scale"]
     return [
         f"Numbers from the benchmark run of {bench['created'][:10]} ([{bench_link}]({bench_link}): "
         f"{len(pre['plan']['seeds'])} seeds, mean ± std, held-out pairs) and the temperature study "
@@ -156,14 +153,14 @@ def claims_lines(bench: dict, temperature: dict, bench_link: str, temperature_li
         f"{_q(scr, 'upstream CLIP', 'centroid_gap')['mean']:.3f} -> {_q(scr, 'CLIP-Refine', 'centroid_gap')['mean']:.3f}) "
         f"and every downstream number moves by at most {100 * refine_moved:.1f} points; at higher learning rates the "
         "gap widens (the learning-rate sweep and the scratch section below).",
-        explanation_bullet(temperature, start, recipe, pairs, scale),
+        explanation_bullet(temperature, start, recipe, pairs),
     ]
 
 
 STILL = 0.01       # a centroid gap that moves less than this "does not move" (the gaps here are 0.1 to 0.4)
 
 
-def explanation_bullet(temperature: dict, start: dict, recipe: dict, pairs: int, scale: float) -> str:
+def explanation_bullet(temperature: dict, start: dict, recipe: dict, pairs: int) -> str:
     """Our explanation of CLIP-Refine's widening gap, judged by the temperature study's refine rows: at the
     authors' lr, and at each higher lr the study ran, with HyCD on raw features, at the model's own scale and at 1.
 
@@ -172,7 +169,7 @@ def explanation_bullet(temperature: dict, start: dict, recipe: dict, pairs: int,
     the measured gaps keep that order, and only that."""
     rows = [row for row in temperature["rows"] if row["kind"] == "refine"]
     steps = pairs // recipe["batch_size"]
-    gap0 = start["centroid_gap"]
+    gap0, scale = start["centroid_gap"], temperature["start"]["logit_scale"]
 
     def by_variant(lr):
         at = {("raw" if r["hycd_logit_scale"] is None else "one" if r["hycd_logit_scale"] == 1 else "own"): r
